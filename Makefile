@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m bench.asi_layers --out bench/results/asi_layers.json
+	$(PY) -m bench.asi_layers
 
 test: setup
 	$(PY) -m pytest -q

@@ -21,18 +21,24 @@ __all__ = [
     "TuckerForm",
     "mode_view",
     "mode_gram",
+    "mode_grams",
     "orthonormalize",
     "subspace_iteration",
     "leading_subspace",
     "tucker_core",
     "hosvd",
+    "hosvd_factors",
     "energy_ranks",
     "reconstruct",
     "tucker_numel",
 ]
 
-# A mode this small (or at most twice its rank) is iterated through its Gram matrix, in one pass.
-GRAM_MODE_MAX_DIM = 16
+# A mode this small (or at most twice its rank) is iterated through its Gram matrix, in one pass:
+# on CPU one (d x rest) @ (rest x d) GEMM beats two skinny ones with K columns up to about here.
+GRAM_MODE_MAX_DIM = 64
+# Trailing small modes (a conv's height and width) whose sizes multiply to at most this share one
+# Gram matrix of their joint unfolding, one GEMM, instead of many tiny batched ones.
+JOINT_GRAM_MAX_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,29 @@ def mode_gram(x: Tensor, mode: int) -> Tensor:
     return torch.bmm(t, t.transpose(1, 2)).sum(0)  # (A, d, d) -> (d, d)
 
 
+def mode_grams(x: Tensor, modes: Sequence[int]) -> dict[int, Tensor]:
+    """Gram matrices of several modes; trailing small modes come from one joint Gram (one pass)."""
+    wanted = set(modes)
+    shape, last = x.shape, x.dim()
+    start = last
+    while start > 1 and start - 1 in wanted and math.prod(shape[start - 1:]) <= JOINT_GRAM_MAX_SIZE:
+        start -= 1
+    grams = {}
+    if last - start >= 2:
+        flat = x.reshape(-1, math.prod(shape[start:]))  # (A, d_s * ... * d_N-1)
+        joint = (flat.T @ flat).view(*shape[start:], *shape[start:])
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        block = last - start
+        for i, mode in enumerate(range(start, last)):
+            rows = list(letters[:block])
+            cols = list(rows)
+            cols[i] = letters[block]  # partial trace over every trailing mode but this one
+            grams[mode] = torch.einsum(f"{''.join(rows)}{''.join(cols)}->{rows[i]}{cols[i]}", joint)
+    for mode in wanted - set(grams):
+        grams[mode] = mode_gram(x, mode)
+    return grams
+
+
 def _mode_times_gram(x: Tensor, mode: int, u: Tensor) -> Tensor:
     """``X_(n) (X_(n)^T U)``, ``(d_n, K)``, in two passes over ``x`` with ``K`` columns."""
     t = mode_view(x, mode)  # (A, d, Z)
@@ -107,26 +136,31 @@ def uses_gram(dim: int, rank: int) -> bool:
     return dim <= GRAM_MODE_MAX_DIM or dim <= 2 * rank
 
 
-def subspace_iteration(x: Tensor, mode: int, previous: Tensor) -> Tensor:
-    """One warm-started subspace-iteration step: ``orth(X_(n) X_(n)^T U_prev)``, ``(d_n, K)``."""
-    dim, rank = previous.shape
-    if rank >= dim:
-        # A full-rank basis is any orthogonal matrix; keep the warm one.
-        return previous
-    if uses_gram(dim, rank):
-        y = mode_gram(x, mode) @ previous
-    else:
-        y = _mode_times_gram(x, mode, previous)
-    return orthonormalize(y)
+def subspace_iteration(x: Tensor, previous: Sequence[Tensor | None], modes: Sequence[int] | None = None
+                       ) -> list[Tensor | None]:
+    """One warm-started subspace-iteration step per mode: ``orth(X_(n) X_(n)^T U_n)``, each ``(d_n, K_n)``.
+
+    Only ``modes`` (default: every mode) are iterated; the others, and a mode whose basis is square
+    (full rank: any orthogonal basis is exact there), keep what they were given.
+    """
+    modes = range(len(previous)) if modes is None else modes
+    active = [n for n in modes if previous[n].shape[1] < previous[n].shape[0]]
+    grams = mode_grams(x, [n for n in active if uses_gram(*previous[n].shape)])
+    bases = list(previous)
+    for mode in active:
+        u = previous[mode]
+        y = grams[mode] @ u if mode in grams else _mode_times_gram(x, mode, u)  # (d_n, K_n)
+        bases[mode] = orthonormalize(y)
+    return bases
 
 
-def leading_subspace(x: Tensor, mode: int, rank: int) -> Tensor:
+def leading_subspace(x: Tensor, mode: int, rank: int, gram: Tensor | None = None) -> Tensor:
     """Exact dominant ``rank``-dimensional column space of ``X_(n)``, ``(d_n, rank)``.
 
     Eigenvectors of the mode's Gram matrix, largest first: one exact truncated-HOSVD factor.
     """
-    gram = mode_gram(x, mode)
-    work = gram.double() if gram.dtype != torch.float64 else gram
+    gram = mode_gram(x, mode) if gram is None else gram
+    work = gram.double()
     _, vectors = torch.linalg.eigh(work)  # ascending eigenvalues
     return vectors[:, -rank:].flip(-1).to(x.dtype).contiguous()
 
@@ -155,10 +189,19 @@ def tucker_core(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
     return core.contiguous()
 
 
+def hosvd_factors(x: Tensor, ranks: Sequence[int]) -> tuple[Tensor, ...]:
+    """The factors of an exact truncated HOSVD of contiguous ``x`` (identity where a rank is full)."""
+    grams = mode_grams(x, [n for n, k in enumerate(ranks) if k < x.shape[n]])
+    return tuple(
+        leading_subspace(x, n, k, grams[n]) if n in grams else torch.eye(x.shape[n], dtype=x.dtype, device=x.device)
+        for n, k in enumerate(ranks)
+    )
+
+
 def hosvd(x: Tensor, ranks: Sequence[int]) -> TuckerForm:
     """Exact truncated HOSVD of ``x`` at ``ranks`` (the reference the warm iteration tracks)."""
     x = x.contiguous()
-    factors = tuple(leading_subspace(x, n, k) for n, k in enumerate(ranks))
+    factors = hosvd_factors(x, ranks)
     return TuckerForm(tucker_core(x, factors), factors)
 
 

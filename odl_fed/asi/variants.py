@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from odl_fed.asi.tucker import TuckerForm, leading_subspace, subspace_iteration, tucker_core
+from odl_fed.asi.tucker import TuckerForm, hosvd_factors, leading_subspace, mode_grams, subspace_iteration, tucker_core
 from odl_fed.asi.weight_grad import Conv2dGeometry, conv2d_weight_from_tucker, linear_weight_from_tucker
 
 __all__ = ["TuckerVariant", "ASIVariant", "HOSVDVariant", "VARIANTS", "get_variant"]
@@ -57,16 +57,23 @@ class ASIVariant(TuckerVariant):
     name = "asi"
 
     def factors(self, x, ranks, previous):
-        factors = []
+        bases: list[Tensor | None] = []
+        warm, cold = [], []
         for mode, (rank, prev) in enumerate(zip(ranks, previous, strict=True)):
             dim = x.shape[mode]
             if rank >= dim:
-                factors.append(_identity_basis(dim, x))
+                bases.append(_identity_basis(dim, x))
             elif prev is None or tuple(prev.shape) != (dim, rank):
-                factors.append(leading_subspace(x, mode, rank))
+                bases.append(None)
+                cold.append(mode)
             else:
-                factors.append(subspace_iteration(x, mode, prev.to(x.dtype)))
-        return factors
+                bases.append(prev.to(x.dtype))
+                warm.append(mode)
+        bases = subspace_iteration(x, bases, warm)
+        grams = mode_grams(x, cold)
+        for mode in cold:
+            bases[mode] = leading_subspace(x, mode, ranks[mode], grams[mode])
+        return bases
 
 
 class HOSVDVariant(TuckerVariant):
@@ -75,10 +82,7 @@ class HOSVDVariant(TuckerVariant):
     name = "hosvd"
 
     def factors(self, x, ranks, previous):
-        return [
-            _identity_basis(x.shape[mode], x) if rank >= x.shape[mode] else leading_subspace(x, mode, rank)
-            for mode, rank in enumerate(ranks)
-        ]
+        return list(hosvd_factors(x, ranks))
 
 
 VARIANTS: dict[str, TuckerVariant] = {v.name: v for v in (ASIVariant(), HOSVDVariant())}

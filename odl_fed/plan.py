@@ -1,0 +1,338 @@
+"""From an activation-memory budget to per-layer ASI ranks (the paper's rank planning).
+
+On a few calibration batches, every trained layer's input is decomposed exactly (an HOSVD by mode
+eigendecomposition, done once per layer and batch); for each explained-variance threshold ``eps``
+of a grid, the ranks that keep ``eps`` of each mode's energy give the layer's compressed bytes
+and its perplexity ``||dW_lowrank - dW_exact||_F``. One threshold per layer is then chosen to
+minimise summed perplexity with summed bytes within the budget: a multiple-choice knapsack solved
+by dynamic programming over a discretised budget. Same inputs, same plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
+
+from odl_fed.asi.layers import _conv_geometry
+from odl_fed.asi.tucker import TuckerForm, mode_grams, tucker_core, tucker_numel
+from odl_fed.asi.weight_grad import conv2d_weight_from_tucker, linear_weight_from_tucker
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "LayerOption",
+    "LayerPlan",
+    "RankPlan",
+    "BudgetTooSmallError",
+    "parse_bytes",
+    "calibrate",
+    "choose",
+    "plan_ranks",
+]
+
+DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Where the grid cannot meet a budget, it is extended: down for tight budgets, up for loose ones.
+LOWER_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
+UPPER_THRESHOLDS = (0.95, 0.98, 0.99)
+KNAPSACK_RESOLUTION = 4096  # budget units of the dynamic programme
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class BudgetTooSmallError(ValueError):
+    """No choice of thresholds fits the budget; the message says the minimum that would."""
+
+
+def parse_bytes(value: str | int | float, *, what: str = "budget") -> int:
+    """``"200KB"`` -> 200000, ``"1.5MiB"`` -> 1572864, ``4096`` -> 4096 (KB = 1000 B, KiB = 1024 B)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a positive size like 200KB or 1.5MiB, but got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"{what} must be a positive size like 200KB or 1.5MiB "
+                             f"(units: {', '.join(u for u in _UNITS if u)}), but got {value!r}")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    nbytes = int(number * _UNITS[unit])
+    if not math.isfinite(number) or nbytes <= 0:
+        raise ValueError(f"{what} must be a positive size like 200KB or 1.5MiB, but got {value!r}")
+    return nbytes
+
+
+@dataclass(frozen=True)
+class LayerOption:
+    """One threshold's outcome for one layer."""
+
+    eps: float
+    ranks: tuple[int, ...]
+    nbytes: int
+    perplexity: float
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    eps: float
+    ranks: tuple[int, ...]
+    nbytes: int
+    perplexity: float
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Per-layer ranks chosen under a budget; serialises to a small JSON file."""
+
+    model: str
+    budget_bytes: int
+    batch_size: int
+    layers: tuple[LayerPlan, ...]
+    options: Mapping[str, tuple[LayerOption, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def total_perplexity(self) -> float:
+        return sum(layer.perplexity for layer in self.layers)
+
+    def targets(self) -> dict[str, tuple[int, ...]]:
+        """``{layer: ranks}``, as :func:`odl_fed.asi.inject_asi` takes them."""
+        return {layer.name: layer.ranks for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "budget_bytes": self.budget_bytes,
+            "batch_size": self.batch_size,
+            "total_bytes": self.total_bytes,
+            "layers": [asdict(layer) | {"ranks": list(layer.ranks)} for layer in self.layers],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, model: str | None = None, layers: Sequence[str] | None = None) -> RankPlan:
+        """Load a plan; with ``model``/``layers`` given, a plan made for another model is refused."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            plan = cls(
+                model=data["model"], budget_bytes=int(data["budget_bytes"]), batch_size=int(data["batch_size"]),
+                layers=tuple(LayerPlan(name=l["name"], eps=float(l["eps"]), ranks=tuple(int(r) for r in l["ranks"]),
+                                       nbytes=int(l["nbytes"]), perplexity=float(l["perplexity"]))
+                             for l in data["layers"]),
+            )
+        except FileNotFoundError:
+            raise FileNotFoundError(f"plan file {path} does not exist") from None
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
+            raise ValueError(f"plan file {path} is not a rank plan ({type(error).__name__}: {error})") from None
+        if model is not None and plan.model != model:
+            raise ValueError(f"plan file {path} was made for model {plan.model!r}, not {model!r}")
+        if layers is not None and [l.name for l in plan.layers] != list(layers):
+            raise ValueError(f"plan file {path} plans layers {[l.name for l in plan.layers]}, "
+                             f"but the model trains {list(layers)}")
+        return plan
+
+
+def _spectra(x: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per mode: eigenvalues (descending) and eigenvectors of the mode's Gram matrix, in float64."""
+    grams = mode_grams(x, range(x.dim()))
+    spectra = []
+    for mode in range(x.dim()):
+        values, vectors = torch.linalg.eigh(grams[mode].double())
+        spectra.append((values.flip(0).clamp_min(0), vectors.flip(1)))
+    return spectra
+
+
+def _ranks_for(spectra, eps: float) -> tuple[int, ...]:
+    ranks = []
+    for values, _ in spectra:
+        cumulative = values.cumsum(0) / values.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        k = int(torch.searchsorted(cumulative, torch.tensor(eps, dtype=torch.float64)).item()) + 1
+        ranks.append(min(k, values.numel()))
+    return tuple(ranks)
+
+
+def _weight_grad(layer: nn.Module, form: TuckerForm, grad_output: Tensor) -> Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return conv2d_weight_from_tucker(form, grad_output, layer.weight.shape, _conv_geometry(layer, ""))
+    return linear_weight_from_tucker(form, grad_output)
+
+
+def _exact_weight_grad(layer: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
+    if isinstance(layer, nn.Conv2d):
+        g = _conv_geometry(layer, "")
+        return conv2d_weight(x, layer.weight.shape, grad_output, g.stride, g.padding, g.dilation, g.groups)
+    return grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
+def _as_modes(layer: nn.Module, x: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    """A linear layer's token inputs ``(B, L1, ..., C)`` as ``(B, L, C)``, as ASILinear sees them."""
+    if isinstance(layer, nn.Linear) and x.dim() > 3:
+        return x.reshape(x.shape[0], -1, x.shape[-1]), grad_output.reshape(x.shape[0], -1, grad_output.shape[-1])
+    return x, grad_output
+
+
+def calibrate(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    batch_size: int | None = None,
+) -> dict[str, list[LayerOption]]:
+    """Each layer's options (ranks, bytes, perplexity) at each threshold, averaged over ``batches``.
+
+    The model runs plain backprop here (the layers must not be swapped yet). Bytes are counted at
+    ``batch_size`` (default: the calibration batch), the batch the plan will train with.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in layer_names if n not in modules]
+    if missing:
+        raise KeyError(f"layers {missing} are not in the model {type(model).__name__}")
+    layers = {n: modules[n] for n in layer_names}
+    for name, layer in layers.items():
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"layer {name!r} is a {type(layer).__name__}; plannable layers: Conv2d, Linear")
+    seen: dict[str, dict] = {n: {} for n in layers}
+
+    def capture(name):
+        def hook(module, args, output):
+            seen[name]["x"] = args[0].detach()
+            # a tensor hook (not a module backward hook) tolerates in-place ops after the layer
+            output.register_hook(lambda grad: seen[name].__setitem__("dy", grad.detach()))
+
+        return hook
+
+    handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
+    sums: dict[str, dict[float, list]] = {n: {} for n in layers}
+    try:
+        for inputs, targets in batches:
+            for layer in layers.values():
+                layer.weight.requires_grad_(True)
+            loss_fn(model(inputs), targets).backward()
+            for name, layer in layers.items():
+                x, dy = _as_modes(layer, seen[name]["x"], seen[name]["dy"])
+                x = x.contiguous()
+                exact = _exact_weight_grad(layer, x, dy)
+                spectra = _spectra(x)
+                for eps in thresholds:
+                    ranks = _ranks_for(spectra, eps)
+                    factors = tuple(vectors[:, :k].to(x.dtype).contiguous()
+                                    for (_, vectors), k in zip(spectra, ranks))
+                    form = TuckerForm(tucker_core(x, factors), factors)
+                    error = (_weight_grad(layer, form, dy) - exact).norm().item()
+                    entry = sums[name].setdefault(eps, [[], 0.0, 0, x.shape, x.element_size()])
+                    entry[0].append(ranks)
+                    entry[1] += error
+                    entry[2] += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    options = {}
+    for name in layers:
+        if not sums[name]:
+            raise ValueError("calibration needs at least one batch, but got none")
+        opts = []
+        for eps, (ranks_seen, error_sum, count, shape, itemsize) in sorted(sums[name].items()):
+            shape = (batch_size or shape[0], *shape[1:])
+            # the largest rank any calibration batch needed, capped at the training shape
+            ranks = tuple(min(max(r[m] for r in ranks_seen), shape[m]) for m in range(len(shape)))
+            opts.append(LayerOption(eps=eps, ranks=ranks, nbytes=tucker_numel(shape, ranks) * itemsize,
+                                    perplexity=error_sum / count))
+        options[name] = opts
+    return options
+
+
+def choose(options: Mapping[str, Sequence[LayerOption]], budget_bytes: int,
+           *, resolution: int = KNAPSACK_RESOLUTION) -> dict[str, LayerOption]:
+    """One option per layer minimising summed perplexity with summed bytes <= ``budget_bytes``.
+
+    A multiple-choice knapsack by dynamic programming. Each option's bytes are rounded *up* to
+    budget units (``budget / resolution``), so a returned plan always fits the exact budget.
+    """
+    names = list(options)
+    minimum = sum(min(o.nbytes for o in options[n]) for n in names)
+    if minimum > budget_bytes:
+        raise BudgetTooSmallError(
+            f"activation budget {budget_bytes} B is below the smallest plan for layers {names}: "
+            f"it needs at least {minimum} B ({minimum / 1024:.1f} KiB)"
+        )
+    unit = max(1, math.ceil(budget_bytes / resolution))
+    capacity = budget_bytes // unit
+    inf = float("inf")
+    best = [0.0] * (capacity + 1)  # best[c]: least perplexity of the layers so far within c units
+    picks: list[list[int]] = []
+    for name in names:
+        weights = [math.ceil(o.nbytes / unit) for o in options[name]]
+        new = [inf] * (capacity + 1)
+        pick = [-1] * (capacity + 1)
+        for c in range(capacity + 1):
+            for j, (w, o) in enumerate(zip(weights, options[name])):
+                if w <= c and best[c - w] + o.perplexity < new[c]:
+                    new[c] = best[c - w] + o.perplexity
+                    pick[c] = j
+        best = new
+        picks.append(pick)
+    if best[capacity] == inf:
+        raise BudgetTooSmallError(
+            f"activation budget {budget_bytes} B is too small once rounded to {unit} B units for "
+            f"layers {names}: it needs at least {minimum} B"
+        )
+    chosen: dict[str, LayerOption] = {}
+    c = capacity
+    for name, pick in zip(reversed(names), reversed(picks)):
+        option = options[name][pick[c]]
+        chosen[name] = option
+        c -= math.ceil(option.nbytes / unit)
+    return {name: chosen[name] for name in names}
+
+
+def plan_ranks(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    batches: Sequence[tuple[Tensor, Tensor]],
+    budget: str | int,
+    *,
+    model_name: str = "",
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    batch_size: int | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+) -> RankPlan:
+    """The best per-layer ranks for an activation ``budget`` (bytes, or a size like ``"200KB"``).
+
+    The threshold grid is extended downwards when even its cheapest choice does not fit, and
+    upwards when its dearest choice leaves budget unused.
+    """
+    budget_bytes = parse_bytes(budget)
+    batch_size = batch_size or batches[0][0].shape[0]
+    grid = sorted(set(thresholds))
+    options = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=grid, batch_size=batch_size)
+    cheapest = sum(min(o.nbytes for o in opts) for opts in options.values())
+    dearest = sum(max(o.nbytes for o in opts) for opts in options.values())
+    extra = [e for e in LOWER_THRESHOLDS if e < grid[0]] if cheapest > budget_bytes else []
+    extra += [e for e in UPPER_THRESHOLDS if e > grid[-1]] if dearest < budget_bytes else []
+    if extra:
+        more = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=extra, batch_size=batch_size)
+        options = {n: sorted([*options[n], *more[n]], key=lambda o: o.eps) for n in options}
+    chosen = choose(options, budget_bytes)
+    layers = tuple(LayerPlan(name=n, eps=o.eps, ranks=o.ranks, nbytes=o.nbytes, perplexity=o.perplexity)
+                   for n, o in chosen.items())
+    return RankPlan(model=model_name or type(model).__name__, budget_bytes=budget_bytes, batch_size=batch_size,
+                    layers=layers, options={n: tuple(o) for n, o in options.items()})

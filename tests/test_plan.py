@@ -1,0 +1,114 @@
+"""Rank planning: the knapsack against brute force, plans that fit, files that round-trip."""
+
+import itertools
+import random
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from odl_fed.plan import BudgetTooSmallError, LayerOption, RankPlan, choose, parse_bytes, plan_ranks
+
+
+def _brute_force(options, budget):
+    best = None
+    for combo in itertools.product(*options.values()):
+        if sum(o.nbytes for o in combo) <= budget:
+            cost = sum(o.perplexity for o in combo)
+            best = cost if best is None or cost < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_knapsack_matches_brute_force(seed):
+    rng = random.Random(seed)
+    options = {
+        f"layer{i}": [LayerOption(eps=j / 10, ranks=(j,), nbytes=rng.randint(1, 60), perplexity=rng.uniform(0, 10))
+                      for j in range(rng.randint(1, 5))]
+        for i in range(rng.randint(1, 4))
+    }
+    minimum = sum(min(o.nbytes for o in opts) for opts in options.values())
+    budget = rng.randint(minimum, minimum + 120)
+    chosen = choose(options, budget)
+    assert sum(o.nbytes for o in chosen.values()) <= budget
+    assert sum(o.perplexity for o in chosen.values()) == pytest.approx(_brute_force(options, budget))
+    with pytest.raises(BudgetTooSmallError, match=re.escape(f"it needs at least {minimum} B")):
+        choose(options, minimum - 1)
+
+
+@pytest.mark.parametrize("text, expected", [("200KB", 200_000), ("1.5MiB", 1_572_864), ("4096", 4096),
+                                            (" 2 kib ", 2048), (300, 300)])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "-5KB", "12 parsecs", 0, -1, True, ""])
+def test_bad_budgets_are_clear_errors(bad):
+    with pytest.raises(ValueError, match=re.escape(f"budget must be a positive size like 200KB or 1.5MiB")) as info:
+        parse_bytes(bad)
+    assert repr(bad) in str(info.value)
+
+
+def _model_and_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.ReLU6(inplace=True),
+        nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5),
+    ).eval()
+    prototypes = torch.randn(5, 3, 16, 16)
+    batches = []
+    for _ in range(2):
+        y = torch.randint(0, 5, (16,))
+        batches.append((prototypes[y] + 0.5 * torch.randn(16, 3, 16, 16), y))
+    return model, batches
+
+
+def test_plan_fits_the_budget_and_more_budget_means_less_perplexity():
+    model, batches = _model_and_batches()
+    layers = ["2", "5", "9"]
+    plans = [plan_ranks(model, layers, batches, budget, model_name="tiny") for budget in ("3KB", "8KB", "40KB")]
+    for plan, budget in zip(plans, (3000, 8000, 40000)):
+        assert plan.total_bytes <= budget
+        assert [l.name for l in plan.layers] == layers
+    assert plans[0].total_perplexity >= plans[1].total_perplexity >= plans[2].total_perplexity
+    assert plans[0].total_perplexity > plans[2].total_perplexity
+    # a budget that the whole grid leaves unused extends it upwards
+    loose = plan_ranks(model, layers, batches, "1MB", model_name="tiny")
+    assert min(l.eps for l in loose.layers) > 0.9
+    assert loose.total_perplexity < plans[2].total_perplexity
+
+
+def test_plan_is_deterministic_and_round_trips(tmp_path):
+    model, batches = _model_and_batches()
+    first = plan_ranks(model, ["2", "5"], batches, "6KB", model_name="tiny")
+    second = plan_ranks(model, ["2", "5"], batches, "6KB", model_name="tiny")
+    assert first == second
+    path = first.save(tmp_path / "plan.json")
+    loaded = RankPlan.load(path, model="tiny", layers=["2", "5"])
+    assert loaded == first and loaded.targets() == first.targets()
+    with pytest.raises(ValueError, match=re.escape(f"plan file {path} was made for model 'tiny', not 'resnet18'")):
+        RankPlan.load(path, model="resnet18")
+    with pytest.raises(FileNotFoundError, match="plan file .*missing.json does not exist"):
+        RankPlan.load(tmp_path / "missing.json")
+
+
+def test_budget_below_the_cheapest_plan_says_the_minimum():
+    model, batches = _model_and_batches()
+    with pytest.raises(BudgetTooSmallError, match=r"it needs at least \d+ B"):
+        plan_ranks(model, ["2", "5", "9"], batches, 50)
+
+
+def test_planned_ranks_drive_the_layers():
+    from odl_fed.asi import inject_asi
+    from odl_fed.saved_memory import SavedTensorMeter
+
+    model, batches = _model_and_batches()
+    plan = plan_ranks(model, ["2", "5"], batches, "6KB", model_name="tiny")
+    inject_asi(model, plan.targets())
+    model.requires_grad_(True)
+    with SavedTensorMeter(exclude=model.parameters(), modules={"2": model[2], "5": model[5]}) as meter:
+        model(batches[0][0])
+    assert meter.nbytes_of(["2", "5"]) <= plan.total_bytes

@@ -173,7 +173,7 @@ def test_unknown_and_unsupported_layers_are_clear_errors():
         inject_asi(model, {"features.3": (2, 2, 2, 2)})
     with pytest.raises(TypeError, match=re.escape(
             "layer '4' is a torch.nn.modules.batchnorm.BatchNorm2d, which cannot be compressed; "
-            "supported layer types: torch.nn.Conv2d, torch.nn.Linear")):
+            "supported layer types: torch.nn.Conv2d, Conv2dStaticSamePadding (EfficientNet), torch.nn.Linear")):
         inject_asi(model, {"3": (2, 2, 2, 2), "4": (2, 2, 2, 2)})
     assert type(model[3]) is nn.Conv2d  # all targets are checked before any swap
     inject_asi(model, {"3": (2, 2, 2, 2)})

@@ -132,18 +132,23 @@ class ASIConv2d(_CompressedLayer):
         How the input is compressed: "asi" (warm subspace iteration) or "hosvd".
     """
 
-    def __init__(self, base_layer: nn.Conv2d, *, ranks: Ranks, variant: str | TuckerVariant = "asi", name: str = ""):
+    def __init__(self, base_layer: nn.Conv2d, *, ranks: Ranks, variant: str | TuckerVariant = "asi", name: str = "",
+                 pre_padding: nn.Module | None = None):
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"ASIConv2d wraps nn.Conv2d, but got {type(base_layer).__name__}")
         super().__init__(base_layer, ranks=ranks, variant=variant, modes=CONV_MODES, name=name)
         self.geometry = _conv_geometry(base_layer, self._label())
+        # A padding the base layer applies in its own forward (EfficientNet's static "same" padding).
+        self.pre_padding = pre_padding
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, ranks: Ranks, variant: str | TuckerVariant = "asi",
-                  name: str = "") -> ASIConv2d:
-        return cls(conv, ranks=ranks, variant=variant, name=name)
+                  name: str = "", pre_padding: nn.Module | None = None) -> ASIConv2d:
+        return cls(conv, ranks=ranks, variant=variant, name=name, pre_padding=pre_padding)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.pre_padding is not None:
+            x = self.pre_padding(x)
         g = self.geometry
         if not self._needs_graph(x):
             return F.conv2d(x, self.weight, self.bias, g.stride, g.padding, g.dilation, g.groups)

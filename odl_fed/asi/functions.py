@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input
 
-from odl_fed.asi.variants import TuckerVariant
+from odl_fed.asi.variants import Variant
 from odl_fed.asi.weight_grad import Conv2dGeometry
 
 __all__ = ["CompressedConv2dFunction", "CompressedLinearFunction"]
@@ -23,7 +23,7 @@ __all__ = ["CompressedConv2dFunction", "CompressedLinearFunction"]
 class CompressedConv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, geometry: Conv2dGeometry,
-                variant: TuckerVariant, *packed: Tensor) -> Tensor:
+                variant: Variant, *packed: Tensor) -> Tensor:
         ctx.geometry = geometry
         ctx.variant = variant
         ctx.input_shape = x.shape
@@ -50,7 +50,7 @@ class CompressedConv2dFunction(torch.autograd.Function):
 
 class CompressedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, variant: TuckerVariant,
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, variant: Variant,
                 *packed: Tensor) -> Tensor:
         ctx.variant = variant
         ctx.num_packed = len(packed)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from odl_fed.asi.functions import CompressedConv2dFunction, CompressedLinearFunction
-from odl_fed.asi.variants import TuckerVariant, get_variant
+from odl_fed.asi.variants import Variant, get_variant
 from odl_fed.asi.weight_grad import Conv2dGeometry
 
 __all__ = ["ASIConv2d", "ASILinear", "Ranks", "validate_ranks"]
@@ -50,13 +50,18 @@ class _CompressedLayer(nn.Module):
 
     modes: tuple[str, ...]
 
-    def __init__(self, base_layer: nn.Module, *, ranks: Ranks, variant: str | TuckerVariant, modes, name: str):
+    def __init__(self, base_layer: nn.Module, *, ranks: Ranks, variant: str | Variant, modes, name: str):
         super().__init__()
         self.base_layer = base_layer
         self.layer_name = name
         self.modes = tuple(modes)
-        self.ranks = validate_ranks(ranks, self.modes, self._label())
         self.variant = get_variant(variant)
+        if self.variant.uses_ranks:
+            self.ranks = validate_ranks(ranks, self.modes, self._label())
+        elif ranks is not None:
+            raise ValueError(f"{self._label()}: variant {self.variant.name!r} takes no ranks, but got ranks={ranks!r}")
+        else:
+            self.ranks = None
         self.last_ranks: tuple[int, ...] | None = None
         for mode in self.modes:
             self.register_buffer(f"basis_{mode}", None)
@@ -83,8 +88,10 @@ class _CompressedLayer(nn.Module):
         for mode in self.modes:
             setattr(self, f"basis_{mode}", None)
 
-    def effective_ranks(self, shape: Sequence[int]) -> tuple[int, ...]:
+    def effective_ranks(self, shape: Sequence[int]) -> tuple[int, ...] | None:
         """The ranks used for an input of ``shape``: each capped at its mode's size."""
+        if self.ranks is None:
+            return None
         ranks = tuple(d if r is None else min(r, d) for r, d in zip(self.ranks, shape, strict=True))
         if ranks != self.last_ranks and any(r is not None and r > d for r, d in zip(self.ranks, shape)):
             logger.debug("%s: ranks %s capped to %s for input %s", self._label(), self.ranks, ranks, tuple(shape))
@@ -94,11 +101,11 @@ class _CompressedLayer(nn.Module):
         with torch.no_grad():
             x = x.detach().contiguous()
             ranks = self.effective_ranks(x.shape)
-            form = self.variant.pack(x, ranks, self.bases())
+            saved, bases = self.variant.pack(x, ranks, self.bases())
         self.last_ranks = ranks
-        for mode, basis in zip(self.modes, form.factors):
+        for mode, basis in zip(self.modes, bases or ()):
             setattr(self, f"basis_{mode}", basis)
-        return form.tensors()
+        return saved
 
     def _needs_graph(self, x: Tensor) -> bool:
         if not torch.is_grad_enabled():
@@ -116,7 +123,7 @@ class _CompressedLayer(nn.Module):
                                       error_msgs)
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant.name}, ranks={self.ranks}"
+        return f"variant={self.variant!r}" if self.ranks is None else f"variant={self.variant.name}, ranks={self.ranks}"
 
 
 class ASIConv2d(_CompressedLayer):
@@ -132,7 +139,7 @@ class ASIConv2d(_CompressedLayer):
         How the input is compressed: "asi" (warm subspace iteration) or "hosvd".
     """
 
-    def __init__(self, base_layer: nn.Conv2d, *, ranks: Ranks, variant: str | TuckerVariant = "asi", name: str = "",
+    def __init__(self, base_layer: nn.Conv2d, *, ranks: Ranks | None, variant: str | Variant = "asi", name: str = "",
                  pre_padding: nn.Module | None = None):
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"ASIConv2d wraps nn.Conv2d, but got {type(base_layer).__name__}")
@@ -142,7 +149,7 @@ class ASIConv2d(_CompressedLayer):
         self.pre_padding = pre_padding
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, ranks: Ranks, variant: str | TuckerVariant = "asi",
+    def from_conv(cls, conv: nn.Conv2d, *, ranks: Ranks | None, variant: str | Variant = "asi",
                   name: str = "", pre_padding: nn.Module | None = None) -> ASIConv2d:
         return cls(conv, ranks=ranks, variant=variant, name=name, pre_padding=pre_padding)
 
@@ -166,14 +173,16 @@ class ASILinear(_CompressedLayer):
     dimensions ``(B, L1, L2, ..., C)`` have them flattened into the token mode.
     """
 
-    def __init__(self, base_layer: nn.Linear, *, ranks: Ranks, variant: str | TuckerVariant = "asi", name: str = ""):
+    def __init__(self, base_layer: nn.Linear, *, ranks: Ranks | None, variant: str | Variant = "asi", name: str = ""):
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"ASILinear wraps nn.Linear, but got {type(base_layer).__name__}")
-        modes = LINEAR_MODES.get(len(ranks) if isinstance(ranks, Sequence) else -1, LINEAR_MODES[2])
+        # gradfilt (no ranks) pools tokens: it is for (B, L, C) inputs
+        modes = LINEAR_MODES.get(len(ranks) if isinstance(ranks, Sequence) else 3 if ranks is None else -1,
+                                 LINEAR_MODES[2])
         super().__init__(base_layer, ranks=ranks, variant=variant, modes=modes, name=name)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, ranks: Ranks, variant: str | TuckerVariant = "asi",
+    def from_linear(cls, linear: nn.Linear, *, ranks: Ranks | None, variant: str | Variant = "asi",
                     name: str = "") -> ASILinear:
         return cls(linear, ranks=ranks, variant=variant, name=name)
 

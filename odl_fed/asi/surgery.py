@@ -15,7 +15,7 @@ from torch import nn
 
 from odl_fed.asi.companions import BitMaskReLU, FrozenBatchNorm2d
 from odl_fed.asi.layers import ASIConv2d, ASILinear, Ranks
-from odl_fed.asi.variants import TuckerVariant
+from odl_fed.asi.variants import Variant
 
 __all__ = ["inject_asi", "restore_model", "last_conv_names", "freeze_except", "LayerNotFoundError", "SUPPORTED_LAYERS"]
 
@@ -27,7 +27,7 @@ class LayerNotFoundError(KeyError):
         return str(self.args[0])
 
 
-Dispatch = Callable[[nn.Module, Ranks, "str | TuckerVariant", str], "nn.Module | None"]
+Dispatch = Callable[[nn.Module, Ranks, "str | Variant", str], "nn.Module | None"]
 
 
 def _dispatch_static_same_padding_conv2d(module, ranks, variant, name):
@@ -72,7 +72,7 @@ def inject_asi(
     model: nn.Module,
     targets: Mapping[str, Ranks],
     *,
-    variant: str | TuckerVariant = "asi",
+    variant: str | Variant = "asi",
     companions: bool = True,
 ) -> list[str]:
     """Swap each ``targets`` layer (name -> ranks) for its compressed form; return what was swapped.

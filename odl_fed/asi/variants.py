@@ -10,30 +10,54 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.grad import conv2d_weight
 
 from odl_fed.asi.tucker import TuckerForm, hosvd_factors, leading_subspace, mode_grams, subspace_iteration, tucker_core
 from odl_fed.asi.weight_grad import Conv2dGeometry, conv2d_weight_from_tucker, linear_weight_from_tucker
 
-__all__ = ["TuckerVariant", "ASIVariant", "HOSVDVariant", "VARIANTS", "get_variant"]
+__all__ = ["Variant", "TuckerVariant", "ASIVariant", "HOSVDVariant", "GradFilterVariant", "VARIANTS", "get_variant"]
 
 
 def _identity_basis(dim: int, like: Tensor) -> Tensor:
     return torch.eye(dim, dtype=like.dtype, device=like.device)
 
 
-class TuckerVariant:
-    """A variant that holds the input as a Tucker form; subclasses choose the factors."""
+Packed = tuple[tuple[Tensor, ...], "tuple[Tensor, ...] | None"]
+
+
+class Variant:
+    """How a compressed layer holds its input: ``pack`` it, and get ``dW`` back from what was packed.
+
+    ``pack`` returns the tensors to save for backward and the per-mode bases to keep for the next
+    step (None when the variant keeps no state). ``uses_ranks`` says whether the layer needs ranks.
+    """
 
     name: str = ""
+    uses_ranks: bool = True
+
+    def pack(self, x: Tensor, ranks: Sequence[int] | None, previous: Sequence[Tensor | None]) -> Packed:
+        raise NotImplementedError
+
+    def conv2d_weight(self, saved: Sequence[Tensor], grad_output: Tensor, weight_shape, geometry: Conv2dGeometry):
+        raise NotImplementedError
+
+    def linear_weight(self, saved: Sequence[Tensor], grad_output: Tensor):
+        raise NotImplementedError
+
+
+class TuckerVariant(Variant):
+    """A variant that holds the input as a Tucker form; subclasses choose the factors."""
 
     def factors(self, x: Tensor, ranks: Sequence[int], previous: Sequence[Tensor | None]) -> list[Tensor]:
         raise NotImplementedError
 
-    def pack(self, x: Tensor, ranks: Sequence[int], previous: Sequence[Tensor | None]) -> TuckerForm:
+    def pack(self, x: Tensor, ranks: Sequence[int], previous: Sequence[Tensor | None]) -> Packed:
         """Compress contiguous ``x`` to a Tucker form at ``ranks`` (each already <= its mode's size)."""
-        factors = self.factors(x, ranks, previous)
-        return TuckerForm(tucker_core(x, factors), tuple(u.contiguous() for u in factors))
+        factors = tuple(u.contiguous() for u in self.factors(x, ranks, previous))
+        form = TuckerForm(tucker_core(x, factors), factors)
+        return form.tensors(), form.factors
 
     @staticmethod
     def unpack(saved: Sequence[Tensor]) -> TuckerForm:
@@ -85,11 +109,69 @@ class HOSVDVariant(TuckerVariant):
         return list(hosvd_factors(x, ranks))
 
 
-VARIANTS: dict[str, TuckerVariant] = {v.name: v for v in (ASIVariant(), HOSVDVariant())}
+class GradFilterVariant(Variant):
+    """Gradient filtering (Yang et al., CVPR 2023): the input and the output gradient average-pooled.
+
+    The input is saved average-pooled in ``radius x radius`` patches (``radius`` tokens for a
+    token linear); in backward the output gradient is summed over the same patches and the weight
+    gradient is the layer's own correlation of the two pooled maps (stride, padding, dilation and
+    groups kept in pooled coordinates). Exact at ``radius=1``. The input gradient stays exact, as for every variant here.
+    """
+
+    name = "gradfilt"
+    uses_ranks = False
+
+    def __init__(self, radius: int = 2):
+        if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
+            raise ValueError(f"gradfilt radius must be a positive integer, but got radius={radius!r}")
+        self.radius = radius
+
+    def __repr__(self) -> str:
+        return f"GradFilterVariant(radius={self.radius})"
+
+    def pack(self, x, ranks, previous):
+        r = self.radius
+        if x.dim() == 4:
+            pooled = F.avg_pool2d(x, r, ceil_mode=True)  # (B, C, ceil(H/r), ceil(W/r))
+        elif x.dim() == 3:
+            pooled = F.avg_pool1d(x.transpose(1, 2), r, ceil_mode=True).transpose(1, 2)  # (B, ceil(L/r), C)
+        else:
+            raise ValueError("gradfilt pools a spatial or token mode: it needs (B, C, H, W) or (B, L, C) "
+                             f"inputs, but got shape {tuple(x.shape)}")
+        return (pooled.contiguous(),), None
+
+    def conv2d_weight(self, saved, grad_output, weight_shape, geometry):
+        (pooled,) = saved
+        r = self.radius
+        # Summed (not averaged) over each patch: exact when the input is constant on the patch,
+        # and a short patch at the border weighs what it covers.
+        grad = F.avg_pool2d(grad_output, r, ceil_mode=True, divisor_override=1)
+        # The output size the pooled input gives under the layer's geometry; pad or crop to it.
+        size = [
+            (pooled.shape[2 + i] + 2 * geometry.padding[i] - geometry.dilation[i] * (weight_shape[2 + i] - 1) - 1)
+            // geometry.stride[i] + 1
+            for i in range(2)
+        ]
+        grad = grad[..., : size[0], : size[1]]
+        grad = F.pad(grad, (0, size[1] - grad.shape[-1], 0, size[0] - grad.shape[-2]))
+        g = geometry
+        return conv2d_weight(pooled, weight_shape, grad, g.stride, g.padding, g.dilation, g.groups)
+
+    def linear_weight(self, saved, grad_output):
+        (pooled,) = saved  # (B, L/r, C)
+        r = self.radius
+        grad = F.avg_pool1d(grad_output.transpose(1, 2), r, ceil_mode=True).transpose(1, 2)  # (B, L/r, C_out)
+        counts = torch.full((grad.shape[1],), float(r), dtype=grad.dtype, device=grad.device)
+        counts[-1] = grad_output.shape[1] - r * (grad.shape[1] - 1)  # a short last patch
+        grad = grad * counts.view(1, -1, 1)  # summed over each patch
+        return grad.reshape(-1, grad.shape[-1]).T @ pooled.reshape(-1, pooled.shape[-1])
 
 
-def get_variant(name: str | TuckerVariant) -> TuckerVariant:
-    if isinstance(name, TuckerVariant):
+VARIANTS: dict[str, Variant] = {v.name: v for v in (ASIVariant(), HOSVDVariant(), GradFilterVariant())}
+
+
+def get_variant(name: str | Variant) -> Variant:
+    if isinstance(name, Variant):
         return name
     try:
         return VARIANTS[name]

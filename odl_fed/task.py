@@ -16,6 +16,7 @@ from torch import nn
 
 from odl_fed.asi import inject_asi
 from odl_fed.asi.layers import Ranks
+from odl_fed.asi.variants import GradFilterVariant
 from odl_fed.data import ImageData, batches
 from odl_fed.saved_memory import SavedTensorMeter
 
@@ -24,15 +25,18 @@ __all__ = ["METHODS", "apply_method", "train_epoch", "evaluate"]
 METHODS = ("vanilla", "asi", "hosvd", "gradfilt")
 
 
-def apply_method(model: nn.Module, method: str, ranks: Mapping[str, Ranks | None]) -> list[str]:
+def apply_method(model: nn.Module, method: str, ranks: Mapping[str, Ranks | None], *, radius: int = 2) -> list[str]:
     """Swap the trained convs for ``method``'s layers (``vanilla``: leave them); return what was swapped.
 
-    ``ranks`` maps each trained layer to its ranks (``gradfilt``: to None, it takes none).
+    ``ranks`` maps each trained layer to its ranks (``gradfilt`` ignores them and pools in
+    ``radius x radius`` patches).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, but got method={method!r}")
     if method == "vanilla":
         return []
+    if method == "gradfilt":
+        return inject_asi(model, {name: None for name in ranks}, variant=GradFilterVariant(radius=radius))
     return inject_asi(model, ranks, variant=method)
 
 

@@ -1,0 +1,167 @@
+"""``odl-fed``: the command line.
+
+- ``odl-fed finetune``: plan ranks for a budget, fine-tune the last N convs with a method,
+  evaluate, write a result JSON (the centralised baseline of every federated run);
+- ``odl-fed pretrain``: train a whole backbone on a source dataset and save it, so that a
+  MobileNetV2/ResNet can be fine-tuned from real features offline.
+
+A user's mistake (a wrong name, a budget too small, a missing file) ends in one ``error:`` line
+and exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
+from odl_fed.models import MODELS, build_model, prepare_finetune, save_checkpoint
+from odl_fed.plan import BudgetTooSmallError, parse_bytes, plan_ranks
+from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, DatasetUnavailableError, BudgetTooSmallError, ImportError)
+
+
+def _data(args, split: str) -> ImageData:
+    data = load_dataset(args.dataset, split=split, root=args.data_root, download=args.download)
+    limit = args.limit_train if split == "train" else args.limit_test
+    if limit:
+        data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:limit])
+    return data
+
+
+def _progress(iterable, total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with flwr-datasets; without it, no bar
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
+
+
+def finetune(args) -> dict:
+    torch.manual_seed(args.seed)
+    train, test = _data(args, "train"), _data(args, "test")
+    model = build_model(args.model, weights=args.weights, num_classes=train.num_classes)
+    convs = prepare_finetune(model, layers=args.layers)
+    plan = None
+    if args.method in ("asi", "hosvd"):
+        if args.budget is None:
+            raise ValueError(f"--budget is needed with --method {args.method} (e.g. --budget 200KB)")
+        calibration = [b for _, b in zip(range(args.calibration_batches),
+                                         batches(train, batch_size=args.batch_size, image_size=args.image_size,
+                                                 shuffle=True, seed=args.seed, drop_last=True))]
+        if not calibration:
+            raise ValueError(f"{args.dataset}: fewer than --batch-size {args.batch_size} training examples")
+        started = time.perf_counter()
+        plan = plan_ranks(model, convs, calibration, args.budget, model_name=args.model)
+        planning_s = time.perf_counter() - started
+        ranks = plan.targets()
+        if args.plan_out:
+            plan.save(args.plan_out)
+    else:
+        ranks = {name: None for name in convs}
+    apply_method(model, args.method, ranks, radius=args.radius)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    epochs = []
+    for epoch in _progress(range(args.epochs), args.epochs, f"{args.method} epochs"):
+        trained = train_epoch(model, train, optimizer=optimizer, batch_size=args.batch_size,
+                              image_size=args.image_size, measured_layers=convs, seed=args.seed + epoch)
+        scores = evaluate(model, test, batch_size=max(args.batch_size, 128), image_size=args.image_size)
+        epochs.append({"epoch": epoch + 1, "train_loss": trained["loss"], "train_seconds": trained["seconds"],
+                       "test_loss": scores["loss"], "test_accuracy": scores["accuracy"]})
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {trained['loss']:.4f}, "
+              f"test top-1 {scores['accuracy']:.4f}", flush=True)
+    result = {
+        "model": args.model, "weights": str(args.weights) if args.weights else None, "method": args.method,
+        "dataset": args.dataset, "layers": convs, "batch_size": args.batch_size, "image_size": args.image_size,
+        "activation_bytes": trained["activation_bytes"], "step_saved_bytes": trained["step_saved_bytes"],
+        "test_accuracy": epochs[-1]["test_accuracy"], "epochs": epochs,
+        "plan": None if plan is None else plan.to_dict() | {"planning_seconds": planning_s},
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return result
+
+
+def pretrain(args) -> dict:
+    torch.manual_seed(args.seed)
+    train, test = _data(args, "train"), _data(args, "test")
+    model = build_model(args.model, weights=args.weights, num_classes=train.num_classes).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    for epoch in _progress(range(args.epochs), args.epochs, "pretrain epochs"):
+        trained = train_epoch(model, train, optimizer=optimizer, batch_size=args.batch_size,
+                              image_size=args.image_size, seed=args.seed + epoch)
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {trained['loss']:.4f}", flush=True)
+    model.eval()
+    scores = evaluate(model, test, batch_size=max(args.batch_size, 128), image_size=args.image_size)
+    path = save_checkpoint(model, args.model, args.out)
+    print(f"test top-1 {scores['accuracy']:.4f}; wrote {path}")
+    return {"checkpoint": str(path), "test_accuracy": scores["accuracy"]}
+
+
+def _budget(text: str) -> str:
+    try:
+        parse_bytes(text)  # validated here so argparse reports it with the usage
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="odl-fed", description="Federated on-device fine-tuning with ASI.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub):
+        sub.add_argument("--model", required=True, choices=MODELS)
+        sub.add_argument("--weights", help="a local weights file, 'imagenet' (efficientnet_lite0) or a "
+                                           "torchvision weights name (downloads once)")
+        sub.add_argument("--dataset", required=True, choices=DATASETS)
+        sub.add_argument("--data-root", type=Path, help="where the dataset's files are (default: a cache dir)")
+        sub.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
+        sub.add_argument("--epochs", type=int, default=1)
+        sub.add_argument("--batch-size", type=int, default=32)
+        sub.add_argument("--lr", type=float, default=1e-3)
+        sub.add_argument("--image-size", type=int, default=64)
+        sub.add_argument("--limit-train", type=int, help="use only this many training examples")
+        sub.add_argument("--limit-test", type=int, help="use only this many test examples")
+        sub.add_argument("--seed", type=int, default=0)
+
+    tune = commands.add_parser("finetune", help="fine-tune the last N convs under an activation budget")
+    common(tune)
+    tune.add_argument("--method", choices=METHODS, default="asi")
+    tune.add_argument("--budget", type=_budget, help="activation budget of the trained convs, e.g. 200KB")
+    tune.add_argument("--layers", type=int, default=4, help="how many of the last convs to train")
+    tune.add_argument("--calibration-batches", type=int, default=2)
+    tune.add_argument("--radius", type=int, default=2, help="gradfilt patch size")
+    tune.add_argument("--plan-out", type=Path, help="save the rank plan here")
+    tune.add_argument("--out", type=Path, help="write the result JSON here")
+    tune.set_defaults(run=finetune)
+
+    pre = commands.add_parser("pretrain", help="train a whole backbone on a source dataset and save it")
+    common(pre)
+    pre.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt)")
+    pre.set_defaults(run=pretrain)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"odl-fed {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from odl_fed.asi.layers import _conv_geometry
-from odl_fed.asi.tucker import TuckerForm, mode_grams, tucker_core, tucker_numel
+from odl_fed.asi.tucker import TuckerForm, mode_spectra, ranks_for_energy, tucker_core, tucker_numel
 from odl_fed.asi.weight_grad import conv2d_weight_from_tucker, linear_weight_from_tucker
 
 __all__ = [
@@ -148,25 +148,6 @@ class RankPlan:
         return plan
 
 
-def _spectra(x: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Per mode: eigenvalues (descending) and eigenvectors of the mode's Gram matrix, in float64."""
-    grams = mode_grams(x, range(x.dim()))
-    spectra = []
-    for mode in range(x.dim()):
-        values, vectors = torch.linalg.eigh(grams[mode].double())
-        spectra.append((values.flip(0).clamp_min(0), vectors.flip(1)))
-    return spectra
-
-
-def _ranks_for(spectra, eps: float) -> tuple[int, ...]:
-    ranks = []
-    for values, _ in spectra:
-        cumulative = values.cumsum(0) / values.sum().clamp_min(torch.finfo(torch.float64).tiny)
-        k = int(torch.searchsorted(cumulative, torch.tensor(eps, dtype=torch.float64)).item()) + 1
-        ranks.append(min(k, values.numel()))
-    return tuple(ranks)
-
-
 def _weight_grad(layer: nn.Module, form: TuckerForm, grad_output: Tensor) -> Tensor:
     if isinstance(layer, nn.Conv2d):
         return conv2d_weight_from_tucker(form, grad_output, layer.weight.shape, _conv_geometry(layer, ""))
@@ -230,9 +211,9 @@ def calibrate(
                 x, dy = _as_modes(layer, seen[name]["x"], seen[name]["dy"])
                 x = x.contiguous()
                 exact = _exact_weight_grad(layer, x, dy)
-                spectra = _spectra(x)
+                spectra = mode_spectra(x)
                 for eps in thresholds:
-                    ranks = _ranks_for(spectra, eps)
+                    ranks = ranks_for_energy(spectra, eps)
                     factors = tuple(vectors[:, :k].to(x.dtype).contiguous()
                                     for (_, vectors), k in zip(spectra, ranks))
                     form = TuckerForm(tucker_core(x, factors), factors)

@@ -93,8 +93,8 @@ class _CompressedLayer(nn.Module):
         if self.ranks is None:
             return None
         ranks = tuple(d if r is None else min(r, d) for r, d in zip(self.ranks, shape, strict=True))
-        if ranks != self.last_ranks and any(r is not None and r > d for r, d in zip(self.ranks, shape)):
-            logger.debug("%s: ranks %s capped to %s for input %s", self._label(), self.ranks, ranks, tuple(shape))
+        if ranks != self.last_ranks:
+            logger.debug("%s: ranks %s are %s for input %s", self._label(), self.ranks, ranks, tuple(shape))
         return ranks
 
     def _pack(self, x: Tensor) -> tuple[Tensor, ...]:

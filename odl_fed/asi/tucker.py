@@ -29,6 +29,8 @@ __all__ = [
     "hosvd",
     "hosvd_factors",
     "energy_ranks",
+    "mode_spectra",
+    "ranks_for_energy",
     "reconstruct",
     "tucker_numel",
 ]
@@ -165,14 +167,29 @@ def leading_subspace(x: Tensor, mode: int, rank: int, gram: Tensor | None = None
     return vectors[:, -rank:].flip(-1).to(x.dtype).contiguous()
 
 
-def energy_ranks(x: Tensor, eps: float) -> tuple[int, ...]:
+def mode_spectra(x: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per mode: eigenvalues (descending, float64) and eigenvectors of the mode's Gram matrix."""
+    grams = mode_grams(x, range(x.dim()))
+    spectra = []
+    for mode in range(x.dim()):
+        values, vectors = torch.linalg.eigh(grams[mode].double())
+        spectra.append((values.flip(0).clamp_min(0), vectors.flip(1)))
+    return spectra
+
+
+def ranks_for_energy(spectra: Sequence[tuple[Tensor, Tensor]], eps: float) -> tuple[int, ...]:
     """Smallest per-mode ranks whose leading singular values keep ``eps`` of each mode's energy."""
     ranks = []
-    for mode in range(x.dim()):
-        eigenvalues = torch.linalg.eigvalsh(mode_gram(x, mode).double()).flip(-1).clamp_min(0)
-        cumulative = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(torch.finfo(torch.float64).tiny)
-        ranks.append(int(torch.searchsorted(cumulative, torch.tensor(eps, dtype=torch.float64)).item()) + 1)
-    return tuple(min(r, d) for r, d in zip(ranks, x.shape))
+    for values, _ in spectra:
+        cumulative = values.cumsum(0) / values.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        k = int(torch.searchsorted(cumulative, torch.tensor(eps, dtype=torch.float64)).item()) + 1
+        ranks.append(min(k, values.numel()))
+    return tuple(ranks)
+
+
+def energy_ranks(x: Tensor, eps: float) -> tuple[int, ...]:
+    """The ranks of ``x`` that keep ``eps`` of each mode's energy."""
+    return ranks_for_energy(mode_spectra(x), eps)
 
 
 def tucker_core(x: Tensor, factors: Sequence[Tensor]) -> Tensor:

@@ -50,7 +50,7 @@ class BudgetTooSmallError(ValueError):
     """No choice of thresholds fits the budget; the message says the minimum that would."""
 
 
-def parse_bytes(value: str | int | float, *, what: str = "budget") -> int:
+def parse_bytes(value: str | int | float, *, what: str = "budget", allow_zero: bool = False) -> int:
     """``"200KB"`` -> 200000, ``"1.5MiB"`` -> 1572864, ``4096`` -> 4096 (KB = 1000 B, KiB = 1024 B)."""
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a positive size like 200KB or 1.5MiB, but got {value!r}")
@@ -63,7 +63,7 @@ def parse_bytes(value: str | int | float, *, what: str = "budget") -> int:
                              f"(units: {', '.join(u for u in _UNITS if u)}), but got {value!r}")
         number, unit = float(match.group(1)), match.group(2).lower()
     nbytes = int(number * _UNITS[unit])
-    if not math.isfinite(number) or nbytes <= 0:
+    if not math.isfinite(number) or nbytes < 0 or (nbytes == 0 and not allow_zero):
         raise ValueError(f"{what} must be a positive size like 200KB or 1.5MiB, but got {value!r}")
     return nbytes
 

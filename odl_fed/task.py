@@ -18,6 +18,7 @@ from odl_fed.asi import inject_asi
 from odl_fed.asi.layers import Ranks
 from odl_fed.asi.variants import GradFilterVariant
 from odl_fed.data import ImageData, batches
+from odl_fed.memory_guard import MemoryGuard
 from odl_fed.saved_memory import SavedTensorMeter
 
 __all__ = ["METHODS", "apply_method", "train_epoch", "evaluate"]
@@ -45,11 +46,13 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Optimizer, batch_size: int,
-                image_size: int, measured_layers: Sequence[str] = (), seed: int = 0) -> dict[str, float]:
+                image_size: int, measured_layers: Sequence[str] = (), seed: int = 0,
+                guard: MemoryGuard | None = None) -> dict[str, float]:
     """One pass over ``data``; returns loss, examples, seconds and the first step's saved bytes.
 
     ``activation_bytes`` counts what ``measured_layers`` (the trained convs) save for backward;
-    ``step_saved_bytes`` everything the step saves (parameters excluded).
+    ``step_saved_bytes`` everything the step saves (parameters excluded). With a ``guard``,
+    its budget is checked after each forward and each step (it raises MemoryBudgetExceeded).
     """
     params = _trainable(model)
     modules = {name: model.get_submodule(name) for name in measured_layers}
@@ -62,9 +65,13 @@ def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Opt
             first = {"activation_bytes": meter.nbytes_of(modules), "step_saved_bytes": meter.nbytes}
         else:
             loss = F.cross_entropy(model(x), y)
+        if guard is not None:
+            guard.check()  # activations are at their peak here
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if guard is not None:
+            guard.check()
         total_loss += loss.item() * y.numel()
         examples += y.numel()
     if first is None:

@@ -1,0 +1,87 @@
+"""The process budget, watched with psutil while a client trains.
+
+A client's memory is its own increase over the process's resident size when training starts
+(in simulation several clients share one Ray actor process, whose baseline is not theirs). A
+thread samples it every few milliseconds; the trainer calls :meth:`MemoryGuard.check` after each
+step, which also samples, and raises :class:`MemoryBudgetExceeded` once the budget was crossed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psutil
+
+__all__ = ["MemoryGuard", "MemoryBudgetExceeded"]
+
+
+class MemoryBudgetExceeded(RuntimeError):
+    """Training used more memory than its budget; the message names the client, the budget, the peak."""
+
+    def __init__(self, client: str, budget: int, peak: int):
+        self.client, self.budget, self.peak = client, budget, peak
+        super().__init__(f"client {client or '?'}: training memory {peak / 2**20:.1f} MiB exceeded its budget of "
+                         f"{budget / 2**20:.1f} MiB (psutil RSS increase over the process's baseline)")
+
+
+class MemoryGuard:
+    """Context manager: peak RSS increase of this process while active, checked against ``budget``.
+
+    Parameters
+    ----------
+    budget : int
+        Bytes training may add to the process.
+    client : str (default: "")
+        Named in the error.
+    interval : float (default: 0.005)
+        Seconds between the sampling thread's readings.
+    """
+
+    def __init__(self, budget: int, *, client: str = "", interval: float = 0.005):
+        if budget <= 0:
+            raise ValueError(f"budget must be positive, but got {budget!r}")
+        self.budget = budget
+        self.client = client
+        self.interval = interval
+        self._process = psutil.Process()
+        self.baseline = 0
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        """Read the increase now; keep the peak."""
+        increase = self._process.memory_info().rss - self.baseline
+        self.samples += 1
+        if increase > self.peak:
+            self.peak = increase
+        return increase
+
+    @property
+    def breached(self) -> bool:
+        return self.peak > self.budget
+
+    def check(self) -> None:
+        """Sample, and raise if the budget was ever crossed while the guard was active."""
+        self.sample()
+        if self.breached:
+            raise MemoryBudgetExceeded(self.client, self.budget, self.peak)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> MemoryGuard:
+        self.baseline = self._process.memory_info().rss
+        self.peak = 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name=f"memory-guard-{self.client}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()

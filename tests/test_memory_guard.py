@@ -1,0 +1,59 @@
+"""MemoryGuard against real psutil readings of real allocations."""
+
+import re
+import time
+
+import pytest
+import torch
+
+from odl_fed.data import load_dataset
+from odl_fed.memory_guard import MemoryBudgetExceeded, MemoryGuard
+from odl_fed.task import train_epoch
+
+MiB = 2**20
+
+
+def test_reading_tracks_what_the_client_allocates():
+    with MemoryGuard(2048 * MiB, client="rpi4-0") as guard:
+        block = torch.ones(300 * MiB // 4)  # 300 MiB, touched
+        guard.check()
+        del block
+    assert 280 * MiB <= guard.peak <= 420 * MiB
+    assert guard.samples >= 2 and not guard.breached
+
+
+def test_breach_raises_a_clear_failure_naming_client_budget_and_peak():
+    with MemoryGuard(100 * MiB, client="tiny-3") as guard:
+        block = torch.ones(250 * MiB // 4)
+        with pytest.raises(MemoryBudgetExceeded, match=re.escape("client tiny-3: training memory ")) as info:
+            guard.check()
+        del block
+    assert "exceeded its budget of 100.0 MiB" in str(info.value)
+    assert info.value.peak >= 230 * MiB and info.value.budget == 100 * MiB
+
+
+def test_the_sampling_thread_sees_a_transient_peak_between_checks():
+    with MemoryGuard(50 * MiB, client="phone-1", interval=0.001) as guard:
+        for _ in range(3):
+            block = torch.ones(200 * MiB // 4)
+            time.sleep(0.05)  # no check() here: only the thread can see this peak
+            del block
+    assert guard.breached and guard.peak >= 150 * MiB
+
+
+def test_training_stops_at_the_first_check_past_the_budget():
+    data = load_dataset("digits", split="train")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    hog = []
+    original_step = optimizer.step
+
+    def step_and_hog(*args, **kwargs):
+        hog.append(torch.ones(64 * MiB // 4))  # a leak of 64 MiB per step
+        return original_step(*args, **kwargs)
+
+    optimizer.step = step_and_hog
+    with MemoryGuard(200 * MiB, client="rpi4-7") as guard:
+        with pytest.raises(MemoryBudgetExceeded, match="client rpi4-7"):
+            train_epoch(model, data, optimizer=optimizer, batch_size=32, image_size=64, guard=guard)
+    assert 3 <= len(hog) <= 5  # stopped within a step of the breach, not at the end of the epoch

@@ -1,0 +1,169 @@
+"""Fleets: a YAML mix of devices plus the federated job they run, validated once at the edge.
+
+::
+
+    devices: [{device: rpi4, count: 2}, {device: tiny, count: 1}]
+    job:
+      model: resnet18
+      weights: runs/r18.pt        # optional
+      layers: 2
+      method: asi                 # vanilla | asi | hosvd | gradfilt
+      rounds: 3
+      clients-per-round: 3
+      local-epochs: 1
+      batch-size: 32
+      lr: 0.001
+      image-size: 32
+      dataset: mnist-digits
+      partition: iid              # or {dirichlet: 0.3}
+      seed: 0
+
+Every mistake names the file and the field, with the nearest valid name where one is close.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from odl_fed.data import DATASETS
+from odl_fed.models import MODELS
+from odl_fed.profile import DeviceProfile, ProfileError, get_profile, load_profiles
+from odl_fed.task import METHODS
+
+__all__ = ["FleetSpec", "JobSpec", "DeviceGroup", "FleetError", "load_fleet"]
+
+
+class FleetError(ValueError):
+    """A fleet file that cannot run; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class DeviceGroup:
+    profile: DeviceProfile
+    count: int
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str
+    layers: int
+    method: str
+    rounds: int
+    clients_per_round: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    image_size: int
+    dataset: str
+    dirichlet_alpha: float | None
+    seed: int
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    path: str
+    groups: tuple[DeviceGroup, ...]
+    job: JobSpec
+
+    @property
+    def num_clients(self) -> int:
+        return sum(g.count for g in self.groups)
+
+    def client_profiles(self) -> list[DeviceProfile]:
+        """The device profile of each client, by partition id."""
+        return [g.profile for g in self.groups for _ in range(g.count)]
+
+
+_POSITIVE_INTS = ("layers", "rounds", "clients-per-round", "local-epochs", "batch-size", "image-size")
+_CHOICES = {"model": MODELS, "method": METHODS, "dataset": DATASETS}
+_JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights")
+_REQUIRED = tuple(k for k in _JOB_KEYS if k not in ("weights", "seed", "partition"))
+
+
+def _suggest(word, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _job(raw, where: str) -> JobSpec:
+    if not isinstance(raw, Mapping):
+        raise FleetError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _JOB_KEYS:
+            raise FleetError(f"{where}: unknown field {key!r}{_suggest(key, _JOB_KEYS)}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise FleetError(f"{where}: missing field(s) {', '.join(missing)}")
+    for key in _POSITIVE_INTS:
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FleetError(f"{where}.{key}: must be a positive integer, but got {value!r}")
+    for key, options in _CHOICES.items():
+        if raw[key] not in options:
+            raise FleetError(f"{where}.{key}: must be one of {list(options)}, but got {raw[key]!r}"
+                             f"{_suggest(raw[key], options)}")
+    lr = raw["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise FleetError(f"{where}.lr: must be a positive number, but got {lr!r}")
+    partition = raw.get("partition", "iid")
+    if partition == "iid":
+        alpha = None
+    elif isinstance(partition, Mapping) and set(partition) == {"dirichlet"} and \
+            isinstance(partition["dirichlet"], (int, float)) and partition["dirichlet"] > 0:
+        alpha = float(partition["dirichlet"])
+    else:
+        raise FleetError(f"{where}.partition: must be 'iid' or {{dirichlet: ALPHA > 0}}, but got {partition!r}")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FleetError(f"{where}.seed: must be an integer, but got {seed!r}")
+    return JobSpec(model=raw["model"], layers=raw["layers"], method=raw["method"], rounds=raw["rounds"],
+                   clients_per_round=raw["clients-per-round"], local_epochs=raw["local-epochs"],
+                   batch_size=raw["batch-size"], lr=float(lr), image_size=raw["image-size"], dataset=raw["dataset"],
+                   dirichlet_alpha=alpha, seed=seed, weights=raw.get("weights"))
+
+
+def load_fleet(path: str | Path, *, device_files: tuple[str | Path, ...] = ()) -> FleetSpec:
+    """Read and check a fleet file (devices resolved against the built-in and ``device_files`` profiles)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FleetError(f"fleet file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise FleetError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(raw, Mapping):
+        raise FleetError(f"{path}: expected a mapping with 'devices' and 'job'")
+    for key in raw:
+        if key not in ("devices", "job"):
+            raise FleetError(f"{path}: unknown field {key!r}{_suggest(key, ('devices', 'job'))}")
+    if "devices" not in raw or "job" not in raw:
+        raise FleetError(f"{path}: missing field(s) {', '.join(k for k in ('devices', 'job') if k not in raw)}")
+    try:
+        profiles = load_profiles(*device_files)
+    except ProfileError as error:
+        raise FleetError(str(error)) from None
+    if not isinstance(raw["devices"], list) or not raw["devices"]:
+        raise FleetError(f"{path}: devices must be a non-empty list of {{device, count}}")
+    groups = []
+    for i, entry in enumerate(raw["devices"]):
+        where = f"{path}: devices[{i}]"
+        if not isinstance(entry, Mapping) or set(entry) - {"device", "count"} or "device" not in entry:
+            raise FleetError(f"{where}: expected {{device: NAME, count: N}}, but got {entry!r}")
+        count = entry.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise FleetError(f"{where}.count: must be a positive integer, but got {count!r}")
+        try:
+            groups.append(DeviceGroup(get_profile(entry["device"], profiles), count))
+        except ProfileError as error:
+            raise FleetError(f"{where}.device: {error}") from None
+    job = _job(raw["job"], f"{path}: job")
+    total = sum(g.count for g in groups)
+    if job.clients_per_round > total:
+        raise FleetError(f"{path}: job.clients-per-round is {job.clients_per_round}, but the fleet has {total} clients")
+    return FleetSpec(path=str(path), groups=tuple(groups), job=job)

@@ -1,0 +1,149 @@
+"""What a device can train: a method's layers, batch and ranks that fit its profile's memory.
+
+A device's ``train-memory`` must hold, besides the runtime:
+
+- fixed costs: the model's weights and buffers, the trained parameters' gradients and the
+  optimizer's state (``optimizer_slots`` copies: 2 for Adam), and a forward workspace (twice the
+  largest activation of a forward at the batch size: one layer's input and output alive at once);
+- the activations saved for backward: those of the trained convs (what the rank planner
+  budgets) and the rest of the fine-tuned part (bit masks, scales; measured on one batch).
+
+The order of retreat when a setting does not fit: the batch is halved first (down to
+``min_batch``), then one trained layer fewer, back at the full batch. If nothing fits, the plan
+is refused with :class:`PlanRefused`, which says what the smallest setting would need.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from odl_fed.data import ImageData, batches
+from odl_fed.models import prepare_finetune
+from odl_fed.plan import BudgetTooSmallError, RankPlan, plan_ranks
+from odl_fed.profile import DeviceProfile
+from odl_fed.saved_memory import SavedTensorMeter
+from odl_fed.task import METHODS, apply_method
+
+__all__ = ["ClientPlan", "PlanRefused", "plan_client"]
+
+
+class PlanRefused(RuntimeError):
+    """No setting of the method fits the device; the message names the device, budget and need."""
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    device: str
+    method: str
+    layers: tuple[str, ...]
+    batch_size: int
+    ranks: dict[str, tuple[int, ...] | None]
+    train_memory: int
+    fixed_bytes: int
+    activation_budget: int
+    predicted_activation_bytes: int
+    rank_plan: RankPlan | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self) | {"layers": list(self.layers)}
+        data["ranks"] = {k: None if v is None else list(v) for k, v in self.ranks.items()}
+        data["rank_plan"] = None if self.rank_plan is None else self.rank_plan.to_dict()
+        return data
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _workspace(model: nn.Module, x: torch.Tensor) -> int:
+    largest = 0
+
+    def hook(module, args, output):
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return 2 * largest
+
+
+def _saved(model: nn.Module, convs, x, y) -> tuple[int, int]:
+    """Bytes the trained convs save, and everything a step saves (parameters excluded)."""
+    modules = {name: model.get_submodule(name) for name in convs}
+    with SavedTensorMeter(exclude=model.parameters(), modules=modules) as meter:
+        loss = F.cross_entropy(model(x), y)
+    del loss
+    return meter.nbytes_of(modules), meter.nbytes
+
+
+def _halvings(batch: int, minimum: int):
+    while batch >= minimum:
+        yield batch
+        if batch == minimum:
+            return
+        batch = max(minimum, batch // 2)
+
+
+def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, method: str, layers: int,
+                batch_size: int, data: ImageData, image_size: int, optimizer_slots: int = 2,
+                calibration_batches: int = 2, min_batch: int = 4) -> ClientPlan:
+    """The first setting (layers, batch, ranks) of ``method`` that fits ``profile.train_memory``.
+
+    ``model`` is the vanilla model (not changed here); ``data`` a few local batches to calibrate on.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, but got method={method!r}")
+    tried = []
+    for n_layers in range(layers, 0, -1):
+        for batch in _halvings(batch_size, min(min_batch, batch_size)):
+            calibration = [b for _, b in zip(range(calibration_batches), batches(
+                data, batch_size=batch, image_size=image_size, shuffle=True, drop_last=True))]
+            if not calibration:
+                continue
+            candidate = copy.deepcopy(model)
+            convs = prepare_finetune(candidate, layers=n_layers)
+            trained = [p for p in candidate.parameters() if p.requires_grad]
+            fixed = (_nbytes(candidate.parameters()) + _nbytes(candidate.buffers())
+                     + (1 + optimizer_slots) * _nbytes(trained) + _workspace(candidate, calibration[0][0]))
+            budget = profile.train_memory - fixed
+            # What the rest of the step saves, with the method's companions in place (smallest ranks).
+            probe = copy.deepcopy(candidate)
+            apply_method(probe, method, {name: (1, 1, 1, 1) for name in convs})
+            probe_convs, probe_total = _saved(probe, convs, *calibration[0])
+            rest = probe_total - probe_convs
+            conv_budget = budget - rest
+            plan = None
+            if method in ("asi", "hosvd"):
+                if conv_budget <= 0:
+                    tried.append((n_layers, batch, f"fixed costs {fixed} B and other saved {rest} B leave nothing"))
+                    continue
+                try:
+                    plan = plan_ranks(candidate, convs, calibration, conv_budget, model_name=model_name)
+                except BudgetTooSmallError as error:
+                    tried.append((n_layers, batch, str(error)))
+                    continue
+                ranks = dict(plan.targets())
+                predicted = plan.total_bytes + rest
+            else:
+                ranks = {name: None for name in convs}
+                measured = copy.deepcopy(candidate)
+                apply_method(measured, method, ranks)
+                _, predicted = _saved(measured, convs, *calibration[0])
+            if predicted > budget:
+                tried.append((n_layers, batch, f"needs {predicted} B of activations, {max(budget, 0)} B left"))
+                continue
+            return ClientPlan(device=profile.name, method=method, layers=tuple(convs), batch_size=batch,
+                              ranks=ranks, train_memory=profile.train_memory, fixed_bytes=fixed,
+                              activation_budget=budget, predicted_activation_bytes=predicted, rank_plan=plan)
+    detail = "; ".join(f"{n} layer(s) at batch {b}: {why}" for n, b, why in tried[-3:])
+    raise PlanRefused(f"device {profile.name!r}: no {method} setting of {model_name} fits its train-memory of "
+                      f"{profile.train_memory} B ({detail})")

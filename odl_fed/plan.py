@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 

@@ -45,7 +45,7 @@ def test_parse_bytes(text, expected):
 
 @pytest.mark.parametrize("bad", ["abc", "0", "-5KB", "12 parsecs", 0, -1, True, ""])
 def test_bad_budgets_are_clear_errors(bad):
-    with pytest.raises(ValueError, match=re.escape(f"budget must be a positive size like 200KB or 1.5MiB")) as info:
+    with pytest.raises(ValueError, match=re.escape("budget must be a positive size like 200KB or 1.5MiB")) as info:
         parse_bytes(bad)
     assert repr(bad) in str(info.value)
 

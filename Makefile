@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[simulation,test]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[simulation,test,bench]' $(TORCH_PINS)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -3,7 +3,8 @@
 - ``odl-fed finetune``: plan ranks for a budget, fine-tune the last N convs with a method,
   evaluate, write a result JSON (the centralised baseline of every federated run);
 - ``odl-fed pretrain``: train a whole backbone on a source dataset and save it, so that a
-  MobileNetV2/ResNet can be fine-tuned from real features offline.
+  MobileNetV2/ResNet can be fine-tuned from real features offline;
+- ``odl-fed simulate``: run a fleet file's federated job in Flower's simulation engine.
 
 A user's mistake (a wrong name, a budget too small, a missing file) ends in one ``error:`` line
 and exit status 2, not a traceback.
@@ -106,6 +107,16 @@ def pretrain(args) -> dict:
     return {"checkpoint": str(path), "test_accuracy": scores["accuracy"]}
 
 
+def simulate(args) -> Path:
+    from odl_fed.simulate import simulate as run
+
+    config = {"fleet": str(args.fleet), "devices-file": str(args.devices or ""), "out-dir": str(args.out_dir),
+              "plan-cache": str(args.plan_cache or ""), "round-timeout": args.round_timeout}
+    path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose)
+    print(f"round log: {path}")
+    return path
+
+
 def _budget(text: str) -> str:
     try:
         parse_bytes(text)  # validated here so argparse reports it with the usage
@@ -148,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(pre)
     pre.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt)")
     pre.set_defaults(run=pretrain)
+
+    sim = commands.add_parser("simulate", help="run a fleet file's federated job in simulation on this machine")
+    sim.add_argument("--fleet", type=Path, required=True, help="a fleet file, e.g. configs/fleets/demo.yaml")
+    sim.add_argument("--devices", type=Path, help="extra device profiles (YAML) that override the built-in ones")
+    sim.add_argument("--out-dir", type=Path, default=Path("runs/latest"), help="where rounds.jsonl goes")
+    sim.add_argument("--plan-cache", type=Path, default=Path(".odl-fed/plans"), help="where client plans are kept")
+    sim.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a round's replies")
+    sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sim.set_defaults(run=simulate)
     return parser
 
 

@@ -16,6 +16,7 @@ is refused with :class:`PlanRefused`, which says what the smallest setting would
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,6 +55,16 @@ class ClientPlan:
         data["ranks"] = {k: None if v is None else list(v) for k, v in self.ranks.items()}
         data["rank_plan"] = None if self.rank_plan is None else self.rank_plan.to_dict()
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> ClientPlan:
+        """The inverse of :meth:`to_dict`."""
+        ranks = {k: None if v is None else tuple(int(r) for r in v) for k, v in data["ranks"].items()}
+        rank_plan = None if data.get("rank_plan") is None else RankPlan.from_dict(data["rank_plan"])
+        return cls(device=data["device"], method=data["method"], layers=tuple(data["layers"]),
+                   batch_size=int(data["batch_size"]), ranks=ranks, train_memory=int(data["train_memory"]),
+                   fixed_bytes=int(data["fixed_bytes"]), activation_budget=int(data["activation_budget"]),
+                   predicted_activation_bytes=int(data["predicted_activation_bytes"]), rank_plan=rank_plan)
 
 
 def _nbytes(tensors) -> int:
@@ -115,16 +126,18 @@ def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, me
             fixed = (_nbytes(candidate.parameters()) + _nbytes(candidate.buffers())
                      + (1 + optimizer_slots) * _nbytes(trained) + _workspace(candidate, calibration[0][0]))
             budget = profile.train_memory - fixed
-            # What the rest of the step saves, with the method's companions in place (smallest ranks).
+            # What the rest of the step saves, with the method's companions in place (full ranks: no
+            # subspace is computed; the convs' own bytes are subtracted).
             probe = copy.deepcopy(candidate)
-            apply_method(probe, method, {name: (1, 1, 1, 1) for name in convs})
+            apply_method(probe, method, {name: (None, None, None, None) for name in convs})
             probe_convs, probe_total = _saved(probe, convs, *calibration[0])
             rest = probe_total - probe_convs
             conv_budget = budget - rest
             plan = None
             if method in ("asi", "hosvd"):
                 if conv_budget <= 0:
-                    tried.append((n_layers, batch, f"fixed costs {fixed} B and other saved {rest} B leave nothing"))
+                    tried.append((n_layers, batch, f"fixed costs {_mib(fixed)} (weights, gradients, optimizer state, "
+                                                      f"workspace) and other saved {_mib(rest)} leave nothing"))
                     continue
                 try:
                     plan = plan_ranks(candidate, convs, calibration, conv_budget, model_name=model_name)
@@ -139,11 +152,22 @@ def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, me
                 apply_method(measured, method, ranks)
                 _, predicted = _saved(measured, convs, *calibration[0])
             if predicted > budget:
-                tried.append((n_layers, batch, f"needs {predicted} B of activations, {max(budget, 0)} B left"))
+                tried.append((n_layers, batch, f"needs {_mib(predicted)} of activations, {_mib(max(budget, 0))} left"))
                 continue
             return ClientPlan(device=profile.name, method=method, layers=tuple(convs), batch_size=batch,
                               ranks=ranks, train_memory=profile.train_memory, fixed_bytes=fixed,
                               activation_budget=budget, predicted_activation_bytes=predicted, rank_plan=plan)
-    detail = "; ".join(f"{n} layer(s) at batch {b}: {why}" for n, b, why in tried[-3:])
+    weights = _nbytes(model.parameters()) + _nbytes(model.buffers())
+    if weights >= profile.train_memory:
+        why = f"the model's weights alone take {_mib(weights)}"
+    elif tried:
+        n, b, last = tried[-1]
+        why = f"the smallest setting tried, {n} layer(s) at batch {b}: {last}"
+    else:
+        why = f"fewer than {min(min_batch, batch_size)} local examples to calibrate on"
     raise PlanRefused(f"device {profile.name!r}: no {method} setting of {model_name} fits its train-memory of "
-                      f"{profile.train_memory} B ({detail})")
+                      f"{_mib(profile.train_memory)} ({why})")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"

@@ -17,6 +17,11 @@
       dataset: mnist-digits
       partition: iid              # or {dirichlet: 0.3}
       seed: 0
+      strategy: fedavg            # fedavg | fedprox | fedadam (optional)
+      proximal-mu: 0.01           # fedprox only
+      server-lr: 0.01             # fedadam only
+      examples-per-client: 500    # optional cap on each client's share
+      eval-examples: 1000         # optional cap on the server's held-out set
 
 Every mistake names the file and the field, with the nearest valid name where one is close.
 """
@@ -63,6 +68,11 @@ class JobSpec:
     dirichlet_alpha: float | None
     seed: int
     weights: str | None = None
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    server_lr: float = 0.0
+    examples_per_client: int | None = None
+    eval_examples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,14 @@ class FleetSpec:
         return [g.profile for g in self.groups for _ in range(g.count)]
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
 _POSITIVE_INTS = ("layers", "rounds", "clients-per-round", "local-epochs", "batch-size", "image-size")
+_OPTIONAL_INTS = ("examples-per-client", "eval-examples")
 _CHOICES = {"model": MODELS, "method": METHODS, "dataset": DATASETS}
-_JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights")
-_REQUIRED = tuple(k for k in _JOB_KEYS if k not in ("weights", "seed", "partition"))
+_STRATEGY_KEYS = {"proximal-mu": ("fedprox", 0.01), "server-lr": ("fedadam", 0.01)}
+_JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights", "strategy", *_STRATEGY_KEYS,
+             *_OPTIONAL_INTS)
+_REQUIRED = (*_POSITIVE_INTS, *_CHOICES, "lr")
 
 
 def _suggest(word, options) -> str:
@@ -108,9 +122,20 @@ def _job(raw, where: str) -> JobSpec:
         if raw[key] not in options:
             raise FleetError(f"{where}.{key}: must be one of {list(options)}, but got {raw[key]!r}"
                              f"{_suggest(raw[key], options)}")
-    lr = raw["lr"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-        raise FleetError(f"{where}.lr: must be a positive number, but got {lr!r}")
+    _positive_number(raw["lr"], f"{where}.lr")
+    for key in _OPTIONAL_INTS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise FleetError(f"{where}.{key}: must be a positive integer, but got {value!r}")
+    strategy = raw.get("strategy", "fedavg")
+    if strategy not in STRATEGIES:
+        raise FleetError(f"{where}.strategy: must be one of {list(STRATEGIES)}, but got {strategy!r}"
+                         f"{_suggest(strategy, STRATEGIES)}")
+    knobs = {}
+    for key, (owner, default) in _STRATEGY_KEYS.items():
+        if key in raw and strategy != owner:
+            raise FleetError(f"{where}.{key}: only applies to strategy {owner!r}, but strategy is {strategy!r}")
+        knobs[key] = _positive_number(raw.get(key, default), f"{where}.{key}") if strategy == owner else 0.0
     partition = raw.get("partition", "iid")
     if partition == "iid":
         alpha = None
@@ -122,10 +147,21 @@ def _job(raw, where: str) -> JobSpec:
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FleetError(f"{where}.seed: must be an integer, but got {seed!r}")
+    weights = raw.get("weights")
+    if weights is not None and not isinstance(weights, str):
+        raise FleetError(f"{where}.weights: must be a file path, but got {weights!r}")
     return JobSpec(model=raw["model"], layers=raw["layers"], method=raw["method"], rounds=raw["rounds"],
                    clients_per_round=raw["clients-per-round"], local_epochs=raw["local-epochs"],
-                   batch_size=raw["batch-size"], lr=float(lr), image_size=raw["image-size"], dataset=raw["dataset"],
-                   dirichlet_alpha=alpha, seed=seed, weights=raw.get("weights"))
+                   batch_size=raw["batch-size"], lr=float(raw["lr"]), image_size=raw["image-size"],
+                   dataset=raw["dataset"], dirichlet_alpha=alpha, seed=seed, weights=weights, strategy=strategy,
+                   proximal_mu=knobs["proximal-mu"], server_lr=knobs["server-lr"],
+                   examples_per_client=raw.get("examples-per-client"), eval_examples=raw.get("eval-examples"))
+
+
+def _positive_number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise FleetError(f"{where}: must be a positive number, but got {value!r}")
+    return float(value)
 
 
 def load_fleet(path: str | Path, *, device_files: tuple[str | Path, ...] = ()) -> FleetSpec:

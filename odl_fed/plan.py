@@ -117,6 +117,16 @@ class RankPlan:
             "layers": [asdict(layer) | {"ranks": list(layer.ranks)} for layer in self.layers],
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RankPlan:
+        """The inverse of :meth:`to_dict` (raises KeyError/TypeError/ValueError on a malformed dict)."""
+        return cls(
+            model=data["model"], budget_bytes=int(data["budget_bytes"]), batch_size=int(data["batch_size"]),
+            layers=tuple(LayerPlan(name=l["name"], eps=float(l["eps"]), ranks=tuple(int(r) for r in l["ranks"]),
+                                   nbytes=int(l["nbytes"]), perplexity=float(l["perplexity"]))
+                         for l in data["layers"]),
+        )
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,13 +138,7 @@ class RankPlan:
         """Load a plan; with ``model``/``layers`` given, a plan made for another model is refused."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-            plan = cls(
-                model=data["model"], budget_bytes=int(data["budget_bytes"]), batch_size=int(data["batch_size"]),
-                layers=tuple(LayerPlan(name=l["name"], eps=float(l["eps"]), ranks=tuple(int(r) for r in l["ranks"]),
-                                       nbytes=int(l["nbytes"]), perplexity=float(l["perplexity"]))
-                             for l in data["layers"]),
-            )
+            plan = cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise FileNotFoundError(f"plan file {path} does not exist") from None
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:

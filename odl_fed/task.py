@@ -8,7 +8,7 @@ the first step, with :class:`~odl_fed.saved_memory.SavedTensorMeter`.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +47,15 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Optimizer, batch_size: int,
                 image_size: int, measured_layers: Sequence[str] = (), seed: int = 0,
-                guard: MemoryGuard | None = None) -> dict[str, float]:
+                guard: MemoryGuard | None = None,
+                regularizer: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
     """One pass over ``data``; returns loss, examples, seconds and the first step's saved bytes.
 
     ``activation_bytes`` counts what ``measured_layers`` (the trained convs) save for backward;
     ``step_saved_bytes`` everything the step saves (parameters excluded). With a ``guard``,
     its budget is checked after each forward and each step (it raises MemoryBudgetExceeded).
+    ``regularizer()`` is added to each batch's loss (FedProx's proximal term); the reported loss
+    excludes it.
     """
     params = _trainable(model)
     modules = {name: model.get_submodule(name) for name in measured_layers}
@@ -68,7 +71,7 @@ def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Opt
         if guard is not None:
             guard.check()  # activations are at their peak here
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if regularizer is None else loss + regularizer()).backward()
         optimizer.step()
         if guard is not None:
             guard.check()

@@ -63,5 +63,13 @@ def test_vanilla_retreats_to_a_smaller_batch_before_fewer_layers(setting):
 
 def test_nothing_fits_is_a_clear_refusal(setting):
     with pytest.raises(PlanRefused, match=re.escape("device 'tiny': no asi setting of mobilenet_v2 fits its "
-                                                    "train-memory of 1048576 B")):
+                                                    "train-memory of 1.00 MiB (the model's weights alone take")):
         _plan(setting, get_profile("tiny"), layers=2)
+
+
+def test_a_device_that_holds_the_weights_but_not_the_step_is_told_the_smallest_need(setting):
+    weights = sum(t.numel() * t.element_size() for t in [*setting[0].parameters(), *setting[0].buffers()])
+    profile = dataclasses.replace(get_profile("phone"), name="watch", train_memory=weights + 100_000)
+    with pytest.raises(PlanRefused, match=r"device 'watch': .*the smallest setting tried, 1 layer\(s\) at batch 4: "
+                                          r"fixed costs [0-9.]+ MiB \(weights, gradients"):
+        _plan(setting, profile, layers=2)

@@ -1,0 +1,75 @@
+"""The Flower ClientApp: a device's side of a round, as messages.
+
+Which device a node is: its node config's ``device`` when it has one (a real board started with
+``--node-config 'device="rpi4" partition-id=0 num-partitions=4'``), else the fleet's device for its
+``partition-id`` (simulation, where the node config holds only the partition). The work itself is
+:func:`odl_fed.client_round.run_client_round`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from odl_fed.client_round import PlanCache, client_data, run_client_round
+from odl_fed.profile import DeviceProfile, get_profile, load_profiles
+from odl_fed.run_config import RunSettings
+
+__all__ = ["app", "handle_train", "node_identity"]
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_cache(directory: str | None) -> PlanCache:
+    return PlanCache(directory)
+
+
+def node_identity(settings: RunSettings, node_config: Mapping) -> tuple[str, DeviceProfile, int, int]:
+    """The client's name, device profile, partition id and number of partitions."""
+    fleet = settings.fleet()
+    try:
+        partition_id = int(node_config["partition-id"])
+        num_partitions = int(node_config.get("num-partitions", fleet.num_clients))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"node config needs an integer partition-id, but got {dict(node_config)}") from None
+    if "device" in node_config:
+        devices = () if settings.devices_file is None else (settings.devices_file,)
+        profile = get_profile(str(node_config["device"]), load_profiles(*devices))
+    else:
+        profiles = fleet.client_profiles()
+        if not 0 <= partition_id < len(profiles):
+            raise ValueError(f"partition-id {partition_id} is outside the fleet {fleet.path} "
+                             f"({len(profiles)} clients)")
+        profile = profiles[partition_id]
+    return f"{profile.name}-{partition_id}", profile, partition_id, num_partitions
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return handle_train(msg, context, context.run_config)
+
+
+def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message:
+    """Train on this node's data and reply with the trained layers, or with why it could not."""
+    settings = RunSettings.from_config(run_config)
+    client, profile, partition_id, num_partitions = node_identity(settings, context.node_config)
+    job = settings.fleet().job
+    config = msg.content.config_records.get("config", ConfigRecord())
+    outcome = run_client_round(
+        job, profile, msg.content["arrays"].to_torch_state_dict(), client=client,
+        data=client_data(job, partition_id, num_partitions),
+        cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)), server_round=int(config.get("server-round", 0)))
+    content = RecordDict({
+        "client": ConfigRecord({"client": outcome.client, "device": outcome.device, "status": outcome.status,
+                                "error": outcome.error, "plan": json.dumps(outcome.plan)}),
+        "metrics": MetricRecord(outcome.metrics),
+    })
+    if outcome.arrays is not None:
+        content["arrays"] = ArrayRecord(torch_state_dict=outcome.arrays)
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,93 @@
+"""Simulate a fleet on this machine with Flower's simulation engine (Ray), one process for the lot.
+
+Each simulated node is a fleet client: its partition id picks its device profile and its share of
+the data. ``flwr run .`` runs the same apps from ``pyproject.toml``; this entry point adds a
+progress bar over rounds and needs no Flower home directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from odl_fed.client_app import handle_train
+from odl_fed.run_config import RunSettings
+from odl_fed.server_app import run_server
+
+__all__ = ["simulate", "build_apps", "OFFLINE_ENV"]
+
+# Flower's settings for a machine without network (see Flower's docs on offline runs).
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_DATASETS_OFFLINE": "1",
+               "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+TrainHandler = Callable[[Message, Context, Mapping], Message]
+
+
+def build_apps(run_config: Mapping, *, on_round: Callable[[dict], None] | None = None,
+               train: TrainHandler = handle_train) -> tuple[ServerApp, ClientApp]:
+    """A ServerApp and a ClientApp bound to ``run_config`` (the simulation API passes them none)."""
+    server, client = ServerApp(), ClientApp()
+
+    @server.main()
+    def _server(grid: Grid, context: Context) -> None:
+        run_server(grid, run_config, on_round=on_round)
+
+    @client.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, run_config)
+
+    return server, client
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with flwr-datasets; without it, log lines only
+        return None
+    return tqdm(total=total, desc="rounds", unit="round", file=sys.stderr)
+
+
+def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: float = 1.0,
+             progress: bool = True, verbose: bool = False, train: TrainHandler = handle_train) -> Path:
+    """Run the fleet of ``run_config`` in simulation; returns the round log's path.
+
+    ``train`` handles each train message (default: :func:`~odl_fed.client_app.handle_train`); a
+    wrapper around it can log, or inject the faults a test needs.
+    """
+    os.environ.update(OFFLINE_ENV)
+    from flwr.simulation import run_simulation
+
+    settings = RunSettings.from_config(run_config)
+    fleet = settings.fleet()  # a bad fleet file fails here, before Ray starts
+    config = settings.as_config()
+    bar = _progress(fleet.job.rounds + 1) if progress else None
+
+    def on_round(line: dict) -> None:
+        if bar is not None:
+            bar.set_postfix(accuracy=f"{line['global']['accuracy']:.3f}", ok=line["aggregated"],
+                            failed=line["failed"], refresh=False)
+            bar.update(1)
+
+    if progress and not verbose:  # the bar and the warnings say what matters; Flower's INFO lines bury it
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    server, client = build_apps(config, on_round=on_round, train=train)
+    cpus = cpus or os.cpu_count() or 1
+    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.WARNING,
+                             "log_to_driver": verbose}}
+    try:
+        run_simulation(server_app=server, client_app=client, num_supernodes=fleet.num_clients,
+                       backend_config=backend, verbose_logging=verbose)
+    finally:
+        if bar is not None:
+            bar.close()
+    return settings.out_dir / "rounds.jsonl"

@@ -1,0 +1,117 @@
+"""Flower strategies that check every reply first and record every client, whatever happened to it.
+
+A reply reaches Flower's aggregation only when its client trained (``status`` ``ok``) and its
+update passes :func:`~odl_fed.validation.check_update`; it is then reduced to the arrays and the
+fixed set of metrics every valid reply has, so one odd reply can never end the run with Flower's
+``InconsistentMessageReplies``. Everything else (a refused plan, a breached memory budget, a NaN,
+a wrong shape, a missing count, a client that crashed) is logged with the client's name and
+recorded, and the round aggregates the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from odl_fed.fleet import JobSpec
+from odl_fed.recorder import RoundRecorder
+from odl_fed.validation import UpdateRejected, check_update
+
+__all__ = ["make_strategy", "STRATEGY_CLASSES", "AGGREGATED_METRICS", "log"]
+
+# A child of Flower's logger: printed by its handler, in its format, beside its own lines.
+log = logging.getLogger("flwr.odl_fed")
+
+STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+# What every valid reply carries, and all that is averaged across clients.
+AGGREGATED_METRICS = ("num-examples", "train-loss", "train-time", "activation-bytes", "peak-memory", "train-flops")
+
+
+class ValidatedUpdates:
+    """Mixin before a Flower strategy: validate, record, then aggregate only the valid replies."""
+
+    def __init__(self, *args, recorder: RoundRecorder, expected: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recorder = recorder
+        self.expected = expected
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.recorder.sent(server_round, len(messages), arrays.count_bytes())
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        valid = []
+        for message in replies:
+            entry = self._inspect(message)
+            self.recorder.client(server_round, entry)
+            if entry["status"] == "ok":
+                valid.append(message)
+            else:
+                log.warning("round %d: %s (%s) not aggregated: %s: %s", server_round, entry["client"],
+                            entry.get("device", "?"), entry["status"], entry.get("reason", ""))
+        if not valid:
+            log.warning("round %d: no valid update; the global model is unchanged", server_round)
+            return None, None
+        return super().aggregate_train(server_round, valid)
+
+    def _inspect(self, message: Message) -> dict:
+        """The client's entry for the record; a valid message's content is reduced to what aggregation needs."""
+        node = message.metadata.src_node_id
+        if message.has_error():
+            return {"client": f"node-{node}", "node": node, "status": "error", "reason": message.error.reason}
+        content = message.content
+        info = dict(content.config_records.get("client", ConfigRecord()))
+        client = str(info.get("client", f"node-{node}"))
+        metrics_record = content.metric_records.get("metrics")
+        metrics = dict(metrics_record) if metrics_record is not None else {}
+        entry = {"client": client, "node": node, "device": info.get("device"), "status": info.get("status", "ok"),
+                 **metrics}
+        if "plan" in info:
+            entry["plan"] = json.loads(str(info["plan"]))
+        if entry["status"] != "ok":
+            entry["reason"] = str(info.get("error", ""))
+            return entry
+        arrays = content.array_records.get("arrays")
+        try:
+            if set(content.array_records) - {"arrays"} or set(content.metric_records) - {"metrics"}:
+                raise UpdateRejected(f"client {client}: unexpected records "
+                                     f"{sorted(set(content.array_records) | set(content.metric_records))}")
+            check_update(client, None if arrays is None else _numpy(arrays), metrics, self.expected)
+            lacking = [k for k in AGGREGATED_METRICS if not isinstance(metrics.get(k), (int, float))]
+            if lacking:
+                raise UpdateRejected(f"client {client}: its metrics lack {lacking}")
+        except UpdateRejected as error:
+            return entry | {"status": "rejected", "reason": str(error)}
+        entry["bytes-up"] = arrays.count_bytes()
+        message.content = RecordDict({"arrays": arrays,
+                                      "metrics": MetricRecord({k: metrics[k] for k in AGGREGATED_METRICS})})
+        return entry
+
+
+def _numpy(arrays: ArrayRecord) -> dict:
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+def make_strategy(job: JobSpec, *, num_clients: int, recorder: RoundRecorder, expected: dict):
+    """The job's strategy (FedAvg, FedProx or FedAdam), weighted by examples, validating every reply.
+
+    ``clients-per-round`` of the ``num_clients`` nodes train each round; the server evaluates the
+    global model itself, so no federated evaluation is configured.
+    """
+    base = STRATEGY_CLASSES[job.strategy]
+    kwargs = dict(fraction_train=job.clients_per_round / num_clients, fraction_evaluate=0.0,
+                  min_train_nodes=job.clients_per_round, min_available_nodes=num_clients,
+                  weighted_by_key="num-examples")
+    if job.strategy == "fedprox":
+        kwargs["proximal_mu"] = job.proximal_mu
+    if job.strategy == "fedadam":
+        kwargs["eta"] = job.server_lr
+    cls = type(f"Validated{base.__name__}", (ValidatedUpdates, base), {})
+    return cls(recorder=recorder, expected=expected, **kwargs)

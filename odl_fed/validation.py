@@ -1,0 +1,50 @@
+"""Checks a client's update before it may touch the global model.
+
+Flower's strategies end the run on inconsistent replies; a fleet must instead drop the one bad
+client and go on. So every reply is checked here first, against what the server sent: the same
+layer names, shapes and dtypes, finite values, and a positive whole number of examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["UpdateRejected", "check_update", "expected_layout"]
+
+
+class UpdateRejected(ValueError):
+    """A reply that cannot be aggregated; the message says which client and why."""
+
+
+def expected_layout(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array the server sends, which each update must match."""
+    return {name: (tuple(a.shape), np.dtype(a.dtype)) for name, a in arrays.items()}
+
+
+def check_update(client: str, arrays: Mapping[str, np.ndarray] | None, metrics: Mapping | None,
+                 expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], *, weight_key: str = "num-examples") -> None:
+    """Raise :class:`UpdateRejected` naming ``client`` unless the update can be averaged in."""
+    if arrays is None:
+        raise UpdateRejected(f"client {client}: no arrays in its reply")
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise UpdateRejected(f"client {client}: layers differ from the global model's "
+                             f"(missing {missing}, unexpected {extra})")
+    for name, (shape, dtype) in expected.items():
+        array = arrays[name]
+        if tuple(array.shape) != shape:
+            raise UpdateRejected(f"client {client}: {name} has shape {tuple(array.shape)}, expected {shape}")
+        if np.dtype(array.dtype) != dtype:
+            raise UpdateRejected(f"client {client}: {name} has dtype {array.dtype}, expected {dtype}")
+        if not np.isfinite(array).all():
+            raise UpdateRejected(f"client {client}: {name} holds NaN or infinite values")
+    if metrics is None or weight_key not in metrics:
+        raise UpdateRejected(f"client {client}: its metrics lack {weight_key!r}")
+    count = metrics[weight_key]
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) \
+            or count <= 0 or count != int(count):
+        raise UpdateRejected(f"client {client}: {weight_key} must be a positive whole number, but got {count!r}")

@@ -3,8 +3,10 @@
 A device's ``train-memory`` must hold, besides the runtime:
 
 - fixed costs: the model's weights and buffers, the trained parameters' gradients and the
-  optimizer's state (``optimizer_slots`` copies: 2 for Adam), and a forward workspace (twice the
-  largest activation of a forward at the batch size: one layer's input and output alive at once);
+  optimizer's state (``optimizer_slots`` copies: 2 for Adam) with its step's temporary (one
+  largest parameter: the optimizer runs per parameter, ``foreach=False``, not over all at once),
+  and a forward workspace (twice the largest activation of a forward at the batch size: one
+  layer's input and output alive at once);
 - the activations saved for backward: those of the trained convs (what the rank planner
   budgets) and the rest of the fine-tuned part (bit masks, scales; measured on one batch).
 
@@ -87,6 +89,11 @@ def _workspace(model: nn.Module, x: torch.Tensor) -> int:
     return 2 * largest
 
 
+def _optimizer_workspace(trained, slots: int) -> int:
+    """A per-parameter optimizer (``foreach=False``) needs one temporary of the largest parameter."""
+    return max((p.numel() * p.element_size() for p in trained), default=0) if slots else 0
+
+
 def _saved(model: nn.Module, convs, x, y) -> tuple[int, int]:
     """Bytes the trained convs save, and everything a step saves (parameters excluded)."""
     modules = {name: model.get_submodule(name) for name in convs}
@@ -124,7 +131,8 @@ def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, me
             convs = prepare_finetune(candidate, layers=n_layers)
             trained = [p for p in candidate.parameters() if p.requires_grad]
             fixed = (_nbytes(candidate.parameters()) + _nbytes(candidate.buffers())
-                     + (1 + optimizer_slots) * _nbytes(trained) + _workspace(candidate, calibration[0][0]))
+                     + (1 + optimizer_slots) * _nbytes(trained) + _optimizer_workspace(trained, optimizer_slots)
+                     + _workspace(candidate, calibration[0][0]))
             budget = profile.train_memory - fixed
             # What the rest of the step saves, with the method's companions in place (full ranks: no
             # subspace is computed; the convs' own bytes are subtracted).

@@ -192,7 +192,9 @@ def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mappin
         prepare_finetune(model, layers=len(plan.layers))
     apply_method(model, job.method, plan.ranks)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=job.lr)
+    # Per parameter, not foreach: the multi-tensor step's temporaries are as large as all trained
+    # parameters together, which a small device pays for at every step.
+    optimizer = torch.optim.Adam(trainable, lr=job.lr, foreach=False)
     anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu > 0 else None
 
     def proximal() -> Tensor:

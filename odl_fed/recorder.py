@@ -43,9 +43,10 @@ class RoundRecorder:
     def start_run(self, **info) -> None:
         self._write({"event": "run", "time": self._started, **info})
 
-    def sent(self, server_round: int, nodes: int, nbytes: int) -> None:
-        """The server sent ``nbytes`` to each of ``nodes`` clients."""
-        self._traffic[server_round] = {"clients-asked": nodes, "bytes-down": nodes * nbytes}
+    def sent(self, server_round: int, nodes: int, nbytes: int, record_bytes: int | None = None) -> None:
+        """The server sent ``nbytes`` of parameters (``record_bytes`` with Flower's headers) to each of ``nodes``."""
+        self._traffic[server_round] = {"clients-asked": nodes, "bytes-down": nodes * nbytes,
+                                       "record-bytes-down": nodes * (record_bytes or nbytes)}
 
     def client(self, server_round: int, entry: dict) -> None:
         self._clients.setdefault(server_round, []).append(entry)
@@ -59,8 +60,9 @@ class RoundRecorder:
             "time": time.time(),
             "elapsed": time.time() - self._started,
             "global": global_metrics,
-            **self._traffic.pop(server_round, {"clients-asked": 0, "bytes-down": 0}),
+            **self._traffic.pop(server_round, {"clients-asked": 0, "bytes-down": 0, "record-bytes-down": 0}),
             "bytes-up": sum(c.get("bytes-up", 0) for c in aggregated),
+            "record-bytes-up": sum(c.get("record-bytes-up", 0) for c in aggregated),
             "aggregated": len(aggregated),
             "failed": len(clients) - len(aggregated),
             "clients": sorted(clients, key=lambda c: str(c.get("client"))),

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from odl_fed.client_round import global_model, held_out_data, trained_state
 from odl_fed.recorder import RoundRecorder
 from odl_fed.run_config import RunSettings
-from odl_fed.strategy import log, make_strategy
+from odl_fed.strategy import log, make_strategy, parameter_bytes
 from odl_fed.task import evaluate
 from odl_fed.validation import expected_layout
 
@@ -45,7 +45,7 @@ def run_server(grid: Grid, run_config: Mapping, *, on_round: Callable[[dict], No
     recorder = RoundRecorder(settings.out_dir / "rounds.jsonl", on_round=on_round)
     recorder.start_run(fleet=fleet.path, job=asdict(job), clients=fleet.num_clients,
                        devices={g.profile.name: g.count for g in fleet.groups}, trained_convs=convs,
-                       trained_bytes=initial.count_bytes(),
+                       trained_bytes=parameter_bytes(initial),
                        model_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
                        settings=settings.as_config())
     log.info("fleet %s: %d clients, %s on %s, %d rounds; round log %s", fleet.path, fleet.num_clients, job.method,

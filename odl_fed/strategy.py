@@ -14,6 +14,8 @@ import json
 import logging
 from collections.abc import Iterable
 
+import numpy as np
+
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
@@ -22,7 +24,7 @@ from odl_fed.fleet import JobSpec
 from odl_fed.recorder import RoundRecorder
 from odl_fed.validation import UpdateRejected, check_update
 
-__all__ = ["make_strategy", "STRATEGY_CLASSES", "AGGREGATED_METRICS", "log"]
+__all__ = ["make_strategy", "parameter_bytes", "STRATEGY_CLASSES", "AGGREGATED_METRICS", "log"]
 
 # A child of Flower's logger: printed by its handler, in its format, beside its own lines.
 log = logging.getLogger("flwr.odl_fed")
@@ -43,7 +45,7 @@ class ValidatedUpdates:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.recorder.sent(server_round, len(messages), arrays.count_bytes())
+        self.recorder.sent(server_round, len(messages), parameter_bytes(arrays), arrays.count_bytes())
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -89,10 +91,16 @@ class ValidatedUpdates:
                 raise UpdateRejected(f"client {client}: its metrics lack {lacking}")
         except UpdateRejected as error:
             return entry | {"status": "rejected", "reason": str(error)}
-        entry["bytes-up"] = arrays.count_bytes()
+        entry["bytes-up"] = parameter_bytes(arrays)
+        entry["record-bytes-up"] = arrays.count_bytes()
         message.content = RecordDict({"arrays": arrays,
                                       "metrics": MetricRecord({k: metrics[k] for k in AGGREGATED_METRICS})})
         return entry
+
+
+def parameter_bytes(arrays: ArrayRecord) -> int:
+    """The arrays' data bytes (what the trained layers weigh); Flower's ``count_bytes`` adds headers."""
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
 
 
 def _numpy(arrays: ArrayRecord) -> dict:

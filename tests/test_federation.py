@@ -1,0 +1,138 @@
+"""A real federated run in Flower's simulation engine: mixed devices, real offline data, a pretrained
+backbone; it learns, every client keeps to its budgets, and bad clients never stop the round."""
+
+import json
+import sys
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord, Context, Message
+
+from odl_fed.client_app import handle_train
+from odl_fed.client_plan import plan_client
+from odl_fed.client_round import client_data
+from odl_fed.fleet import load_fleet
+from odl_fed.models import build_model
+from odl_fed.profile import get_profile
+from odl_fed.recorder import read_rounds
+from odl_fed.simulate import simulate
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+
+CORRUPTED = ("rpi4-1", 2)  # this client's reply in this round carries a NaN
+
+
+def corrupting_train(msg: Message, context: Context, run_config) -> Message:
+    """The real client, with one reply damaged on its way to the server."""
+    reply = handle_train(msg, context, run_config)
+    client = reply.content.config_records["client"]["client"]
+    if (client, int(msg.content["config"]["server-round"])) == CORRUPTED and "arrays" in reply.content:
+        state = reply.content["arrays"].to_torch_state_dict()
+        next(iter(state.values())).view(-1)[0] = float("nan")
+        reply.content["arrays"] = ArrayRecord(torch_state_dict=state)
+    return reply
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    # The backbone is random here (pretraining it would take minutes on 2 cores): the head and the
+    # last convs learn from its features; the demo fleet starts from a pretrained one.
+    root = tmp_path_factory.mktemp("federation")
+    job = {"model": "resnet18", "layers": 2, "method": "asi", "rounds": 3, "clients-per-round": 5,
+           "local-epochs": 1, "batch-size": 32, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits",
+           "partition": "iid", "seed": 0, "examples-per-client": 300, "eval-examples": 600}
+    devices = root / "devices.yaml"
+    fleet_file = root / "fleet.yaml"
+
+    def write(starved_memory: int) -> None:
+        devices.write_text(yaml.safe_dump({"starved": {"ram": "1GiB", "train-memory": starved_memory,
+                                                       "runtime-memory": 0, "cores": 1, "relative-speed": 0.5}}))
+        fleet_file.write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 2},
+                                                          {"device": "phone", "count": 1},
+                                                          {"device": "starved", "count": 1},
+                                                          {"device": "tiny", "count": 1}], "job": job}))
+
+    write(2**29)
+    fleet = load_fleet(fleet_file, device_files=(devices,))
+    torch.manual_seed(fleet.job.seed)
+    model = build_model("resnet18", num_classes=10)
+    roomy = plan_client(model, model_name="resnet18", profile=get_profile("rpi4"), method="asi", layers=2,
+                        batch_size=32, data=client_data(fleet.job, 0, 5), image_size=32)
+    # A device with room for the fixed costs and about half of the activations a roomy device plans.
+    write(roomy.fixed_bytes + roomy.predicted_activation_bytes // 2)
+    out = root / "out"
+    log = simulate({"fleet": str(fleet_file), "devices-file": str(devices), "out-dir": str(out),
+                    "plan-cache": str(root / "plans")}, progress=False, train=corrupting_train)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return {"log": log, "out": out, "start": lines[0], "rounds": read_rounds(log), "end": lines[-1], "roomy": roomy}
+
+
+def _clients(run, status=None):
+    return [c for r in run["rounds"][1:] for c in r["clients"] if status is None or c["status"] == status]
+
+
+def test_the_federated_run_learns(run):
+    accuracy = [r["global"]["accuracy"] for r in run["rounds"]]
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 2, 3]
+    assert accuracy[-1] >= accuracy[0] + 0.15, accuracy
+    assert accuracy[-1] > accuracy[1] > accuracy[0], accuracy
+    assert run["end"]["event"] == "end" and run["end"]["final_accuracy"] == accuracy[-1]
+    trained = torch.load(run["out"] / "trained_layers.pt")
+    assert sorted(trained) == sorted(["layer4.1.conv1.weight", "layer4.1.conv2.weight", "fc.weight", "fc.bias"])
+
+
+def test_heterogeneous_devices_get_different_plans(run):
+    plans = {c["device"]: c["plan"] for c in _clients(run, "ok")}
+    assert {"rpi4", "phone", "starved"} <= set(plans)
+    assert plans["starved"] != plans["rpi4"]
+    assert plans["starved"]["predicted_activation_bytes"] < run["roomy"].predicted_activation_bytes
+    assert plans["rpi4"]["predicted_activation_bytes"] == run["roomy"].predicted_activation_bytes
+
+
+def test_every_client_stays_inside_both_budgets(run):
+    ok = _clients(run, "ok")
+    assert len(ok) >= 3 * 4 - 1
+    for c in ok:
+        # exact count: what the step saved for backward, against the plan and its budget
+        assert 0 < c["step-saved-bytes"] <= c["planned-activation-bytes"] <= c["plan"]["activation_budget"], c
+        assert c["activation-bytes"] < c["step-saved-bytes"]
+        # psutil: the guard's peak against its budget (the device's train-memory less the weights)
+        assert 0 <= c["peak-memory"] <= c["memory-budget"] < c["train-memory"], c
+        assert c["guard-samples"] > 0 and c["train-flops"] > 0 and c["num-examples"] == 300
+
+
+def test_a_device_too_small_is_refused_clearly_and_the_round_aggregates_the_others(run):
+    for r in run["rounds"][1:]:
+        (tiny,) = [c for c in r["clients"] if c["device"] == "tiny"]
+        assert tiny["status"] == "refused"
+        assert "device 'tiny': no asi setting of resnet18 fits its train-memory of 1.00 MiB" in tiny["reason"]
+        assert r["aggregated"] >= 3
+
+
+def test_a_malformed_reply_is_rejected_and_the_run_goes_on(run):
+    client, server_round = CORRUPTED
+    (entry,) = [c for c in run["rounds"][server_round]["clients"] if c["client"] == client]
+    assert entry["status"] == "rejected" and "NaN" in entry["reason"]
+    assert run["rounds"][server_round]["aggregated"] == 3  # rpi4-0, phone, starved
+    assert all(np.isfinite(t).all() for t in torch.load(run["out"] / "trained_layers.pt").values())
+
+
+def test_bytes_sent_per_round_are_the_trained_layers_parameter_bytes(run):
+    trained = run["start"]["trained_bytes"]
+    assert trained == 4 * (2 * 512 * 512 * 9 + 10 * 512 + 10)
+    assert trained < run["start"]["model_bytes"] / 2
+    for r in run["rounds"][1:]:
+        assert r["clients-asked"] == 5 and r["bytes-down"] == 5 * trained
+        assert r["bytes-up"] == r["aggregated"] * trained
+        assert all(c["bytes-up"] == trained for c in r["clients"] if c["status"] == "ok")
+        assert trained < r["record-bytes-down"] / 5 < trained + 4096  # Flower's headers are small
+
+
+def test_plans_are_cached_per_device_after_the_first_round(run):
+    later = [c for r in run["rounds"][2:] for c in r["clients"] if c["status"] == "ok"]
+    assert later and all(c["plan-cached"] == 1 for c in later)
+    assert len(list(Path(run["log"]).parent.parent.joinpath("plans").glob("*.json"))) == 3  # rpi4, phone, starved

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Exact versions this machine holds on disk (pyproject keeps the ranges a board can satisfy).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean flwr-run bench-layers
 
 $(VENV)/.installed: pyproject.toml
 	# Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt and root are at hand.
@@ -19,7 +19,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup
+# The backbone the demo fleet starts from: ResNet-18 pretrained on real Fashion-MNIST (offline).
+BACKBONE := runs/resnet18-fashion.pt
+
+$(BACKBONE): | setup
+	$(PY) -m odl_fed.cli pretrain --model resnet18 --dataset fashion-mnist --epochs 2 --image-size 32 \
+		--limit-train 6000 --limit-test 1000 --out $@
+
+demo: setup $(BACKBONE)
+	$(PY) -m odl_fed.cli simulate --fleet configs/fleets/demo.yaml --out-dir runs/demo
+
+# The same fleet through `flwr run .` (project-local Flower home in .flwr/, SuperLink stopped after).
+flwr-run: setup $(BACKBONE)
+	$(PY) -m odl_fed.flwr_local --fleet configs/fleets/demo.yaml --out-dir runs/flwr
+
+bench-layers: setup
 	$(PY) -m bench.asi_layers
 
 test: setup

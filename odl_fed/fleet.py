@@ -85,6 +85,12 @@ class FleetSpec:
     def num_clients(self) -> int:
         return sum(g.count for g in self.groups)
 
+    def check_files(self) -> None:
+        """Raise a clear error for a file the job needs that is not there (before any process starts)."""
+        if self.job.weights is not None and not Path(self.job.weights).is_file():
+            raise FleetError(f"{self.path}: job.weights: {self.job.weights} does not exist (make it with "
+                             f"`odl-fed pretrain --model {self.job.model} ... --out {self.job.weights}`)")
+
     def client_profiles(self) -> list[DeviceProfile]:
         """The device profile of each client, by partition id."""
         return [g.profile for g in self.groups for _ in range(g.count)]

@@ -68,6 +68,7 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
 
     settings = RunSettings.from_config(run_config)
     fleet = settings.fleet()  # a bad fleet file fails here, before Ray starts
+    fleet.check_files()
     config = settings.as_config()
     bar = _progress(fleet.job.rounds + 1) if progress else None
 

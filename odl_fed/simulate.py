@@ -26,7 +26,18 @@ __all__ = ["simulate", "build_apps", "OFFLINE_ENV"]
 # Flower's settings for a machine without network (see Flower's docs on offline runs).
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_DATASETS_OFFLINE": "1",
-               "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+               "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+class _KnownNotices(logging.Filter):
+    """Drops two warnings that say nothing to a fleet's user: this entry point is the documented
+    reason for using ``run_simulation``, and the server evaluates the global model itself."""
+
+    NOTICES = ("`run_simulation` function is deprecated", "This is a deprecated feature",
+               "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in self.NOTICES)
 
 
 TrainHandler = Callable[[Message, Context, Mapping], Message]
@@ -78,6 +89,8 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
                             failed=line["failed"], refresh=False)
             bar.update(1)
 
+    if not verbose:
+        logging.getLogger("flwr").addFilter(_KnownNotices())
     if progress and not verbose:  # the bar and the warnings say what matters; Flower's INFO lines bury it
         logging.getLogger("flwr").setLevel(logging.WARNING)
     server, client = build_apps(config, on_round=on_round, train=train)

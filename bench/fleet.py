@@ -1,0 +1,143 @@
+"""Benchmark: a whole fleet in simulation on this machine, and what the memory guard costs.
+
+One run measures:
+
+- the fleet (default ``configs/fleets/mixed.yaml``, 100 clients) for all its rounds in Flower's
+  simulation engine: wall time, and the peak resident memory of the whole run (this process plus
+  every process it starts: Ray's services and its actors), sampled with psutil;
+- the bytes that travel per round (trained layers down and up) against sending the whole model
+  to and from the same clients, as a ratio;
+- the guard's overhead per client step: the same client epoch with and without a
+  :class:`~odl_fed.memory_guard.MemoryGuard`, alternated so both share the machine's noise.
+
+Run: ``python -m bench.fleet [--fleet FILE] [--out bench/results/fleet.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from odl_fed.client_round import client_data, global_model
+from odl_fed.fleet import load_fleet
+from odl_fed.memory_guard import MemoryGuard
+from odl_fed.recorder import read_rounds
+from odl_fed.simulate import simulate
+from odl_fed.task import train_epoch
+
+
+class TreeMemory:
+    """Peak summed RSS of this process and all its descendants, sampled by a thread."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _total(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+    def _watch(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._total())
+
+    def __enter__(self):
+        self.peak = self._total()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def guard_overhead(fleet, *, repeats: int = 3) -> dict:
+    """Median seconds per step of one client's epoch with and without the guard."""
+    job = fleet.job
+    data = client_data(job, 0, fleet.num_clients)
+    model, _ = global_model(job, num_classes=data.num_classes)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=job.lr, foreach=False)
+    steps = -(-len(data) // job.batch_size)
+    timings = {"without": [], "with": []}
+    samples = []
+    for _ in range(repeats):
+        for mode in ("without", "with"):
+            if mode == "with":
+                with MemoryGuard(2**40, client="bench") as guard:
+                    stats = train_epoch(model, data, optimizer=optimizer, batch_size=job.batch_size,
+                                        image_size=job.image_size, guard=guard)
+                samples.append(guard.samples)
+            else:
+                stats = train_epoch(model, data, optimizer=optimizer, batch_size=job.batch_size,
+                                    image_size=job.image_size)
+            timings[mode].append(stats["seconds"] / steps)
+    without, with_guard = statistics.median(timings["without"]), statistics.median(timings["with"])
+    return {"steps": steps, "step_seconds_without": without, "step_seconds_with": with_guard,
+            "overhead_seconds_per_step": with_guard - without, "overhead_ratio": with_guard / without,
+            "guard_samples_per_step": statistics.median(samples) / steps}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fleet", type=Path, default=Path("configs/fleets/mixed.yaml"))
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/bench-fleet"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/fleet.json"))
+    args = parser.parse_args(argv)
+    fleet = load_fleet(args.fleet)
+
+    overhead = guard_overhead(fleet)
+    started = time.perf_counter()
+    with TreeMemory() as memory:
+        log = simulate({"fleet": str(args.fleet), "out-dir": str(args.out_dir), "plan-cache": ""}, progress=True)
+    wall = time.perf_counter() - started
+    rounds = read_rounds(log)
+    start = json.loads(log.read_text().splitlines()[0])
+    traffic = []
+    for r in rounds[1:]:
+        sent = r["bytes-down"] + r["bytes-up"]
+        whole = (r["clients-asked"] + r["aggregated"]) * start["model_bytes"]
+        traffic.append({"round": r["round"], "bytes": sent, "whole_model_bytes": whole, "ratio": sent / whole,
+                        "aggregated": r["aggregated"], "failed": r["failed"],
+                        "accuracy": r["global"]["accuracy"]})
+    result = {
+        "fleet": str(args.fleet), "clients": fleet.num_clients, "rounds": fleet.job.rounds,
+        "clients_per_round": fleet.job.clients_per_round, "model": fleet.job.model, "method": fleet.job.method,
+        "wall_seconds": wall, "peak_rss_bytes": memory.peak, "round_log": str(log),
+        "round_0_accuracy": rounds[0]["global"]["accuracy"], "traffic": traffic, "guard": overhead,
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"\nfleet {args.fleet}: {fleet.num_clients} clients, {fleet.job.clients_per_round} per round, "
+          f"{fleet.job.rounds} rounds, {fleet.job.method} on {fleet.job.model}")
+    print(f"  wall time            {wall:8.1f} s")
+    print(f"  peak RSS (all procs) {memory.peak / 2**30:8.2f} GiB")
+    print(f"  {'round':>5} {'ok':>4} {'failed':>6} {'sent MB':>9} {'whole MB':>9} {'ratio':>7} {'top-1':>6}")
+    for t in traffic:
+        print(f"  {t['round']:>5} {t['aggregated']:>4} {t['failed']:>6} {t['bytes'] / 1e6:>9.1f} "
+              f"{t['whole_model_bytes'] / 1e6:>9.1f} {t['ratio']:>7.3f} {t['accuracy']:>6.3f}")
+    print(f"  guard: {overhead['step_seconds_without'] * 1e3:.2f} ms/step without, "
+          f"{overhead['step_seconds_with'] * 1e3:.2f} ms/step with "
+          f"({overhead['overhead_seconds_per_step'] * 1e6:+.0f} us, x{overhead['overhead_ratio']:.3f}), "
+          f"{overhead['guard_samples_per_step']:.1f} psutil samples per step")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

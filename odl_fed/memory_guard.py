@@ -4,15 +4,36 @@ A client's memory is its own increase over the process's resident size when trai
 (in simulation several clients share one Ray actor process, whose baseline is not theirs). A
 thread samples it every few milliseconds; the trainer calls :meth:`MemoryGuard.check` after each
 step, which also samples, and raises :class:`MemoryBudgetExceeded` once the budget was crossed.
+
+Before the baseline is read, the C allocator is asked to hand its free pages back to the system
+(glibc's ``malloc_trim``): otherwise a client that runs after another in the same process reuses
+pages that are already resident, and its increase would read near zero however much it allocates.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 
 import psutil
 
-__all__ = ["MemoryGuard", "MemoryBudgetExceeded"]
+__all__ = ["MemoryGuard", "MemoryBudgetExceeded", "release_free_memory"]
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the baseline keeps the free pages
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> bool:
+    """Return the allocator's free pages to the system; False where the C library cannot."""
+    return bool(_MALLOC_TRIM is not None and _MALLOC_TRIM(0) is not None)
 
 
 class MemoryBudgetExceeded(RuntimeError):
@@ -73,6 +94,7 @@ class MemoryGuard:
             self.sample()
 
     def __enter__(self) -> MemoryGuard:
+        release_free_memory()
         self.baseline = self._process.memory_info().rss
         self.peak = 0
         self._stop.clear()

@@ -57,3 +57,15 @@ def test_training_stops_at_the_first_check_past_the_budget():
         with pytest.raises(MemoryBudgetExceeded, match="client rpi4-7"):
             train_epoch(model, data, optimizer=optimizer, batch_size=32, image_size=64, guard=guard)
     assert 3 <= len(hog) <= 5  # stopped within a step of the breach, not at the end of the epoch
+
+
+def test_a_second_client_in_the_same_process_is_not_hidden_by_reused_pages():
+    """In simulation clients run one after another in one actor process: each must see its own allocations."""
+    readings = []
+    for client in ("rpi4-0", "rpi4-1", "phone-2"):
+        with MemoryGuard(2048 * MiB, client=client) as guard:
+            blocks = [torch.ones(2 * MiB // 4) for _ in range(60)]  # 120 MiB in 2 MiB pieces
+            guard.check()
+            del blocks
+        readings.append(guard.peak)
+    assert all(100 * MiB <= peak <= 200 * MiB for peak in readings), [r / MiB for r in readings]

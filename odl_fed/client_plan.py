@@ -8,7 +8,12 @@ A device's ``train-memory`` must hold, besides the runtime:
   and a forward workspace (twice the largest activation of a forward at the batch size: one
   layer's input and output alive at once);
 - the activations saved for backward: those of the trained convs (what the rank planner
-  budgets) and the rest of the fine-tuned part (bit masks, scales; measured on one batch).
+  budgets) and the rest of the fine-tuned part (bit masks, scales; measured on one batch),
+  within the profile's ``activation-memory`` cap when it has one.
+
+A setting that fits by this count is then tried for real: one training step on a copy, its
+increase of the process's memory read with psutil (:class:`~odl_fed.memory_guard.MemoryGuard`).
+The weights plus that must fit too; it is what the client's guard will watch while it trains.
 
 The order of retreat when a setting does not fit: the batch is halved first (down to
 ``min_batch``), then one trained layer fewer, back at the full batch. If nothing fits, the plan
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from odl_fed.data import ImageData, batches
+from odl_fed.memory_guard import MemoryGuard
 from odl_fed.models import prepare_finetune
 from odl_fed.plan import BudgetTooSmallError, RankPlan, plan_ranks
 from odl_fed.profile import DeviceProfile
@@ -51,6 +57,7 @@ class ClientPlan:
     activation_budget: int
     predicted_activation_bytes: int
     rank_plan: RankPlan | None = None
+    measured_step_bytes: int = 0
 
     def to_dict(self) -> dict:
         data = asdict(self) | {"layers": list(self.layers)}
@@ -66,7 +73,8 @@ class ClientPlan:
         return cls(device=data["device"], method=data["method"], layers=tuple(data["layers"]),
                    batch_size=int(data["batch_size"]), ranks=ranks, train_memory=int(data["train_memory"]),
                    fixed_bytes=int(data["fixed_bytes"]), activation_budget=int(data["activation_budget"]),
-                   predicted_activation_bytes=int(data["predicted_activation_bytes"]), rank_plan=rank_plan)
+                   predicted_activation_bytes=int(data["predicted_activation_bytes"]), rank_plan=rank_plan,
+                   measured_step_bytes=int(data.get("measured_step_bytes", 0)))
 
 
 def _nbytes(tensors) -> int:
@@ -87,6 +95,28 @@ def _workspace(model: nn.Module, x: torch.Tensor) -> int:
     for h in handles:
         h.remove()
     return 2 * largest
+
+
+def _measured_step(model: nn.Module, method: str, ranks, batch, optimizer_slots: int) -> int:
+    """What one real training step adds to the process (psutil), the runtime's one-time set-up excluded.
+
+    The count above misses what the kernels allocate for themselves (weight reorders, per-thread
+    scratch, the allocator's slack): on a CPU these are tens of MB, far more than ASI's
+    activations, so the plan measures them instead of trusting the count alone.
+    """
+    trial = copy.deepcopy(model)
+    apply_method(trial, method, ranks)
+    x, y = batch
+    F.cross_entropy(trial(x), y).backward()  # warm-up: kernels' first-use set-up, as a client's FLOPs step does
+    for p in trial.parameters():
+        p.grad = None
+    trained = [p for p in trial.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, foreach=False) if optimizer_slots else torch.optim.SGD(trained, lr=0.0)
+    with MemoryGuard(2**62, client="plan") as guard:
+        F.cross_entropy(trial(x), y).backward()
+        guard.sample()
+        optimizer.step()
+    return guard.peak
 
 
 def _optimizer_workspace(trained, slots: int) -> int:
@@ -134,6 +164,8 @@ def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, me
                      + (1 + optimizer_slots) * _nbytes(trained) + _optimizer_workspace(trained, optimizer_slots)
                      + _workspace(candidate, calibration[0][0]))
             budget = profile.train_memory - fixed
+            if profile.activation_memory is not None:
+                budget = min(budget, profile.activation_memory)
             # What the rest of the step saves, with the method's companions in place (full ranks: no
             # subspace is computed; the convs' own bytes are subtracted).
             probe = copy.deepcopy(candidate)
@@ -162,9 +194,16 @@ def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, me
             if predicted > budget:
                 tried.append((n_layers, batch, f"needs {_mib(predicted)} of activations, {_mib(max(budget, 0))} left"))
                 continue
+            weights = _nbytes(candidate.parameters()) + _nbytes(candidate.buffers())
+            measured = _measured_step(candidate, method, ranks, calibration[0], optimizer_slots)
+            if weights + measured > profile.train_memory:
+                tried.append((n_layers, batch, f"a measured step adds {_mib(measured)} to the weights' "
+                                               f"{_mib(weights)}"))
+                continue
             return ClientPlan(device=profile.name, method=method, layers=tuple(convs), batch_size=batch,
                               ranks=ranks, train_memory=profile.train_memory, fixed_bytes=fixed,
-                              activation_budget=budget, predicted_activation_bytes=predicted, rank_plan=plan)
+                              activation_budget=budget, predicted_activation_bytes=predicted, rank_plan=plan,
+                              measured_step_bytes=measured)
     weights = _nbytes(model.parameters()) + _nbytes(model.buffers())
     if weights >= profile.train_memory:
         why = f"the model's weights alone take {_mib(weights)}"

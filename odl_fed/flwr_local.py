@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+from odl_fed.client_round import held_out_data
+from odl_fed.data import DatasetUnavailableError
 from odl_fed.fleet import FleetError, load_fleet
 from odl_fed.simulate import OFFLINE_ENV
 
@@ -52,6 +54,7 @@ def flwr_run(fleet: Path, *, out_dir: Path, flwr_home: Path, devices_file: Path 
     """Run the fleet with ``flwr run . local`` and return its round log; raise if the run did not finish."""
     spec = load_fleet(fleet, device_files=() if devices_file is None else (devices_file,))
     spec.check_files()
+    held_out_data(spec.job)
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
     if flwr is None:
         raise FileNotFoundError("the flwr command is not installed (pip install 'flwr[simulation]')")
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
     try:
         log = flwr_run(args.fleet, out_dir=args.out_dir, flwr_home=args.flwr_home.absolute(),
                        devices_file=args.devices)
-    except (FleetError, FileNotFoundError, RuntimeError, subprocess.CalledProcessError) as error:
+    except (FleetError, DatasetUnavailableError, FileNotFoundError, RuntimeError,
+            subprocess.CalledProcessError) as error:
         print(f"flwr run: error: {error}", file=sys.stderr)
         return 2
     print(f"round log: {log}")

@@ -19,7 +19,8 @@ from odl_fed.plan import parse_bytes
 __all__ = ["DeviceProfile", "ProfileError", "BUILTIN_PROFILES", "load_profiles", "get_profile"]
 
 BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "configs" / "devices.yaml"
-_SIZE_FIELDS = ("ram", "train-memory", "runtime-memory")
+_SIZE_FIELDS = ("ram", "train-memory", "runtime-memory", "activation-memory")
+_OPTIONAL = ("description", "activation-memory")
 
 
 class ProfileError(ValueError):
@@ -37,6 +38,7 @@ class DeviceProfile:
     cores: int
     relative_speed: float
     description: str = ""
+    activation_memory: int | None = None  # an optional cap on the bytes held for backward
 
     def __post_init__(self):
         if self.train_memory + self.runtime_memory > self.ram:
@@ -59,11 +61,13 @@ def _profile(name: str, entry: Mapping, source: str) -> DeviceProfile:
     for key in entry:
         if key not in _KEYS:
             raise ProfileError(f"{where}: unknown field {key!r}{_suggest(str(key), _KEYS)}; valid: {', '.join(_KEYS)}")
-    missing = [k for k in _KEYS if k not in entry and k != "description"]
+    missing = [k for k in _KEYS if k not in entry and k not in _OPTIONAL]
     if missing:
         raise ProfileError(f"{where}: missing field(s) {', '.join(missing)}")
     values = {}
     for key in _KEYS:
+        if key == "activation-memory" and entry.get(key) is None:
+            continue
         value = entry.get(key, "")
         try:
             if key in _SIZE_FIELDS:

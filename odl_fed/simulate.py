@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.client_app import handle_train
+from odl_fed.client_round import held_out_data
 from odl_fed.run_config import RunSettings
 from odl_fed.server_app import run_server
 
@@ -78,8 +79,9 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     from flwr.simulation import run_simulation
 
     settings = RunSettings.from_config(run_config)
-    fleet = settings.fleet()  # a bad fleet file fails here, before Ray starts
+    fleet = settings.fleet()  # a bad fleet file or a missing file or dataset fails here, before Ray starts
     fleet.check_files()
+    held_out_data(fleet.job)
     config = settings.as_config()
     bar = _progress(fleet.job.rounds + 1) if progress else None
 

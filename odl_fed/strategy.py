@@ -41,11 +41,13 @@ class ValidatedUpdates:
         super().__init__(*args, **kwargs)
         self.recorder = recorder
         self.expected = expected
+        self._bytes_down = 0
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self.recorder.sent(server_round, len(messages), parameter_bytes(arrays), arrays.count_bytes())
+        self._bytes_down = parameter_bytes(arrays)
+        self.recorder.sent(server_round, len(messages), self._bytes_down, arrays.count_bytes())
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -67,14 +69,15 @@ class ValidatedUpdates:
         """The client's entry for the record; a valid message's content is reduced to what aggregation needs."""
         node = message.metadata.src_node_id
         if message.has_error():
-            return {"client": f"node-{node}", "node": node, "status": "error", "reason": message.error.reason}
+            return {"client": f"node-{node}", "node": node, "status": "error", "reason": message.error.reason,
+                    "bytes-down": self._bytes_down}
         content = message.content
         info = dict(content.config_records.get("client", ConfigRecord()))
         client = str(info.get("client", f"node-{node}"))
         metrics_record = content.metric_records.get("metrics")
         metrics = dict(metrics_record) if metrics_record is not None else {}
         entry = {"client": client, "node": node, "device": info.get("device"), "status": info.get("status", "ok"),
-                 **metrics}
+                 "bytes-down": self._bytes_down, **metrics}
         if "plan" in info:
             entry["plan"] = json.loads(str(info["plan"]))
         if entry["status"] != "ok":

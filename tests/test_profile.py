@@ -47,3 +47,14 @@ def test_unknown_device_and_missing_file(tmp_path):
         get_profile("rpi3")
     with pytest.raises(ProfileError, match=re.escape(f"device profile file {tmp_path / 'x.yaml'} does not exist")):
         load_profiles(tmp_path / "x.yaml")
+
+
+def test_an_optional_activation_memory_cap_is_parsed_and_checked(tmp_path):
+    path = tmp_path / "devices.yaml"
+    path.write_text("sram-board:\n  ram: 1GiB\n  train-memory: 256MiB\n  runtime-memory: 0\n  cores: 2\n"
+                    "  relative-speed: 0.5\n  activation-memory: 300KB\n")
+    profiles = load_profiles(path)
+    assert profiles["sram-board"].activation_memory == 300_000 and profiles["rpi4"].activation_memory is None
+    path.write_text(path.read_text().replace("300KB", "lots"))
+    with pytest.raises(ProfileError, match="device 'sram-board': activation-memory must be a positive size"):
+        load_profiles(path)

@@ -65,6 +65,7 @@ RUNS_DIR = ROOT / "runs" / "bench-accuracy"
 EQUIVALENCE_TOLERANCE = 1e-4  # cached-feature logits against the full model's, relative
 CACHE_BATCH = 64
 HEAD_ONLY = "head-only"
+ASI_PAPER = "asi-paper-grid"  # ASI with ranks planned on the paper's grid (one threshold for every mode)
 EVAL_BATCH = 256
 
 
@@ -296,7 +297,8 @@ def prepared_tail(base: nn.Module, *, layers: int, start: int, method: str = "va
         for name in names:
             tail.get_submodule(name).requires_grad_(False)
     else:
-        apply_method(tail, method, {name: (ranks or {}).get(name) for name in names}, radius=radius)
+        apply_method(tail, "asi" if method == ASI_PAPER else method,
+                     {name: (ranks or {}).get(name) for name in names}, radius=radius)
     return tail, names
 
 
@@ -324,10 +326,11 @@ def _split_static_padding(tail: nn.Module, names: Sequence[str]) -> dict[str, st
     return mapping
 
 
-def plan_for(tail: nn.Module, names: Sequence[str], calibration, budget: int, *, model_name: str) -> RankPlan:
+def plan_for(tail: nn.Module, names: Sequence[str], calibration, budget: int, *, model_name: str,
+             grid: str = "batch-whole") -> RankPlan:
     """``plan_ranks`` on ``tail`` (a copy that is not trained), with layer names as the trained tail has them."""
     mapping = _split_static_padding(tail, names)
-    plan = plan_ranks(tail, list(mapping), calibration, budget, model_name=model_name)
+    plan = plan_ranks(tail, list(mapping), calibration, budget, model_name=model_name, grid=grid)
     layers = tuple(replace(layer, name=mapping[layer.name]) for layer in plan.layers)
     return replace(plan, layers=layers, options={mapping[n]: o for n, o in plan.options.items()})
 
@@ -564,7 +567,7 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
         row = {"method": method, "label": label, "budget_fraction": budget, **result}
         if plan is not None:
             row["plan"] = plan
-        if method in ("asi", "hosvd"):
+        if method in ("asi", "hosvd", ASI_PAPER):
             row["ranks"] = {n.removeprefix("model."): list(tail.get_submodule(n).last_ranks) for n in names}
         runs.append({"row": row, "tail": tail, "names": names, "optimizer": optimizer, "predictions": predictions})
         print(f"  {case.name} last {layers}: {label}: top-1 {row['top1']:.4f}, convs' bytes {row['convs_bytes']}, "
@@ -578,18 +581,29 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
     compression = []
     for fraction in settings.budgets:
         budget = max(1, int(fraction * vanilla_bytes))
-        planning_tail, _ = prepared_tail(base, layers=layers, start=start)
-        started = time.perf_counter()
-        try:
-            plan = plan_for(planning_tail, names, calibration, budget, model_name=case.model)
-        except BudgetTooSmallError as error:
-            print(f"  {case.name} last {layers}: budget 1/{1 / fraction:.0f} of vanilla: {error}", flush=True)
-            continue
-        planning_s = time.perf_counter() - started
-        plan_info = {"budget_bytes": budget, "planned_bytes": plan.total_bytes, "planning_seconds": planning_s,
-                     "eps": {l.name.removeprefix("model."): l.eps for l in plan.layers}}
-        ranks = plan.targets()
         label = f"1/{1 / fraction:.0f}"
+        plans = {}
+        for grid in ("batch-whole", "paper"):
+            planning_tail, _ = prepared_tail(base, layers=layers, start=start)
+            started = time.perf_counter()
+            try:
+                plan = plan_for(planning_tail, names, calibration, budget, model_name=case.model, grid=grid)
+            except BudgetTooSmallError as error:
+                print(f"  {case.name} last {layers}: budget {label} of vanilla, {grid} grid: {error}", flush=True)
+                continue
+            planning_s = time.perf_counter() - started
+            plans[grid] = (plan, planning_s, {
+                "grid": grid, "budget_bytes": budget, "planned_bytes": plan.total_bytes,
+                "planning_seconds": planning_s,
+                "eps": {l.name.removeprefix("model."): l.eps for l in plan.layers},
+                "whole": {l.name.removeprefix("model."): list(l.whole) for l in plan.layers}})
+        if "paper" in plans:
+            plan, _, plan_info = plans["paper"]
+            train_method(ASI_PAPER, f"asi paper grid {label}", fraction, plan_info, plan.targets())
+        if "batch-whole" not in plans:
+            continue
+        plan, planning_s, plan_info = plans["batch-whole"]
+        ranks = plan.targets()
         asi = train_method("asi", f"asi {label}", fraction, plan_info, ranks)
         train_method("hosvd", f"hosvd {label}", fraction, plan_info, ranks)
         compression.append({"budget_fraction": fraction, "planning_seconds": planning_s,
@@ -624,6 +638,30 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
             "compression": compression}
 
 
+def _cached_features(case: Case, base: nn.Module, start: int, weights: str | None, train: ImageData,
+                     test: ImageData, *, seed: int) -> tuple[Cached, Cached]:
+    """The features of ``train`` and ``test``, computed once and kept under ``runs/`` for later runs.
+
+    The file is named by everything that decides its contents (model, weights, dataset, sizes,
+    seed, cut block); a checkpoint trained here is named by its own settings.
+    """
+    stem = Path(weights).stem if weights and weights != "imagenet" else (weights or "random")
+    path = (RUNS_DIR / "features" / f"{case.model}-{stem}-{case.dataset}-{case.image_size}px-{len(train)}-"
+            f"{len(test)}-seed{seed}-block{start}.pt")
+    if path.is_file():
+        stored = torch.load(path, weights_only=True)
+        if torch.equal(stored["train_labels"], train.labels) and torch.equal(stored["test_labels"], test.labels):
+            return (Cached(stored["train"], stored["train_labels"], stored["train_seconds"]),
+                    Cached(stored["test"], stored["test_labels"], stored["test_seconds"]))
+    cached_train = cache_features(base, start, train, image_size=case.image_size)
+    cached_test = cache_features(base, start, test, image_size=case.image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"train": cached_train.features, "train_labels": cached_train.labels,
+                "train_seconds": cached_train.seconds, "test": cached_test.features,
+                "test_labels": cached_test.labels, "test_seconds": cached_test.seconds}, path)
+    return cached_train, cached_test
+
+
 def run_case(case: Case, settings: Settings) -> dict:
     torch.manual_seed(settings.seed)
     pretrain = None
@@ -636,8 +674,7 @@ def run_case(case: Case, settings: Settings) -> dict:
     test = _subset(load_dataset(case.dataset, split="test"), case.test, settings.seed)
     base = build_model(case.model, weights=weights, num_classes=train.num_classes)
     start = min(first_block(base, last_conv_names(base, n)) for n in case.layers)
-    cached_train = cache_features(base, start, train, image_size=case.image_size)
-    cached_test = cache_features(base, start, test, image_size=case.image_size)
+    cached_train, cached_test = _cached_features(case, base, start, weights, train, test, seed=settings.seed)
     probe = next(batches(train, batch_size=settings.batch, image_size=case.image_size))[0]
     prefix_flops, _ = count_flops(lambda: _prefix(base, start, probe))
     print(f"{case.name}: cached {len(train)} + {len(test)} images' features "
@@ -719,9 +756,9 @@ def targets(results: list[dict]) -> list[str]:
     lines = []
     for result in results:
         for group in result["groups"]:
-            hits = [row for row in group["rows"] if row["method"] == "asi"
-                    and row["ratios"]["convs_bytes"] <= 0.01 and row["delta_pp"] >= -1.0]
-            best = max((r for r in group["rows"] if r["method"] == "asi"), key=lambda r: r["delta_pp"], default=None)
+            asi_rows = [r for r in group["rows"] if r["method"] in ("asi", ASI_PAPER)]
+            hits = [r for r in asi_rows if r["ratios"]["convs_bytes"] <= 0.01 and r["delta_pp"] >= -1.0]
+            best = max(asi_rows, key=lambda r: r["delta_pp"], default=None)
             what = (f"met by {', '.join(r['label'] for r in hits)}" if hits else "not met")
             detail = "" if best is None else (f" (closest ASI: {best['label']}, {best['delta_pp']:+.1f} pp at "
                                               f"{_fmt_ratio(best['ratios']['convs_bytes'])} of vanilla's bytes)")
@@ -741,8 +778,8 @@ def targets(results: list[dict]) -> list[str]:
     return lines
 
 
-MARKERS = {"vanilla": "o", "asi": "^", "hosvd": "s", "gradfilt": "D"}
-COLORS = {"vanilla": "black", "asi": "tab:red", "hosvd": "tab:blue", "gradfilt": "tab:green"}
+MARKERS = {"vanilla": "o", "asi": "^", ASI_PAPER: "v", "hosvd": "s", "gradfilt": "D"}
+COLORS = {"vanilla": "black", "asi": "tab:red", ASI_PAPER: "tab:orange", "hosvd": "tab:blue", "gradfilt": "tab:green"}
 
 
 def plot_pareto(results: list[dict], path: Path) -> None:
@@ -764,7 +801,7 @@ def plot_pareto(results: list[dict], path: Path) -> None:
                 rows = [r for r in group["rows"] if r["method"] == method]
                 if rows:
                     ax.scatter([r["convs_bytes"] for r in rows], [100 * r["top1"] for r in rows], marker=marker,
-                               color=COLORS[method], label=method, s=50, zorder=3)
+                               color=COLORS[method], label=method.replace("-", " "), s=50, zorder=3)
                     for r in rows:
                         if r["budget_fraction"]:
                             ax.annotate(r["label"].split()[-1], (r["convs_bytes"], 100 * r["top1"]), fontsize=7,

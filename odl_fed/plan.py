@@ -3,13 +3,29 @@
 On a few calibration batches, every trained layer's input is decomposed exactly (an HOSVD by mode
 eigendecomposition, done once per layer and batch); for each explained-variance threshold ``eps``
 of a grid, the ranks that keep ``eps`` of each mode's energy give the layer's compressed bytes
-and its perplexity ``||dW_lowrank - dW_exact||_F``. One threshold per layer is then chosen to
+and its perplexity ``||dW_lowrank - dW_exact||_F``. One option per layer is then chosen to
 minimise summed perplexity with summed bytes within the budget: a multiple-choice knapsack solved
 by dynamic programming over a discretised budget. Same inputs, same plan.
+
+Three grids (``grid=``):
+
+- ``"paper"``: one threshold for every mode, as in the paper;
+- ``"mixed"``: each threshold also offered with the batch and/or spatial (token) modes kept
+  whole; the knapsack picks among all;
+- ``"batch-whole"`` (default): the mixed options that keep the batch mode whole, falling back to
+  ``"mixed"`` when none of them fits the budget.
+
+Why keep the batch whole: a trained layer's bytes are mostly its channel basis (``C x K_c``),
+so a whole batch costs a little more core; and the batch mode is the one mode with no memory
+from step to step (each batch holds other examples), whose truncation to 2-8 ranks averages each
+example's pairing of input and output gradient away. The perplexity does not see that loss (the
+batch-mean part of the gradient dominates its norm) but top-1 does; measured in
+docs/accuracy.md.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -41,6 +57,7 @@ DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 LOWER_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 UPPER_THRESHOLDS = (0.95, 0.98, 0.99)
 KNAPSACK_RESOLUTION = 4096  # budget units of the dynamic programme
+GRIDS = ("batch-whole", "mixed", "paper")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -69,12 +86,13 @@ def parse_bytes(value: str | int | float, *, what: str = "budget", allow_zero: b
 
 @dataclass(frozen=True)
 class LayerOption:
-    """One threshold's outcome for one layer."""
+    """One threshold's outcome for one layer; ``whole`` names the modes kept uncompressed."""
 
     eps: float
     ranks: tuple[int, ...]
     nbytes: int
     perplexity: float
+    whole: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,7 @@ class LayerPlan:
     ranks: tuple[int, ...]
     nbytes: int
     perplexity: float
+    whole: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,8 @@ class RankPlan:
             "budget_bytes": self.budget_bytes,
             "batch_size": self.batch_size,
             "total_bytes": self.total_bytes,
-            "layers": [asdict(layer) | {"ranks": list(layer.ranks)} for layer in self.layers],
+            "layers": [asdict(layer) | {"ranks": list(layer.ranks), "whole": list(layer.whole)}
+                       for layer in self.layers],
         }
 
     @classmethod
@@ -123,7 +143,8 @@ class RankPlan:
         return cls(
             model=data["model"], budget_bytes=int(data["budget_bytes"]), batch_size=int(data["batch_size"]),
             layers=tuple(LayerPlan(name=l["name"], eps=float(l["eps"]), ranks=tuple(int(r) for r in l["ranks"]),
-                                   nbytes=int(l["nbytes"]), perplexity=float(l["perplexity"]))
+                                   nbytes=int(l["nbytes"]), perplexity=float(l["perplexity"]),
+                                   whole=tuple(str(m) for m in l.get("whole", ())))
                          for l in data["layers"]),
         )
 
@@ -171,6 +192,20 @@ def _as_modes(layer: nn.Module, x: Tensor, grad_output: Tensor) -> tuple[Tensor,
     return x, grad_output
 
 
+def whole_mode_choices(layer: nn.Module, ndim: int) -> list[dict[str, tuple[int, ...]]]:
+    """The ways to keep non-feature modes whole: ``[{}, {"batch": (0,)}, {"spatial": (2, 3)}, both]``.
+
+    A conv input is (B, C, H, W); a linear input (B, C) or (B, L, C), its feature mode last.
+    """
+    if isinstance(layer, nn.Conv2d):
+        groups = {"batch": (0,), "spatial": (2, 3)}
+    else:
+        groups = {"batch": (0,), "tokens": (1,)} if ndim == 3 else {"batch": (0,)}
+    names = list(groups)
+    return [{n: groups[n] for n in subset} for k in range(len(names) + 1)
+            for subset in itertools.combinations(names, k)]
+
+
 def calibrate(
     model: nn.Module,
     layer_names: Sequence[str],
@@ -179,10 +214,13 @@ def calibrate(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     batch_size: int | None = None,
+    whole_modes: bool = True,
 ) -> dict[str, list[LayerOption]]:
     """Each layer's options (ranks, bytes, perplexity) at each threshold, averaged over ``batches``.
 
-    The model runs plain backprop here (the layers must not be swapped yet). Bytes are counted at
+    With ``whole_modes``, each threshold is offered again with the batch and/or spatial (token)
+    modes kept whole (:func:`whole_mode_choices`); options with equal ranks are merged. The model
+    runs plain backprop here (the layers must not be swapped yet). Bytes are counted at
     ``batch_size`` (default: the calibration batch), the batch the plan will train with.
     """
     modules = dict(model.named_modules())
@@ -204,7 +242,7 @@ def calibrate(
         return hook
 
     handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
-    sums: dict[str, dict[float, list]] = {n: {} for n in layers}
+    sums: dict[str, dict[tuple, list]] = {n: {} for n in layers}
     try:
         for inputs, targets in batches:
             for layer in layers.values():
@@ -215,16 +253,21 @@ def calibrate(
                 x = x.contiguous()
                 exact = _exact_weight_grad(layer, x, dy)
                 spectra = mode_spectra(x)
+                choices = whole_mode_choices(layer, x.dim()) if whole_modes else [{}]
                 for eps in thresholds:
-                    ranks = ranks_for_energy(spectra, eps)
-                    factors = tuple(vectors[:, :k].to(x.dtype).contiguous()
-                                    for (_, vectors), k in zip(spectra, ranks))
-                    form = TuckerForm(tucker_core(x, factors), factors)
-                    error = (_weight_grad(layer, form, dy) - exact).norm().item()
-                    entry = sums[name].setdefault(eps, [[], 0.0, 0, x.shape, x.element_size()])
-                    entry[0].append(ranks)
-                    entry[1] += error
-                    entry[2] += 1
+                    energy_ranks = ranks_for_energy(spectra, eps)
+                    for whole in choices:
+                        kept = {m for modes in whole.values() for m in modes}
+                        ranks = tuple(x.shape[m] if m in kept else r for m, r in enumerate(energy_ranks))
+                        factors = tuple(vectors[:, :k].to(x.dtype).contiguous()
+                                        for (_, vectors), k in zip(spectra, ranks))
+                        form = TuckerForm(tucker_core(x, factors), factors)
+                        error = (_weight_grad(layer, form, dy) - exact).norm().item()
+                        key = (eps, tuple(whole))
+                        entry = sums[name].setdefault(key, [[], 0.0, 0, x.shape, x.element_size(), kept])
+                        entry[0].append(ranks)
+                        entry[1] += error
+                        entry[2] += 1
     finally:
         for handle in handles:
             handle.remove()
@@ -233,14 +276,17 @@ def calibrate(
     for name in layers:
         if not sums[name]:
             raise ValueError("calibration needs at least one batch, but got none")
-        opts = []
-        for eps, (ranks_seen, error_sum, count, shape, itemsize) in sorted(sums[name].items()):
+        opts: dict[tuple[int, ...], LayerOption] = {}
+        for (eps, whole), (ranks_seen, error_sum, count, shape, itemsize, kept) in sorted(sums[name].items()):
             shape = (batch_size or shape[0], *shape[1:])
-            # the largest rank any calibration batch needed, capped at the training shape
-            ranks = tuple(min(max(r[m] for r in ranks_seen), shape[m]) for m in range(len(shape)))
-            opts.append(LayerOption(eps=eps, ranks=ranks, nbytes=tucker_numel(shape, ranks) * itemsize,
-                                    perplexity=error_sum / count))
-        options[name] = opts
+            # the largest rank any calibration batch needed (a kept mode: whole), capped at the training shape
+            ranks = tuple(shape[m] if m in kept else min(max(r[m] for r in ranks_seen), shape[m])
+                          for m in range(len(shape)))
+            option = LayerOption(eps=eps, ranks=ranks, nbytes=tucker_numel(shape, ranks) * itemsize,
+                                 perplexity=error_sum / count, whole=whole)
+            if ranks not in opts or option.perplexity < opts[ranks].perplexity:
+                opts[ranks] = option
+        options[name] = sorted(opts.values(), key=lambda o: (o.eps, len(o.whole), o.whole))
     return options
 
 
@@ -298,25 +344,38 @@ def plan_ranks(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     batch_size: int | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+    grid: str = "batch-whole",
 ) -> RankPlan:
     """The best per-layer ranks for an activation ``budget`` (bytes, or a size like ``"200KB"``).
 
     The threshold grid is extended downwards when even its cheapest choice does not fit, and
-    upwards when its dearest choice leaves budget unused.
+    upwards when its dearest choice leaves budget unused. ``grid`` is one of :data:`GRIDS` (see
+    the module's docstring).
     """
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {list(GRIDS)}, but got grid={grid!r}")
+    whole_modes = grid != "paper"
     budget_bytes = parse_bytes(budget)
     batch_size = batch_size or batches[0][0].shape[0]
-    grid = sorted(set(thresholds))
-    options = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=grid, batch_size=batch_size)
+    levels = sorted(set(thresholds))
+    options = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=levels, batch_size=batch_size,
+                        whole_modes=whole_modes)
     cheapest = sum(min(o.nbytes for o in opts) for opts in options.values())
     dearest = sum(max(o.nbytes for o in opts) for opts in options.values())
-    extra = [e for e in LOWER_THRESHOLDS if e < grid[0]] if cheapest > budget_bytes else []
-    extra += [e for e in UPPER_THRESHOLDS if e > grid[-1]] if dearest < budget_bytes else []
+    extra = [e for e in LOWER_THRESHOLDS if e < levels[0]] if cheapest > budget_bytes else []
+    extra += [e for e in UPPER_THRESHOLDS if e > levels[-1]] if dearest < budget_bytes else []
     if extra:
-        more = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=extra, batch_size=batch_size)
-        options = {n: sorted([*options[n], *more[n]], key=lambda o: o.eps) for n in options}
-    chosen = choose(options, budget_bytes)
-    layers = tuple(LayerPlan(name=n, eps=o.eps, ranks=o.ranks, nbytes=o.nbytes, perplexity=o.perplexity)
-                   for n, o in chosen.items())
+        more = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=extra, batch_size=batch_size,
+                         whole_modes=whole_modes)
+        options = {n: sorted([*options[n], *more[n]], key=lambda o: (o.eps, len(o.whole), o.whole))
+                   for n in options}
+    chosen = None
+    if grid == "batch-whole":
+        kept = {n: [o for o in opts if o.ranks[0] == batch_size] for n, opts in options.items()}
+        if all(kept.values()) and sum(min(o.nbytes for o in opts) for opts in kept.values()) <= budget_bytes:
+            chosen = choose(kept, budget_bytes)
+    chosen = chosen or choose(options, budget_bytes)
+    layers = tuple(LayerPlan(name=n, eps=o.eps, ranks=o.ranks, nbytes=o.nbytes, perplexity=o.perplexity,
+                             whole=o.whole) for n, o in chosen.items())
     return RankPlan(model=model_name or type(model).__name__, budget_bytes=budget_bytes, batch_size=batch_size,
                     layers=layers, options={n: tuple(o) for n, o in options.items()})

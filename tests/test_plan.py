@@ -112,3 +112,46 @@ def test_planned_ranks_drive_the_layers():
     with SavedTensorMeter(exclude=model.parameters(), modules={"2": model[2], "5": model[5]}) as meter:
         model(batches[0][0])
     assert meter.nbytes_of(["2", "5"]) <= plan.total_bytes
+
+
+def test_whole_modes_widen_the_paper_grid_and_never_plan_worse(tmp_path):
+    model, batches = _model_and_batches()
+    layers = ["2", "5"]
+    for budget in ("4KB", "8KB", "20KB"):
+        paper = plan_ranks(model, layers, batches, budget, model_name="tiny", grid="paper")
+        wider = plan_ranks(model, layers, batches, budget, model_name="tiny", grid="mixed")
+        assert all(o.whole == () for opts in paper.options.values() for o in opts)
+        assert wider.total_bytes <= parse_bytes(budget)
+        assert wider.total_perplexity <= paper.total_perplexity + 1e-9
+    options = wider.options["2"]
+    kept = [o for o in options if o.whole == ("batch",)]
+    assert kept and all(o.ranks[0] == batches[0][0].shape[0] for o in kept)
+    spatial = [o for o in options if "spatial" in o.whole]
+    assert spatial and all(o.ranks[2:] == (16, 16) for o in spatial)
+    assert len({o.ranks for o in options}) == len(options)  # equal ranks are one option
+    loaded = RankPlan.load(wider.save(tmp_path / "plan.json"))
+    assert loaded == wider and [l.whole for l in loaded.layers] == [l.whole for l in wider.layers]
+
+
+def test_whole_mode_choices_follow_the_layer():
+    from odl_fed.plan import whole_mode_choices
+
+    assert whole_mode_choices(nn.Conv2d(3, 4, 3), 4) == [{}, {"batch": (0,)}, {"spatial": (2, 3)},
+                                                         {"batch": (0,), "spatial": (2, 3)}]
+    assert whole_mode_choices(nn.Linear(3, 4), 2) == [{}, {"batch": (0,)}]
+    assert whole_mode_choices(nn.Linear(3, 4), 3)[-1] == {"batch": (0,), "tokens": (1,)}
+
+
+def test_the_default_grid_keeps_the_batch_whole_when_it_fits():
+    model, batches = _model_and_batches()
+    batch = batches[0][0].shape[0]
+    roomy = plan_ranks(model, ["2", "5"], batches, "20KB", model_name="tiny")
+    assert all(layer.ranks[0] == batch for layer in roomy.layers)
+    assert roomy.total_bytes <= 20_000
+    mixed_minimum = sum(min(o.nbytes for o in opts) for opts in roomy.options.values())
+    whole_minimum = sum(min(o.nbytes for o in opts if o.ranks[0] == batch) for opts in roomy.options.values())
+    assert mixed_minimum < whole_minimum
+    tight = plan_ranks(model, ["2", "5"], batches, whole_minimum - 1, model_name="tiny")  # falls back to mixed
+    assert tight.total_bytes < whole_minimum and any(layer.ranks[0] < batch for layer in tight.layers)
+    with pytest.raises(ValueError, match=r"grid must be one of \['batch-whole', 'mixed', 'paper'\], but got grid='full'"):
+        plan_ranks(model, ["2"], batches, "20KB", grid="full")

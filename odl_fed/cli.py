@@ -22,7 +22,7 @@ import torch
 
 from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
 from odl_fed.models import MODELS, build_model, prepare_finetune, save_checkpoint
-from odl_fed.plan import BudgetTooSmallError, parse_bytes, plan_ranks
+from odl_fed.plan import GRIDS, BudgetTooSmallError, parse_bytes, plan_ranks
 from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, DatasetUnavailableError, BudgetTooSmallError, ImportError)
@@ -59,7 +59,7 @@ def finetune(args) -> dict:
         if not calibration:
             raise ValueError(f"{args.dataset}: fewer than --batch-size {args.batch_size} training examples")
         started = time.perf_counter()
-        plan = plan_ranks(model, convs, calibration, args.budget, model_name=args.model)
+        plan = plan_ranks(model, convs, calibration, args.budget, model_name=args.model, grid=args.grid)
         planning_s = time.perf_counter() - started
         ranks = plan.targets()
         if args.plan_out:
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--budget", type=_budget, help="activation budget of the trained convs, e.g. 200KB")
     tune.add_argument("--layers", type=int, default=4, help="how many of the last convs to train")
     tune.add_argument("--calibration-batches", type=int, default=2)
+    tune.add_argument("--grid", choices=GRIDS, default=GRIDS[0],
+                      help="rank options the planner chooses among: keep the batch mode whole when it fits "
+                           "(default), mix whole and truncated modes, or the paper's one threshold for all modes")
     tune.add_argument("--radius", type=int, default=2, help="gradfilt patch size")
     tune.add_argument("--plan-out", type=Path, help="save the rank plan here")
     tune.add_argument("--out", type=Path, help="write the result JSON here")

@@ -98,9 +98,12 @@ def held_out_data(job: JobSpec) -> ImageData:
     return data
 
 
+PLANNER_VERSION = 2  # 2: the rank planner's batch-whole grid; a plan cached by another version is made again
+
+
 class PlanCache:
-    """Client plans by (model, weights, layers, method, batch, image size, profile): in memory, and in
-    ``directory`` as JSON files when one is given (so a board plans once, not every round)."""
+    """Client plans by (model, weights, layers, method, batch, image size, profile, planner version): in
+    memory, and in ``directory`` as JSON files when one is given (so a board plans once, not every round)."""
 
     def __init__(self, directory: str | Path | None = None):
         self.directory = None if directory is None else Path(directory)
@@ -114,7 +117,8 @@ class PlanCache:
             stat = Path(weights).stat()
             weights = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         what = {"model": job.model, "weights": weights, "layers": job.layers, "method": job.method,
-                "batch": job.batch_size, "image": job.image_size, "dataset": job.dataset, "profile": asdict(profile)}
+                "batch": job.batch_size, "image": job.image_size, "dataset": job.dataset, "profile": asdict(profile),
+                "planner": PLANNER_VERSION}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
     def get(self, key: str) -> ClientPlan | None:

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Exact versions this machine holds on disk (pyproject keeps the ranges a board can satisfy).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean flwr-run bench-layers
+.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy
 
 $(VENV)/.installed: pyproject.toml
 	# Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt and root are at hand.
@@ -35,6 +35,9 @@ flwr-run: setup $(BACKBONE)
 
 bench-layers: setup
 	$(PY) -m bench.asi_layers
+
+bench-accuracy: setup
+	$(PY) -m bench.accuracy
 
 test: setup
 	$(PY) -m pytest -q

@@ -828,6 +828,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML settings")
     parser.add_argument("--quick", action="store_true", help="the config's small 'quick' version (a few minutes)")
     parser.add_argument("--cases", help="comma-separated case names from the config (default: all)")
+    parser.add_argument("--budgets", help="comma-separated budget fractions of vanilla's bytes, instead of the config's")
     parser.add_argument("--out", type=Path, help="result JSON (default: bench/results/accuracy[_quick].json)")
     parser.add_argument("--plot", type=Path, help="Pareto PNG (default: bench/results/accuracy_pareto[_quick].png)")
     args = parser.parse_args(argv)
@@ -835,6 +836,11 @@ def main(argv=None) -> None:
         settings = load_settings(args.config, quick=args.quick)
     except ValueError as error:
         raise SystemExit(f"error: {args.config}: {error}") from None
+    if args.budgets:
+        try:
+            settings = replace(settings, budgets=tuple(float(b) for b in args.budgets.split(",") if b.strip()))
+        except ValueError as error:
+            parser.error(f"--budgets {args.budgets!r}: {error}")
     cases = settings.cases
     if args.cases:
         wanted = [c.strip() for c in args.cases.split(",") if c.strip()]

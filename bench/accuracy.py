@@ -35,7 +35,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import contextlib
 import copy
-import difflib
 import json
 import platform
 import statistics
@@ -57,6 +56,7 @@ from odl_fed.flops import count_flops
 from odl_fed.models import build_model, prepare_finetune
 from odl_fed.plan import BudgetTooSmallError, RankPlan, plan_ranks
 from odl_fed.saved_memory import SavedTensorMeter
+from odl_fed.suggest import did_you_mean
 from odl_fed.task import apply_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -408,9 +408,8 @@ def _check_keys(where: str, mapping: Mapping, valid: Sequence[str]) -> None:
         raise SystemExit(f"error: {where}: expected a mapping of settings, got {type(mapping).__name__}")
     for key in mapping:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SystemExit(f"error: {where}: unknown setting {key!r}{hint}; valid: {', '.join(valid)}")
+            raise SystemExit(f"error: {where}: unknown setting {key!r}{did_you_mean(key, valid)}; "
+                             f"valid: {', '.join(valid)}")
 
 
 def _merge(base: dict, override: Mapping) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import difflib
 import json
 import platform
 import statistics
@@ -36,6 +35,7 @@ from torch import nn
 
 from odl_fed.asi import ASIConv2d, freeze_except, inject_asi, last_conv_names, tucker_numel
 from odl_fed.asi.tucker import _mode_times_gram, mode_grams, orthonormalize, tucker_core, uses_gram
+from odl_fed.suggest import did_you_mean
 from odl_fed.flops import count_flops
 from odl_fed.saved_memory import SavedTensorMeter
 
@@ -324,9 +324,8 @@ def load_config(path: Path) -> dict:
         raise SystemExit(f"error: {path}: expected a mapping of settings, got {type(config).__name__}")
     for key in config:
         if key not in CONFIG_KEYS:
-            close = difflib.get_close_matches(str(key), CONFIG_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SystemExit(f"error: {path}: unknown setting {key!r}{hint}; valid: {', '.join(CONFIG_KEYS)}")
+            raise SystemExit(f"error: {path}: unknown setting {key!r}{did_you_mean(key, CONFIG_KEYS)}; "
+                             f"valid: {', '.join(CONFIG_KEYS)}")
     return config
 
 

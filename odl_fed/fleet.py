@@ -28,7 +28,6 @@ Every mistake names the file and the field, with the nearest valid name where on
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import yaml
 
 from odl_fed.data import DATASETS
 from odl_fed.models import MODELS
+from odl_fed.suggest import did_you_mean
 from odl_fed.profile import DeviceProfile, ProfileError, get_profile, load_profiles
 from odl_fed.task import METHODS
 
@@ -106,17 +106,12 @@ _JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights", "
 _REQUIRED = (*_POSITIVE_INTS, *_CHOICES, "lr")
 
 
-def _suggest(word, options) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _job(raw, where: str) -> JobSpec:
     if not isinstance(raw, Mapping):
         raise FleetError(f"{where}: expected a mapping, got {type(raw).__name__}")
     for key in raw:
         if key not in _JOB_KEYS:
-            raise FleetError(f"{where}: unknown field {key!r}{_suggest(key, _JOB_KEYS)}")
+            raise FleetError(f"{where}: unknown field {key!r}{did_you_mean(key, _JOB_KEYS)}")
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise FleetError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -127,7 +122,7 @@ def _job(raw, where: str) -> JobSpec:
     for key, options in _CHOICES.items():
         if raw[key] not in options:
             raise FleetError(f"{where}.{key}: must be one of {list(options)}, but got {raw[key]!r}"
-                             f"{_suggest(raw[key], options)}")
+                             f"{did_you_mean(raw[key], options)}")
     _positive_number(raw["lr"], f"{where}.lr")
     for key in _OPTIONAL_INTS:
         value = raw.get(key)
@@ -136,7 +131,7 @@ def _job(raw, where: str) -> JobSpec:
     strategy = raw.get("strategy", "fedavg")
     if strategy not in STRATEGIES:
         raise FleetError(f"{where}.strategy: must be one of {list(STRATEGIES)}, but got {strategy!r}"
-                         f"{_suggest(strategy, STRATEGIES)}")
+                         f"{did_you_mean(strategy, STRATEGIES)}")
     knobs = {}
     for key, (owner, default) in _STRATEGY_KEYS.items():
         if key in raw and strategy != owner:
@@ -183,7 +178,7 @@ def load_fleet(path: str | Path, *, device_files: tuple[str | Path, ...] = ()) -
         raise FleetError(f"{path}: expected a mapping with 'devices' and 'job'")
     for key in raw:
         if key not in ("devices", "job"):
-            raise FleetError(f"{path}: unknown field {key!r}{_suggest(key, ('devices', 'job'))}")
+            raise FleetError(f"{path}: unknown field {key!r}{did_you_mean(key, ('devices', 'job'))}")
     if "devices" not in raw or "job" not in raw:
         raise FleetError(f"{path}: missing field(s) {', '.join(k for k in ('devices', 'job') if k not in raw)}")
     try:

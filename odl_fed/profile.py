@@ -7,14 +7,14 @@ name where one is close.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
 from odl_fed.plan import parse_bytes
+from odl_fed.suggest import did_you_mean
 
 __all__ = ["DeviceProfile", "ProfileError", "BUILTIN_PROFILES", "load_profiles", "get_profile"]
 
@@ -49,18 +49,13 @@ class DeviceProfile:
 _KEYS = tuple(f.name.replace("_", "-") for f in fields(DeviceProfile) if f.name != "name")
 
 
-def _suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _profile(name: str, entry: Mapping, source: str) -> DeviceProfile:
     where = f"{source}: device {name!r}"
     if not isinstance(entry, Mapping):
         raise ProfileError(f"{where}: expected a mapping of fields, got {type(entry).__name__}")
     for key in entry:
         if key not in _KEYS:
-            raise ProfileError(f"{where}: unknown field {key!r}{_suggest(str(key), _KEYS)}; valid: {', '.join(_KEYS)}")
+            raise ProfileError(f"{where}: unknown field {key!r}{did_you_mean(str(key), _KEYS)}; valid: {', '.join(_KEYS)}")
     missing = [k for k in _KEYS if k not in entry and k not in _OPTIONAL]
     if missing:
         raise ProfileError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -119,5 +114,5 @@ def load_profiles(*paths: str | Path, builtin: str | Path = BUILTIN_PROFILES) ->
 def get_profile(name: str, profiles: Mapping[str, DeviceProfile] | None = None) -> DeviceProfile:
     profiles = load_profiles() if profiles is None else profiles
     if name not in profiles:
-        raise ProfileError(f"unknown device {name!r}{_suggest(name, profiles)}; known devices: {', '.join(profiles)}")
+        raise ProfileError(f"unknown device {name!r}{did_you_mean(name, profiles)}; known devices: {', '.join(profiles)}")
     return profiles[name]

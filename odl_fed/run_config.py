@@ -14,13 +14,13 @@ Relative paths are taken from the directory the command runs in.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from odl_fed.fleet import FleetSpec, load_fleet
+from odl_fed.suggest import did_you_mean
 
 __all__ = ["RunSettings", "DEFAULTS"]
 
@@ -45,9 +45,8 @@ class RunSettings:
     def from_config(cls, config: Mapping) -> RunSettings:
         for key in config:
             if key not in DEFAULTS:
-                close = difflib.get_close_matches(key, DEFAULTS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"run config: unknown key {key!r}{hint}; known: {list(DEFAULTS)}")
+                raise ValueError(f"run config: unknown key {key!r}{did_you_mean(key, DEFAULTS)}; "
+                                 f"known: {list(DEFAULTS)}")
         merged = DEFAULTS | dict(config)
 
         def path(key: str) -> Path | None:

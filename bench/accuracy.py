@@ -755,6 +755,11 @@ def targets(results: list[dict]) -> list[str]:
     lines = []
     for result in results:
         for group in result["groups"]:
+            reference = {r["method"]: r["top1"] for r in group["rows"]}
+            if HEAD_ONLY in reference and reference["vanilla"] <= reference[HEAD_ONLY]:
+                lines.append(f"- {result['case']}, last {group['layers']}: parity not measurable: vanilla "
+                             f"({reference['vanilla']:.3f}) did not beat head only ({reference[HEAD_ONLY]:.3f})")
+                continue
             asi_rows = [r for r in group["rows"] if r["method"] in ("asi", ASI_PAPER)]
             hits = [r for r in asi_rows if r["ratios"]["convs_bytes"] <= 0.01 and r["delta_pp"] >= -1.0]
             best = max(asi_rows, key=lambda r: r["delta_pp"], default=None)

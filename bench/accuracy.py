@@ -47,16 +47,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-import yaml
 from torch import Tensor, nn
 
+from bench.settings import check_keys, read_settings
 from odl_fed.asi import ASIConv2d, get_variant, last_conv_names
 from odl_fed.data import ImageData, batches, load_dataset
 from odl_fed.flops import count_flops
 from odl_fed.models import build_model, prepare_finetune
 from odl_fed.plan import BudgetTooSmallError, RankPlan, plan_ranks
 from odl_fed.saved_memory import SavedTensorMeter
-from odl_fed.suggest import did_you_mean
 from odl_fed.task import apply_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -403,15 +402,6 @@ CASE_KEYS = tuple(f.name.replace("_", "-") for f in fields(Case) if f.name != "n
 PRETRAIN_KEYS = tuple(f.name.replace("_", "-") for f in fields(PretrainSpec))
 
 
-def _check_keys(where: str, mapping: Mapping, valid: Sequence[str]) -> None:
-    if not isinstance(mapping, Mapping):
-        raise SystemExit(f"error: {where}: expected a mapping of settings, got {type(mapping).__name__}")
-    for key in mapping:
-        if key not in valid:
-            raise SystemExit(f"error: {where}: unknown setting {key!r}{did_you_mean(key, valid)}; "
-                             f"valid: {', '.join(valid)}")
-
-
 def _merge(base: dict, override: Mapping) -> dict:
     merged = dict(base)
     for key, value in override.items():
@@ -426,13 +416,10 @@ def _snake(mapping: Mapping) -> dict:
 
 def load_settings(path: Path, *, quick: bool = False) -> Settings:
     """The YAML settings; ``quick`` applies its ``quick:`` overrides. Unknown keys name the file and key."""
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise SystemExit(f"error: benchmark config {path} does not exist") from None
-    _check_keys(str(path), raw, SETTING_KEYS)
+    raw = read_settings(path)
+    check_keys(str(path), raw, SETTING_KEYS)
     overrides = raw.pop("quick", None) or {}
-    _check_keys(f"{path}: quick", overrides, SETTING_KEYS)
+    check_keys(f"{path}: quick", overrides, SETTING_KEYS)
     if quick:
         raw = _merge(raw, overrides)
     missing = [k for k in SETTING_KEYS if k not in raw and k != "quick"]
@@ -440,10 +427,10 @@ def load_settings(path: Path, *, quick: bool = False) -> Settings:
         raise SystemExit(f"error: {path}: missing setting(s) {missing}")
     cases = []
     for name, spec in raw["cases"].items():
-        _check_keys(f"{path}: case {name}", spec, CASE_KEYS)
+        check_keys(f"{path}: case {name}", spec, CASE_KEYS)
         spec = _snake(spec)
         if spec.get("pretrain") is not None:
-            _check_keys(f"{path}: case {name}: pretrain", spec["pretrain"], PRETRAIN_KEYS)
+            check_keys(f"{path}: case {name}: pretrain", spec["pretrain"], PRETRAIN_KEYS)
             spec["pretrain"] = PretrainSpec(**_snake(spec["pretrain"]))
         spec["layers"] = tuple(spec["layers"])
         try:

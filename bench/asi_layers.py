@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
-import yaml
 from torch import nn
 
+from bench.settings import check_keys, read_settings
 from odl_fed.asi import ASIConv2d, freeze_except, inject_asi, last_conv_names, tucker_numel
 from odl_fed.asi.tucker import _mode_times_gram, mode_grams, orthonormalize, tucker_core, uses_gram
-from odl_fed.suggest import did_you_mean
 from odl_fed.flops import count_flops
 from odl_fed.saved_memory import SavedTensorMeter
 
@@ -316,16 +315,8 @@ CONFIG_KEYS = ("models", "batch", "image-size", "ranks", "hosvd-rank", "steps", 
 
 def load_config(path: Path) -> dict:
     """The benchmark's YAML settings; an unknown key is an error naming the file and the key."""
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise SystemExit(f"error: benchmark config {path} does not exist") from None
-    if not isinstance(config, dict):
-        raise SystemExit(f"error: {path}: expected a mapping of settings, got {type(config).__name__}")
-    for key in config:
-        if key not in CONFIG_KEYS:
-            raise SystemExit(f"error: {path}: unknown setting {key!r}{did_you_mean(key, CONFIG_KEYS)}; "
-                             f"valid: {', '.join(CONFIG_KEYS)}")
+    config = read_settings(path)
+    check_keys(str(path), config, CONFIG_KEYS)
     return config
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from odl_fed.client_round import client_data, global_model
+from odl_fed.job import client_data, global_model
 from odl_fed.fleet import load_fleet
 from odl_fed.memory_guard import MemoryGuard
 from odl_fed.recorder import read_rounds

@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 
 from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
+from odl_fed.methods import get_method
 from odl_fed.models import MODELS, build_model, prepare_finetune, save_checkpoint
-from odl_fed.plan import GRIDS, BudgetTooSmallError, parse_bytes, plan_ranks
+from odl_fed.plan import GRIDS, BudgetTooSmallError, plan_ranks
+from odl_fed.run_config import DEFAULTS
 from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
+from odl_fed.units import parse_bytes
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, DatasetUnavailableError, BudgetTooSmallError, ImportError)
 
@@ -50,7 +53,8 @@ def finetune(args) -> dict:
     model = build_model(args.model, weights=args.weights, num_classes=train.num_classes)
     convs = prepare_finetune(model, layers=args.layers)
     plan = None
-    if args.method in ("asi", "hosvd"):
+    method = get_method(args.method)
+    if method.plans_ranks:
         if args.budget is None:
             raise ValueError(f"--budget is needed with --method {args.method} (e.g. --budget 200KB)")
         calibration = [b for _, b in zip(range(args.calibration_batches),
@@ -59,7 +63,8 @@ def finetune(args) -> dict:
         if not calibration:
             raise ValueError(f"{args.dataset}: fewer than --batch-size {args.batch_size} training examples")
         started = time.perf_counter()
-        plan = plan_ranks(model, convs, calibration, args.budget, model_name=args.model, grid=args.grid)
+        plan = plan_ranks(model, convs, calibration, args.budget, model_name=args.model, grid=args.grid,
+                          exact=method.keeps_exact)
         planning_s = time.perf_counter() - started
         ranks = plan.targets()
         if args.plan_out:
@@ -166,9 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("simulate", help="run a fleet file's federated job in simulation on this machine")
     sim.add_argument("--fleet", type=Path, required=True, help="a fleet file, e.g. configs/fleets/demo.yaml")
     sim.add_argument("--devices", type=Path, help="extra device profiles (YAML) that override the built-in ones")
-    sim.add_argument("--out-dir", type=Path, default=Path("runs/latest"), help="where rounds.jsonl goes")
-    sim.add_argument("--plan-cache", type=Path, default=Path(".odl-fed/plans"), help="where client plans are kept")
-    sim.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for a round's replies")
+    sim.add_argument("--out-dir", type=Path, default=Path(DEFAULTS["out-dir"]), help="where rounds.jsonl goes")
+    sim.add_argument("--plan-cache", type=Path, default=Path(DEFAULTS["plan-cache"]),
+                     help="where client plans are kept")
+    sim.add_argument("--round-timeout", type=float, default=float(DEFAULTS["round-timeout"]),
+                     help="seconds to wait for a round's replies")
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from odl_fed.client_round import PlanCache, client_data, run_client_round
+from odl_fed.client_round import PlanCache, run_client_round
+from odl_fed.job import client_data
 from odl_fed.profile import DeviceProfile, get_profile, load_profiles
 from odl_fed.run_config import RunSettings
 

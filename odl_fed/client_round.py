@@ -17,7 +17,6 @@ and aggregates the others.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -30,16 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odl_fed.client_plan import ClientPlan, PlanRefused, plan_client
-from odl_fed.data import ImageData, batches, load_dataset, partition
+from odl_fed.data import ImageData, batches
 from odl_fed.fleet import JobSpec
 from odl_fed.flops import count_flops
 from odl_fed.memory_guard import MemoryBudgetExceeded, MemoryGuard
-from odl_fed.models import build_model, prepare_finetune
+from odl_fed.job import global_model
+from odl_fed.models import prepare_finetune
 from odl_fed.profile import DeviceProfile
 from odl_fed.task import apply_method, train_epoch
 
-__all__ = ["ClientOutcome", "PlanCache", "run_client_round", "global_model", "trained_state", "client_data",
-           "held_out_data", "OK", "REFUSED", "MEMORY_EXCEEDED"]
+__all__ = ["ClientOutcome", "PlanCache", "run_client_round", "OK", "REFUSED", "MEMORY_EXCEEDED"]
 
 OK, REFUSED, MEMORY_EXCEEDED = "ok", "refused", "memory-exceeded"
 
@@ -55,47 +54,6 @@ class ClientOutcome:
     plan: dict | None = None
     arrays: dict[str, Tensor] | None = None
     error: str = ""
-
-
-def trained_state(model: nn.Module) -> dict[str, Tensor]:
-    """The parameters that train (and travel): the last convs and the head."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def global_model(job: JobSpec, *, num_classes: int) -> tuple[nn.Module, list[str]]:
-    """The job's model with its trained layers marked, and the names of the trained convs."""
-    torch.manual_seed(job.seed)  # the same new head on the server and in every client
-    model = build_model(job.model, weights=job.weights, num_classes=num_classes)
-    return model, prepare_finetune(model, layers=job.layers)
-
-
-@functools.lru_cache(maxsize=4)
-def _dataset(name: str, split: str) -> ImageData:
-    return load_dataset(name, split=split)
-
-
-@functools.lru_cache(maxsize=4)
-def _partitions(name: str, num_partitions: int, alpha: float | None, seed: int) -> tuple:
-    return tuple(partition(_dataset(name, "train").labels, num_partitions, alpha=alpha, seed=seed))
-
-
-def client_data(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData:
-    """This client's share of the training split (cached per process: simulated clients share actors)."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id must be in [0, {num_partitions}), but got {partition_id}")
-    indices = _partitions(job.dataset, num_partitions, job.dirichlet_alpha, job.seed)[partition_id]
-    if job.examples_per_client is not None:
-        indices = indices[:job.examples_per_client]
-    return _dataset(job.dataset, "train").subset(torch.as_tensor(indices))
-
-
-def held_out_data(job: JobSpec) -> ImageData:
-    """The server's evaluation set: the test split, capped at ``eval-examples``."""
-    data = _dataset(job.dataset, "test")
-    if job.eval_examples is not None and job.eval_examples < len(data):
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed))
-        data = data.subset(order[:job.eval_examples])
-    return data
 
 
 PLANNER_VERSION = 2  # 2: the rank planner's batch-whole grid; a plan cached by another version is made again

@@ -7,7 +7,7 @@
       model: resnet18
       weights: runs/r18.pt        # optional
       layers: 2
-      method: asi                 # vanilla | asi | hosvd | gradfilt
+      method: asi                 # vanilla | asi | asi-only | hosvd | gradfilt (odl_fed.methods)
       rounds: 3
       clients-per-round: 3
       local-epochs: 1
@@ -35,10 +35,10 @@ from pathlib import Path
 import yaml
 
 from odl_fed.data import DATASETS
+from odl_fed.methods import METHODS
 from odl_fed.models import MODELS
 from odl_fed.suggest import did_you_mean
 from odl_fed.profile import DeviceProfile, ProfileError, get_profile, load_profiles
-from odl_fed.task import METHODS
 
 __all__ = ["FleetSpec", "JobSpec", "DeviceGroup", "FleetError", "load_fleet"]
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import psutil
 
-from odl_fed.client_round import held_out_data
+from odl_fed.job import held_out_data
 from odl_fed.data import DatasetUnavailableError
 from odl_fed.fleet import FleetError, load_fleet
+from odl_fed.run_config import DEFAULTS
 from odl_fed.simulate import OFFLINE_ENV
 
 __all__ = ["flwr_run", "stop_local_superlink"]
@@ -50,7 +51,7 @@ def stop_local_superlink(flwr_home: Path) -> int:
 
 
 def flwr_run(fleet: Path, *, out_dir: Path, flwr_home: Path, devices_file: Path | None = None,
-             plan_cache: str = ".odl-fed/plans", timeout: float = 3600) -> Path:
+             plan_cache: str = DEFAULTS["plan-cache"], timeout: float = 3600) -> Path:
     """Run the fleet with ``flwr run . local`` and return its round log; raise if the run did not finish."""
     spec = load_fleet(fleet, device_files=() if devices_file is None else (devices_file,))
     spec.check_files()

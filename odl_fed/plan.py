@@ -7,6 +7,15 @@ and its perplexity ``||dW_lowrank - dW_exact||_F``. One option per layer is then
 minimise summed perplexity with summed bytes within the budget: a multiple-choice knapsack solved
 by dynamic programming over a discretised budget. Same inputs, same plan.
 
+Besides the thresholds, every layer has its lossless option (the full-rank Tucker form, ranks
+:func:`full_ranks`, perplexity 0) and, with ``exact=True`` (the ``asi`` method: "ASI where the
+budget needs it"), the option of staying exact: plain backprop, its whole input saved. Exact
+options cost the most and lose nothing, so the knapsack keeps layers exact while the budget
+allows and compresses the least sensitive ones first.
+
+The torch part (:func:`calibrate`: options from calibration batches) is apart from the pure
+choice (:func:`plan_from_options`: options -> knapsack -> :class:`RankPlan`).
+
 Three grids (``grid=``):
 
 - ``"paper"``: one threshold for every mode, as in the paper;
@@ -28,7 +37,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +47,7 @@ from torch.nn.grad import conv2d_weight
 from odl_fed.asi.layers import _conv_geometry
 from odl_fed.asi.tucker import TuckerForm, mode_spectra, ranks_for_energy, tucker_core, tucker_numel
 from odl_fed.asi.weight_grad import conv2d_weight_from_tucker, linear_weight_from_tucker
+from odl_fed.units import parse_bytes
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -49,7 +58,9 @@ __all__ = [
     "parse_bytes",
     "calibrate",
     "choose",
+    "plan_from_options",
     "plan_ranks",
+    "full_ranks",
 ]
 
 DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -59,40 +70,23 @@ UPPER_THRESHOLDS = (0.95, 0.98, 0.99)
 KNAPSACK_RESOLUTION = 4096  # budget units of the dynamic programme
 GRIDS = ("batch-whole", "mixed", "paper")
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 class BudgetTooSmallError(ValueError):
     """No choice of thresholds fits the budget; the message says the minimum that would."""
 
 
-def parse_bytes(value: str | int | float, *, what: str = "budget", allow_zero: bool = False) -> int:
-    """``"200KB"`` -> 200000, ``"1.5MiB"`` -> 1572864, ``4096`` -> 4096 (KB = 1000 B, KiB = 1024 B)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a positive size like 200KB or 1.5MiB, but got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"{what} must be a positive size like 200KB or 1.5MiB "
-                             f"(units: {', '.join(u for u in _UNITS if u)}), but got {value!r}")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    nbytes = int(number * _UNITS[unit])
-    if not math.isfinite(number) or nbytes < 0 or (nbytes == 0 and not allow_zero):
-        raise ValueError(f"{what} must be a positive size like 200KB or 1.5MiB, but got {value!r}")
-    return nbytes
-
-
 @dataclass(frozen=True)
 class LayerOption:
-    """One threshold's outcome for one layer; ``whole`` names the modes kept uncompressed."""
+    """One way to hold one layer's input: a threshold's Tucker ranks (``whole`` names the modes kept
+    uncompressed), the lossless full-rank Tucker form (``eps == 1``), or the input itself (``exact``)."""
 
     eps: float
     ranks: tuple[int, ...]
     nbytes: int
     perplexity: float
     whole: tuple[str, ...] = ()
+    exact: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +97,7 @@ class LayerPlan:
     nbytes: int
     perplexity: float
     whole: tuple[str, ...] = ()
+    exact: bool = False  # the layer stays as it is (plain backprop): ``ranks`` is then its input's shape
 
 
 @dataclass(frozen=True)
@@ -123,9 +118,13 @@ class RankPlan:
     def total_perplexity(self) -> float:
         return sum(layer.perplexity for layer in self.layers)
 
-    def targets(self) -> dict[str, tuple[int, ...]]:
-        """``{layer: ranks}``, as :func:`odl_fed.asi.inject_asi` takes them."""
-        return {layer.name: layer.ranks for layer in self.layers}
+    def targets(self) -> dict[str, tuple[int, ...] | None]:
+        """``{layer: ranks}``, None for a layer kept exact (:meth:`odl_fed.methods.Method.apply` takes them)."""
+        return {layer.name: None if layer.exact else layer.ranks for layer in self.layers}
+
+    @property
+    def exact_layers(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers if layer.exact)
 
     def to_dict(self) -> dict:
         return {
@@ -144,7 +143,7 @@ class RankPlan:
             model=data["model"], budget_bytes=int(data["budget_bytes"]), batch_size=int(data["batch_size"]),
             layers=tuple(LayerPlan(name=l["name"], eps=float(l["eps"]), ranks=tuple(int(r) for r in l["ranks"]),
                                    nbytes=int(l["nbytes"]), perplexity=float(l["perplexity"]),
-                                   whole=tuple(str(m) for m in l.get("whole", ())))
+                                   whole=tuple(str(m) for m in l.get("whole", ())), exact=bool(l.get("exact", False)))
                          for l in data["layers"]),
         )
 
@@ -206,6 +205,24 @@ def whole_mode_choices(layer: nn.Module, ndim: int) -> list[dict[str, tuple[int,
             for subset in itertools.combinations(names, k)]
 
 
+def _padded_input(module: nn.Module, x: Tensor) -> Tensor:
+    pad = getattr(module, "static_padding", None)
+    return pad(x) if isinstance(module, nn.Conv2d) and isinstance(pad, nn.Module) else x
+
+
+def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
+    """The ranks at which a Tucker form is lossless: each mode's unfolding has rank at most
+    ``min(d_n, prod(other dims))``."""
+    total = math.prod(shape)
+    return tuple(min(d, total // d) for d in shape)
+
+
+def exact_option(shape: Sequence[int], itemsize: int) -> LayerOption:
+    """The layer kept as it is: plain backprop saves its whole input."""
+    return LayerOption(eps=1.0, ranks=tuple(shape), nbytes=math.prod(shape) * itemsize, perplexity=0.0,
+                       exact=True)
+
+
 def calibrate(
     model: nn.Module,
     layer_names: Sequence[str],
@@ -215,13 +232,16 @@ def calibrate(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     batch_size: int | None = None,
     whole_modes: bool = True,
+    exact: bool = False,
 ) -> dict[str, list[LayerOption]]:
     """Each layer's options (ranks, bytes, perplexity) at each threshold, averaged over ``batches``.
 
     With ``whole_modes``, each threshold is offered again with the batch and/or spatial (token)
-    modes kept whole (:func:`whole_mode_choices`); options with equal ranks are merged. The model
-    runs plain backprop here (the layers must not be swapped yet). Bytes are counted at
-    ``batch_size`` (default: the calibration batch), the batch the plan will train with.
+    modes kept whole (:func:`whole_mode_choices`); options with equal ranks are merged. Every
+    layer also gets its lossless full-rank Tucker option (:func:`full_ranks`), and with ``exact``
+    the option of staying exact (:func:`exact_option`). The model runs plain backprop here (the
+    layers must not be swapped yet). Bytes are counted at ``batch_size`` (default: the
+    calibration batch), the batch the plan will train with.
     """
     modules = dict(model.named_modules())
     missing = [n for n in layer_names if n not in modules]
@@ -235,7 +255,9 @@ def calibrate(
 
     def capture(name):
         def hook(module, args, output):
-            seen[name]["x"] = args[0].detach()
+            # the input the conv computes on: after a padding it applies itself (EfficientNet's
+            # static "same" padding), as the compressed layer packs it
+            seen[name]["x"] = _padded_input(module, args[0]).detach()
             # a tensor hook (not a module backward hook) tolerates in-place ops after the layer
             output.register_hook(lambda grad: seen[name].__setitem__("dy", grad.detach()))
 
@@ -251,7 +273,7 @@ def calibrate(
             for name, layer in layers.items():
                 x, dy = _as_modes(layer, seen[name]["x"], seen[name]["dy"])
                 x = x.contiguous()
-                exact = _exact_weight_grad(layer, x, dy)
+                reference = _exact_weight_grad(layer, x, dy)
                 spectra = mode_spectra(x)
                 choices = whole_mode_choices(layer, x.dim()) if whole_modes else [{}]
                 for eps in thresholds:
@@ -262,7 +284,7 @@ def calibrate(
                         factors = tuple(vectors[:, :k].to(x.dtype).contiguous()
                                         for (_, vectors), k in zip(spectra, ranks))
                         form = TuckerForm(tucker_core(x, factors), factors)
-                        error = (_weight_grad(layer, form, dy) - exact).norm().item()
+                        error = (_weight_grad(layer, form, dy) - reference).norm().item()
                         key = (eps, tuple(whole))
                         entry = sums[name].setdefault(key, [[], 0.0, 0, x.shape, x.element_size(), kept])
                         entry[0].append(ranks)
@@ -286,8 +308,16 @@ def calibrate(
                                  perplexity=error_sum / count, whole=whole)
             if ranks not in opts or option.perplexity < opts[ranks].perplexity:
                 opts[ranks] = option
-        options[name] = sorted(opts.values(), key=lambda o: (o.eps, len(o.whole), o.whole))
+        lossless = full_ranks(shape)
+        opts[lossless] = LayerOption(eps=1.0, ranks=lossless, nbytes=tucker_numel(shape, lossless) * itemsize,
+                                     perplexity=0.0, whole=("all",))
+        extra = [exact_option(shape, itemsize)] if exact else []
+        options[name] = extra + sorted(opts.values(), key=_option_order)
     return options
+
+
+def _option_order(option: LayerOption) -> tuple:
+    return (not option.exact, option.eps, len(option.whole), option.whole)
 
 
 def choose(options: Mapping[str, Sequence[LayerOption]], budget_bytes: int,
@@ -334,6 +364,27 @@ def choose(options: Mapping[str, Sequence[LayerOption]], budget_bytes: int,
     return {name: chosen[name] for name in names}
 
 
+def plan_from_options(options: Mapping[str, Sequence[LayerOption]], budget_bytes: int, *, batch_size: int,
+                      model_name: str, grid: str = "batch-whole") -> RankPlan:
+    """The pure choice: each layer's options -> the knapsack -> a plan (no torch runs here).
+
+    With ``grid="batch-whole"``, the options that keep the batch mode whole (the exact and lossless
+    ones among them) are tried first, and all options only when those cannot fit.
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {list(GRIDS)}, but got grid={grid!r}")
+    chosen = None
+    if grid == "batch-whole":
+        kept = {n: [o for o in opts if o.ranks[0] == batch_size] for n, opts in options.items()}
+        if all(kept.values()) and sum(min(o.nbytes for o in opts) for opts in kept.values()) <= budget_bytes:
+            chosen = choose(kept, budget_bytes)
+    chosen = chosen or choose(options, budget_bytes)
+    layers = tuple(LayerPlan(name=n, eps=o.eps, ranks=o.ranks, nbytes=o.nbytes, perplexity=o.perplexity,
+                             whole=o.whole, exact=o.exact) for n, o in chosen.items())
+    return RankPlan(model=model_name, budget_bytes=budget_bytes, batch_size=batch_size, layers=layers,
+                    options={n: tuple(o) for n, o in options.items()})
+
+
 def plan_ranks(
     model: nn.Module,
     layer_names: Sequence[str],
@@ -345,12 +396,15 @@ def plan_ranks(
     batch_size: int | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     grid: str = "batch-whole",
+    exact: bool = False,
 ) -> RankPlan:
     """The best per-layer ranks for an activation ``budget`` (bytes, or a size like ``"200KB"``).
 
-    The threshold grid is extended downwards when even its cheapest choice does not fit, and
-    upwards when its dearest choice leaves budget unused. ``grid`` is one of :data:`GRIDS` (see
-    the module's docstring).
+    Calibration (:func:`calibrate`, torch) then the choice (:func:`plan_from_options`, pure). The
+    threshold grid is extended downwards when even its cheapest choice does not fit, and upwards
+    when its dearest threshold choice leaves budget unused. ``grid`` is one of :data:`GRIDS` (see
+    the module's docstring). With ``exact``, a layer may also stay exact (ranks None in
+    :meth:`RankPlan.targets`): the knapsack keeps the most sensitive layers exact when it can.
     """
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, but got grid={grid!r}")
@@ -359,23 +413,25 @@ def plan_ranks(
     batch_size = batch_size or batches[0][0].shape[0]
     levels = sorted(set(thresholds))
     options = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=levels, batch_size=batch_size,
-                        whole_modes=whole_modes)
-    cheapest = sum(min(o.nbytes for o in opts) for opts in options.values())
-    dearest = sum(max(o.nbytes for o in opts) for opts in options.values())
+                        whole_modes=whole_modes, exact=exact)
+    graded = {n: [o for o in opts if o.eps < 1.0] or opts for n, opts in options.items()}
+    cheapest = sum(min(o.nbytes for o in opts) for opts in graded.values())
+    dearest = sum(max(o.nbytes for o in opts) for opts in graded.values())
     extra = [e for e in LOWER_THRESHOLDS if e < levels[0]] if cheapest > budget_bytes else []
     extra += [e for e in UPPER_THRESHOLDS if e > levels[-1]] if dearest < budget_bytes else []
     if extra:
         more = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=extra, batch_size=batch_size,
                          whole_modes=whole_modes)
-        options = {n: sorted([*options[n], *more[n]], key=lambda o: (o.eps, len(o.whole), o.whole))
-                   for n in options}
-    chosen = None
-    if grid == "batch-whole":
-        kept = {n: [o for o in opts if o.ranks[0] == batch_size] for n, opts in options.items()}
-        if all(kept.values()) and sum(min(o.nbytes for o in opts) for opts in kept.values()) <= budget_bytes:
-            chosen = choose(kept, budget_bytes)
-    chosen = chosen or choose(options, budget_bytes)
-    layers = tuple(LayerPlan(name=n, eps=o.eps, ranks=o.ranks, nbytes=o.nbytes, perplexity=o.perplexity,
-                             whole=o.whole) for n, o in chosen.items())
-    return RankPlan(model=model_name or type(model).__name__, budget_bytes=budget_bytes, batch_size=batch_size,
-                    layers=layers, options={n: tuple(o) for n, o in options.items()})
+        options = {n: _merge_options(options[n], more[n]) for n in options}
+    return plan_from_options(options, budget_bytes, batch_size=batch_size,
+                             model_name=model_name or type(model).__name__, grid=grid)
+
+
+def _merge_options(first: Sequence[LayerOption], second: Sequence[LayerOption]) -> list[LayerOption]:
+    """Both lists' options, one per (ranks, exact): the one with the lower perplexity."""
+    merged: dict[tuple, LayerOption] = {}
+    for option in [*first, *second]:
+        key = (option.ranks, option.exact)
+        if key not in merged or option.perplexity < merged[key].perplexity:
+            merged[key] = option
+    return sorted(merged.values(), key=_option_order)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from odl_fed.plan import parse_bytes
+from odl_fed.units import parse_bytes
 from odl_fed.suggest import did_you_mean
 
 __all__ = ["DeviceProfile", "ProfileError", "BUILTIN_PROFILES", "load_profiles", "get_profile"]

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from odl_fed.client_round import global_model, held_out_data, trained_state
+from odl_fed.job import global_model, held_out_data, trained_state
 from odl_fed.recorder import RoundRecorder
 from odl_fed.run_config import RunSettings
 from odl_fed.strategy import log, make_strategy, parameter_bytes

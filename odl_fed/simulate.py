@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.client_app import handle_train
-from odl_fed.client_round import held_out_data
+from odl_fed.job import held_out_data
 from odl_fed.run_config import RunSettings
 from odl_fed.server_app import run_server
 

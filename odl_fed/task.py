@@ -14,31 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odl_fed.asi import inject_asi
 from odl_fed.asi.layers import Ranks
-from odl_fed.asi.variants import GradFilterVariant
 from odl_fed.data import ImageData, batches
 from odl_fed.memory_guard import MemoryGuard
+from odl_fed.methods import METHODS, Method, get_method
 from odl_fed.saved_memory import SavedTensorMeter
 
 __all__ = ["METHODS", "apply_method", "train_epoch", "evaluate"]
 
-METHODS = ("vanilla", "asi", "hosvd", "gradfilt")
 
+def apply_method(model: nn.Module, method: str | Method, ranks: Mapping[str, Ranks | None], *,
+                 radius: int = 2) -> list[str]:
+    """Put ``method``'s layers in place for the trained convs of ``ranks``; return what was swapped.
 
-def apply_method(model: nn.Module, method: str, ranks: Mapping[str, Ranks | None], *, radius: int = 2) -> list[str]:
-    """Swap the trained convs for ``method``'s layers (``vanilla``: leave them); return what was swapped.
-
-    ``ranks`` maps each trained layer to its ranks (``gradfilt`` ignores them and pools in
-    ``radius x radius`` patches).
+    ``ranks`` maps each trained conv to its ranks (None: kept exact, or a method without ranks);
+    ``gradfilt`` pools in ``radius x radius`` patches. See :mod:`odl_fed.methods`.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, but got method={method!r}")
-    if method == "vanilla":
-        return []
-    if method == "gradfilt":
-        return inject_asi(model, {name: None for name in ranks}, variant=GradFilterVariant(radius=radius))
-    return inject_asi(model, ranks, variant=method)
+    return get_method(method).apply(model, ranks, radius=radius)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:

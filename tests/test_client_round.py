@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from odl_fed.client_round import (OK, REFUSED, PlanCache, client_data, global_model,
-                                  run_client_round, trained_state)
+from odl_fed.client_round import OK, REFUSED, PlanCache, run_client_round
+from odl_fed.job import client_data, global_model, trained_state
 from odl_fed.fleet import JobSpec
 from odl_fed.profile import get_profile
 

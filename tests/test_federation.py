@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, Context, Message
 
 from odl_fed.client_app import handle_train
 from odl_fed.client_plan import plan_client
-from odl_fed.client_round import client_data
+from odl_fed.job import client_data
 from odl_fed.fleet import load_fleet
 from odl_fed.models import build_model
 from odl_fed.profile import get_profile

@@ -57,3 +57,12 @@ def test_benchmark_config_errors_name_the_file_and_the_key(tmp_path):
     bad.write_text("models: [resnet18]\nbatchsize: 4\n")
     with pytest.raises(SystemExit, match=r"bench.yaml: unknown setting 'batchsize' \(did you mean 'batch'\?\)"):
         asi_layers.main(["--config", str(bad)])
+
+
+def test_the_run_config_defaults_live_in_one_place():
+    import tomllib
+
+    from odl_fed.run_config import DEFAULTS
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULTS  # Flower reads pyproject; odl-fed reads DEFAULTS

@@ -17,7 +17,7 @@ from odl_fed.asi.companions import BitMaskReLU, FrozenBatchNorm2d
 from odl_fed.asi.layers import ASIConv2d, ASILinear, Ranks
 from odl_fed.asi.variants import Variant
 
-__all__ = ["inject_asi", "restore_model", "last_conv_names", "freeze_except", "LayerNotFoundError", "SUPPORTED_LAYERS"]
+__all__ = ["inject_asi", "inject_companions", "restore_model", "last_conv_names", "freeze_except", "LayerNotFoundError", "SUPPORTED_LAYERS"]
 
 
 class LayerNotFoundError(KeyError):
@@ -101,17 +101,35 @@ def inject_asi(
             )
         replacements[name] = new
     if companions:
-        first = min(order[name] for name in targets)
-        for name, module in modules.items():
-            if order[name] <= first or name in replacements:
-                continue
-            if isinstance(module, nn.BatchNorm2d):
-                replacements[name] = FrozenBatchNorm2d.from_batchnorm(module)
-            elif isinstance(module, (nn.ReLU, nn.ReLU6)):
-                replacements[name] = BitMaskReLU.from_module(module)
+        first = min(targets, key=order.__getitem__)
+        replacements |= {name: new for name, new in _companions(modules, first).items() if name not in replacements}
     for name, new in replacements.items():
         _replace(model, name, new)
     return sorted(replacements, key=order.__getitem__)
+
+
+def _companions(modules: Mapping[str, nn.Module], after: str) -> dict[str, nn.Module]:
+    """Frozen BatchNorm and ReLU layers registered after ``after``, as ones that save no input."""
+    names = list(modules)
+    found = {}
+    for name in names[names.index(after) + 1:]:
+        module = modules[name]
+        if isinstance(module, nn.BatchNorm2d):
+            found[name] = FrozenBatchNorm2d.from_batchnorm(module)
+        elif isinstance(module, (nn.ReLU, nn.ReLU6)):
+            found[name] = BitMaskReLU.from_module(module)
+    return found
+
+
+def inject_companions(model: nn.Module, *, after: str) -> list[str]:
+    """Swap the frozen BatchNorm and ReLU layers after layer ``after`` (the first trained one) for
+    ones that save no input, whether or not the trained layers themselves are compressed."""
+    modules = dict(model.named_modules())
+    _lookup(model, after, modules)
+    replacements = _companions(modules, after)
+    for name, new in replacements.items():
+        _replace(model, name, new)
+    return list(replacements)
 
 
 def restore_model(model: nn.Module) -> list[str]:

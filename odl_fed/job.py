@@ -1,0 +1,60 @@
+"""The job's shared pieces, used by the server and by every client: the global model, the trained
+state that travels, each client's share of the data and the server's held-out split.
+
+Neither side imports the other: the server (:mod:`odl_fed.server_app`) and a client
+(:mod:`odl_fed.client_round`) both build what they share from here, from the same :class:`JobSpec`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+
+from odl_fed.data import ImageData, load_dataset, partition
+from odl_fed.fleet import JobSpec
+from odl_fed.models import build_model, prepare_finetune
+
+__all__ = ["global_model", "trained_state", "client_data", "held_out_data"]
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters that train (and travel): the last convs and the head."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def global_model(job: JobSpec, *, num_classes: int) -> tuple[nn.Module, list[str]]:
+    """The job's model with its trained layers marked, and the names of the trained convs."""
+    torch.manual_seed(job.seed)  # the same new head on the server and in every client
+    model = build_model(job.model, weights=job.weights, num_classes=num_classes)
+    return model, prepare_finetune(model, layers=job.layers)
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, split: str) -> ImageData:
+    return load_dataset(name, split=split)
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(name: str, num_partitions: int, alpha: float | None, seed: int) -> tuple:
+    return tuple(partition(_dataset(name, "train").labels, num_partitions, alpha=alpha, seed=seed))
+
+
+def client_data(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData:
+    """This client's share of the training split (cached per process: simulated clients share actors)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id must be in [0, {num_partitions}), but got {partition_id}")
+    indices = _partitions(job.dataset, num_partitions, job.dirichlet_alpha, job.seed)[partition_id]
+    if job.examples_per_client is not None:
+        indices = indices[:job.examples_per_client]
+    return _dataset(job.dataset, "train").subset(torch.as_tensor(indices))
+
+
+def held_out_data(job: JobSpec) -> ImageData:
+    """The server's evaluation set: the test split, capped at ``eval-examples``."""
+    data = _dataset(job.dataset, "test")
+    if job.eval_examples is not None and job.eval_examples < len(data):
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed))
+        data = data.subset(order[:job.eval_examples])
+    return data

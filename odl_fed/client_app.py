@@ -20,9 +20,10 @@ from odl_fed.job import client_data
 from odl_fed.profile import DeviceProfile, get_profile, load_profiles
 from odl_fed.run_config import RunSettings
 
-__all__ = ["app", "handle_train", "node_identity"]
+__all__ = ["app", "handle_train", "node_identity", "BASES_KEY"]
 
 app = ClientApp()
+BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,19 +57,27 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message:
-    """Train on this node's data and reply with the trained layers, or with why it could not."""
+    """Train on this node's data and reply with the trained layers, or with why it could not.
+
+    The node keeps its ASI bases in ``context.state`` (``asi-bases``), so its next round starts warm.
+    """
     settings = RunSettings.from_config(run_config)
     client, profile, partition_id, num_partitions = node_identity(settings, context.node_config)
     job = settings.fleet().job
     config = msg.content.config_records.get("config", ConfigRecord())
+    kept = context.state.array_records.get(BASES_KEY)
     outcome = run_client_round(
         job, profile, msg.content["arrays"].to_torch_state_dict(), client=client,
         data=client_data(job, partition_id, num_partitions),
         cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)), server_round=int(config.get("server-round", 0)))
+        proximal_mu=float(config.get("proximal-mu", 0.0)), server_round=int(config.get("server-round", 0)),
+        bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout)
+    if outcome.bases:
+        context.state[BASES_KEY] = ArrayRecord(torch_state_dict=outcome.bases)
     content = RecordDict({
         "client": ConfigRecord({"client": outcome.client, "device": outcome.device, "status": outcome.status,
-                                "error": outcome.error, "plan": json.dumps(outcome.plan)}),
+                                "error": outcome.error, "plan": json.dumps(outcome.plan),
+                                "attempts": json.dumps(outcome.attempts)}),
         "metrics": MetricRecord(outcome.metrics),
     })
     if outcome.arrays is not None:

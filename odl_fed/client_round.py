@@ -4,12 +4,18 @@ The Flower ClientApp (:mod:`odl_fed.client_app`) only converts messages to and f
 
 1. builds the job's model and loads the global trained layers (only those travel);
 2. plans the layers, batch and ranks that fit the device (:func:`~odl_fed.client_plan.plan_client`),
-   cached per (model, weights, layers, method, batch, image size, device profile);
-3. puts the method's layers in place and trains ``local-epochs`` epochs with a
+   cached per (model, weights, layers, method, batch, image size, dataset, strategy, device
+   profile, planner version), in memory and on disk;
+3. puts the method's layers in place, loads the ASI bases this client kept from its last round
+   (warm start across rounds) and trains ``local-epochs`` epochs with a
    :class:`~odl_fed.memory_guard.MemoryGuard` on the process budget: the device's ``train-memory``
    less the model's weights, which are resident before training starts;
-4. returns the trained layers and what the dashboard needs: activation bytes (measured with
-   ``saved_tensors_hooks``), the guard's peak, FLOPs, time, loss, examples.
+4. if the guard stops training anyway, retreats to the next setting in the planner's order
+   (smaller batch, fewer layers, lower ranks), plans it, and trains again from the global layers,
+   while the round's deadline allows; the new plan replaces the cached one;
+5. returns the trained layers, the ASI bases to keep, and what the dashboard needs: activation
+   bytes (measured with ``saved_tensors_hooks``), the guard's peak, FLOPs, time, loss, examples,
+   and every attempt the round made.
 
 A plan that cannot fit or a breached budget is an outcome, not an exception: the server logs it
 and aggregates the others.
@@ -21,24 +27,24 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from odl_fed.client_plan import ClientPlan, PlanRefused, plan_client
+from odl_fed.asi import restore_model
+from odl_fed.asi.layers import ASIConv2d
+from odl_fed.client_plan import ClientPlan, PlanRefused, Setting, nbytes, next_setting, plan_client
 from odl_fed.data import ImageData, batches
 from odl_fed.fleet import JobSpec
-from odl_fed.flops import count_flops
-from odl_fed.memory_guard import MemoryBudgetExceeded, MemoryGuard
 from odl_fed.job import global_model
+from odl_fed.memory_guard import MemoryBudgetExceeded, MemoryGuard
 from odl_fed.models import prepare_finetune
 from odl_fed.profile import DeviceProfile
-from odl_fed.task import apply_method, train_epoch
+from odl_fed.task import apply_method, make_optimizer, train_epoch, warm_up
 
-__all__ = ["ClientOutcome", "PlanCache", "run_client_round", "OK", "REFUSED", "MEMORY_EXCEEDED"]
+__all__ = ["ClientOutcome", "PlanCache", "run_client_round", "asi_bases", "OK", "REFUSED", "MEMORY_EXCEEDED"]
 
 OK, REFUSED, MEMORY_EXCEEDED = "ok", "refused", "memory-exceeded"
 
@@ -54,9 +60,13 @@ class ClientOutcome:
     plan: dict | None = None
     arrays: dict[str, Tensor] | None = None
     error: str = ""
+    bases: dict[str, Tensor] = field(default_factory=dict)  # the ASI bases to keep for the next round
+    attempts: list[dict] = field(default_factory=list)  # each plan tried this round and what became of it
 
 
-PLANNER_VERSION = 2  # 2: the rank planner's batch-whole grid; a plan cached by another version is made again
+# A plan cached by another version is made again. 2: the rank planner's batch-whole grid;
+# 3: exact layers where the budget allows, and a measured trial of the training loop
+PLANNER_VERSION = 3
 
 
 class PlanCache:
@@ -76,6 +86,7 @@ class PlanCache:
             weights = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         what = {"model": job.model, "weights": weights, "layers": job.layers, "method": job.method,
                 "batch": job.batch_size, "image": job.image_size, "dataset": job.dataset, "profile": asdict(profile),
+                "strategy": job.strategy,
                 "planner": PLANNER_VERSION}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -102,10 +113,6 @@ class PlanCache:
             tmp.replace(self.directory / f"{key}.json")
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def _load_global(model: nn.Module, arrays: Mapping[str, Tensor], client: str) -> dict[str, nn.Parameter]:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(arrays) != set(params):
@@ -120,87 +127,173 @@ def _load_global(model: nn.Module, arrays: Mapping[str, Tensor], client: str) ->
     return params
 
 
-def _step_flops(model: nn.Module, x: Tensor, y: Tensor) -> int:
-    """FLOPs of one training step, forward + backward (gradients discarded)."""
-    flops, _ = count_flops(lambda: F.cross_entropy(model(x), y).backward())
-    for p in model.parameters():
-        p.grad = None
-    return flops
+def asi_bases(model: nn.Module) -> dict[str, Tensor]:
+    """The warm-start bases of the model's compressed convs, by state-dict key (what a client keeps)."""
+    return {f"{name}.basis_{mode}": basis.detach().clone() for name, module in model.named_modules()
+            if isinstance(module, ASIConv2d) for mode, basis in zip(module.modes, module.bases())
+            if basis is not None}
+
+
+def _load_bases(model: nn.Module, bases: Mapping[str, Tensor]) -> int:
+    """Put kept bases back where a compressed conv of the same rank takes them; returns how many."""
+    loaded = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, ASIConv2d):
+            continue
+        for mode in module.modes:
+            basis = bases.get(f"{name}.basis_{mode}")
+            if basis is not None and basis.dim() == 2 and basis.shape[1] <= basis.shape[0]:
+                setattr(module, f"basis_{mode}", basis.to(module.weight.dtype).clone())
+                loaded += 1
+    return loaded
+
+
+class _Deadline:
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
 
 
 def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mapping[str, Tensor], *, client: str,
                      data: ImageData, cache: PlanCache | None = None, proximal_mu: float = 0.0,
-                     server_round: int = 1) -> ClientOutcome:
-    """Fine-tune the global trained layers on ``data`` within ``profile``'s memory; see the module doc."""
-    started = time.perf_counter()
-    model, _ = global_model(job, num_classes=data.num_classes)
-    params = _load_global(model, global_arrays, client)
-    base = {"train-memory": profile.train_memory, "server-round": server_round}
+                     server_round: int = 1, bases: Mapping[str, Tensor] | None = None,
+                     deadline: float | None = None) -> ClientOutcome:
+    """Fine-tune the global trained layers on ``data`` within ``profile``'s memory; see the module doc.
 
+    ``bases`` are the ASI bases this client kept from its last round (:attr:`ClientOutcome.bases`);
+    ``deadline`` the seconds the round may take (a retreat after a breach starts only while at
+    least the last attempt's duration is left).
+    """
+    started = time.perf_counter()
+    clock = _Deadline(deadline)
+    model, _ = global_model(job, num_classes=data.num_classes)
+    _load_global(model, global_arrays, client)
+    base = {"train-memory": profile.train_memory, "server-round": server_round}
     cache = cache if cache is not None else PlanCache()
     key = PlanCache.key(job, profile)
+
+    def make_plan(start: Setting | None = None) -> ClientPlan:
+        return plan_client(model, model_name=job.model, profile=profile, method=job.method, layers=job.layers,
+                           batch_size=job.batch_size, data=data, image_size=job.image_size, lr=job.lr,
+                           start=start, proximal=proximal_mu > 0, seed=job.seed)
+
     plan, cached = cache.get(key), True
     if plan is None:
         cached = False
         try:
-            plan = plan_client(model, model_name=job.model, profile=profile, method=job.method, layers=job.layers,
-                               batch_size=job.batch_size, data=data, image_size=job.image_size)
+            plan = make_plan()
         except PlanRefused as error:
             return ClientOutcome(client, profile.name, REFUSED, base, error=str(error))
         cache.put(key, plan)
     plan_seconds = time.perf_counter() - started
 
-    if len(plan.layers) < job.layers:  # the plan dropped layers: those stay at the global values
-        prepare_finetune(model, layers=len(plan.layers))
+    attempts: list[dict] = []
+    while True:
+        attempt_started = time.perf_counter()
+        try:
+            trained = _train(model, job, plan, data, global_arrays, client=client, proximal_mu=proximal_mu,
+                             server_round=server_round, bases=bases or {}, train_memory=profile.train_memory)
+        except MemoryBudgetExceeded as error:
+            attempts.append(_attempt(plan, "memory-exceeded", error.peak, error.budget, str(error)))
+            restore_model(model)
+            after = next_setting(plan, layers=job.layers, batch_size=job.batch_size)
+            took = time.perf_counter() - attempt_started
+            if after is None or clock.left() < 2 * took:
+                why = "no smaller setting to retreat to" if after is None else \
+                    f"{clock.left():.0f} s left of the round, the last attempt took {took:.0f} s"
+                return ClientOutcome(client, profile.name, MEMORY_EXCEEDED,
+                                     base | {"peak-memory": error.peak, "memory-budget": error.budget,
+                                             "attempts": len(attempts)},
+                                     plan=plan.to_dict(), error=f"{error}; {why}", attempts=attempts)
+            try:
+                plan = make_plan(after)
+            except PlanRefused as refused:
+                return ClientOutcome(client, profile.name, MEMORY_EXCEEDED,
+                                     base | {"peak-memory": error.peak, "memory-budget": error.budget,
+                                             "attempts": len(attempts)},
+                                     plan=plan.to_dict(), error=f"{error}; retreating: {refused}", attempts=attempts)
+            cache.put(key, plan)
+            continue
+        break
+    metrics, arrays, kept = trained
+    attempts.append(_attempt(plan, OK, metrics["peak-memory"], metrics["memory-budget"]))
+    metrics = base | metrics | {"plan-time": plan_seconds, "plan-cached": int(cached), "attempts": len(attempts)}
+    return ClientOutcome(client, profile.name, OK, metrics, plan=plan.to_dict(), arrays=arrays, bases=kept,
+                         attempts=attempts)
+
+
+def _attempt(plan: ClientPlan, status: str, peak: int, budget: int, error: str = "") -> dict:
+    return {"status": status, "layers": len(plan.layers), "batch-size": plan.batch_size,
+            "activation-scale": plan.activation_scale, "peak-memory": peak, "memory-budget": budget,
+            "planned-need": plan.measured_need + plan.margin, "error": error}
+
+
+def _train(model: nn.Module, job: JobSpec, plan: ClientPlan, data: ImageData, global_arrays, *, client: str,
+           proximal_mu: float, server_round: int, bases: Mapping[str, Tensor], train_memory: int):
+    """One attempt: the plan's layers from the global values, trained under the guard (raises on a breach)."""
+    prepare_finetune(model, layers=len(plan.layers))  # a plan with fewer layers leaves the others at the global values
+    params = _load_global_subset(model, global_arrays)
     apply_method(model, job.method, plan.ranks)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # Per parameter, not foreach: the multi-tensor step's temporaries are as large as all trained
-    # parameters together, which a small device pays for at every step.
-    optimizer = torch.optim.Adam(trainable, lr=job.lr, foreach=False)
-    anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu > 0 else None
-
-    def proximal() -> Tensor:
-        return proximal_mu / 2 * sum((params[n] - anchor[n]).pow(2).sum() for n in anchor)
-
+    warm = _load_bases(model, bases)
+    optimizer = make_optimizer(list(params.values()), lr=job.lr)
     x, y = next(batches(data, batch_size=plan.batch_size, image_size=job.image_size))
-    flops_per_step = _step_flops(model, x, y)
-    resident = _nbytes(model.parameters()) + _nbytes(model.buffers())
-    guard = MemoryGuard(max(profile.train_memory - resident, 1), client=client)
+    flops_per_step = warm_up(model, x, y)
+    del x, y
+    resident = nbytes(model.parameters()) + nbytes(model.buffers())
+    guard = MemoryGuard(max(train_memory - resident, 1), client=client)
     stats = {"loss": 0.0, "examples": 0, "seconds": 0.0, "activation_bytes": 0, "step_saved_bytes": 0}
-    try:
-        with guard:
-            for epoch in range(job.local_epochs):
-                epoch_stats = train_epoch(model, data, optimizer=optimizer, batch_size=plan.batch_size,
-                                          image_size=job.image_size, measured_layers=plan.layers,
-                                          seed=job.seed + 1000 * server_round + epoch, guard=guard,
-                                          regularizer=proximal if anchor is not None else None)
-                stats["loss"] = epoch_stats["loss"]
-                stats["examples"] += epoch_stats["examples"]
-                stats["seconds"] += epoch_stats["seconds"]
-                stats["activation_bytes"] = max(stats["activation_bytes"], epoch_stats["activation_bytes"])
-                stats["step_saved_bytes"] = max(stats["step_saved_bytes"], epoch_stats["step_saved_bytes"])
-    except MemoryBudgetExceeded as error:
-        return ClientOutcome(client, profile.name, MEMORY_EXCEEDED,
-                             base | {"peak-memory": guard.peak, "memory-budget": guard.budget},
-                             plan=plan.to_dict(), error=str(error))
+    with guard:
+        anchor = {name: p.detach().clone() for name, p in params.items()} if proximal_mu > 0 else None
+
+        def proximal() -> Tensor:
+            return proximal_mu / 2 * sum((params[n] - anchor[n]).pow(2).sum() for n in anchor)
+
+        for epoch in range(job.local_epochs):
+            epoch_stats = train_epoch(model, data, optimizer=optimizer, batch_size=plan.batch_size,
+                                      image_size=job.image_size, measured_layers=plan.layers,
+                                      seed=job.seed + 1000 * server_round + epoch, guard=guard,
+                                      regularizer=proximal if anchor is not None else None)
+            stats["loss"] = epoch_stats["loss"]
+            stats["examples"] += epoch_stats["examples"]
+            stats["seconds"] += epoch_stats["seconds"]
+            stats["activation_bytes"] = max(stats["activation_bytes"], epoch_stats["activation_bytes"])
+            stats["step_saved_bytes"] = max(stats["step_saved_bytes"], epoch_stats["step_saved_bytes"])
     steps = -(-len(data) // plan.batch_size) * job.local_epochs
-    metrics = base | {
+    metrics = {
         "num-examples": stats["examples"],
         "train-loss": stats["loss"],
         "train-time": stats["seconds"],
-        "plan-time": plan_seconds,
-        "plan-cached": int(cached),
         "batch-size": plan.batch_size,
         "layers-trained": len(plan.layers),
+        "exact-layers": len(plan.exact_layers),
         "activation-bytes": stats["activation_bytes"],
         "planned-activation-bytes": plan.predicted_activation_bytes,
         "step-saved-bytes": stats["step_saved_bytes"],
         "peak-memory": guard.peak,
         "memory-budget": guard.budget,
+        "planned-need": plan.measured_need + plan.margin,
         "guard-samples": guard.samples,
+        "guard-reclaims": guard.reclaims,
+        "warm-bases": warm,
         "flops-per-step": flops_per_step,
         "train-flops": flops_per_step * steps,
     }
-    arrays = {name: p.detach().clone() for name, p in params.items()}
-    return ClientOutcome(client, profile.name, OK, metrics, plan=plan.to_dict(), arrays=arrays)
+    arrays = {name: p.detach().clone() for name, p in _all_trained(model, global_arrays).items()}
+    return metrics, arrays, asi_bases(model)
 
+
+def _load_global_subset(model: nn.Module, global_arrays: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
+    """Reset every travelling layer to its global value; return the ones this plan trains."""
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in global_arrays.items():
+            named[name].copy_(value)
+    return {name: p for name, p in named.items() if p.requires_grad}
+
+
+def _all_trained(model: nn.Module, global_arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every layer that travels (the plan may have trained fewer: the others keep their global values)."""
+    named = dict(model.named_parameters())
+    return {name: named[name] for name in global_arrays}

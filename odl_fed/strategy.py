@@ -78,8 +78,12 @@ class ValidatedUpdates:
         metrics = dict(metrics_record) if metrics_record is not None else {}
         entry = {"client": client, "node": node, "device": info.get("device"), "status": info.get("status", "ok"),
                  "bytes-down": self._bytes_down, **metrics}
-        if "plan" in info:
-            entry["plan"] = json.loads(str(info["plan"]))
+        for key in ("plan", "attempts"):
+            if key in info:
+                try:
+                    entry[key] = json.loads(str(info[key]))
+                except json.JSONDecodeError:
+                    entry[key] = None
         if entry["status"] != "ok":
             entry["reason"] = str(info.get("error", ""))
             return entry

@@ -16,11 +16,12 @@ from torch import nn
 
 from odl_fed.asi.layers import Ranks
 from odl_fed.data import ImageData, batches
+from odl_fed.flops import count_flops
 from odl_fed.memory_guard import MemoryGuard
 from odl_fed.methods import METHODS, Method, get_method
 from odl_fed.saved_memory import SavedTensorMeter
 
-__all__ = ["METHODS", "apply_method", "train_epoch", "evaluate"]
+__all__ = ["METHODS", "apply_method", "make_optimizer", "warm_up", "train_epoch", "evaluate"]
 
 
 def apply_method(model: nn.Module, method: str | Method, ranks: Mapping[str, Ranks | None], *,
@@ -31,6 +32,29 @@ def apply_method(model: nn.Module, method: str | Method, ranks: Mapping[str, Ran
     ``gradfilt`` pools in ``radius x radius`` patches. See :mod:`odl_fed.methods`.
     """
     return get_method(method).apply(model, ranks, radius=radius)
+
+
+def make_optimizer(params, *, lr: float) -> torch.optim.Optimizer:
+    """The clients' optimizer: Adam, per parameter (``foreach=False``): the multi-tensor step's
+    temporaries are as large as all trained parameters together, which a small device pays for at
+    every step."""
+    return torch.optim.Adam(params, lr=lr, foreach=False)
+
+
+def warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, count: bool = True) -> int:
+    """One forward and backward before training (the kernels' first-use set-up happens here, not
+    under the memory guard); returns its FLOPs when ``count`` (else 0) and leaves no gradients."""
+    def step():
+        F.cross_entropy(model(x), y).backward()
+
+    flops = count_flops(step)[0] if count else step() or 0
+    for p in model.parameters():
+        p.grad = None
+    # An optimizer's first step imports and sets up what every later step shares (MBs, once per process).
+    probe = torch.zeros(1, requires_grad=True)
+    probe.grad = torch.zeros(1)
+    make_optimizer([probe], lr=0.0).step()
+    return flops
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -66,7 +90,7 @@ def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Opt
         (loss if regularizer is None else loss + regularizer()).backward()
         optimizer.step()
         if guard is not None:
-            guard.check()
+            guard.end_step()
         total_loss += loss.item() * y.numel()
         examples += y.numel()
     if first is None:

@@ -234,7 +234,7 @@ def _train(model: nn.Module, job: JobSpec, plan: ClientPlan, data: ImageData, gl
            proximal_mu: float, server_round: int, bases: Mapping[str, Tensor], train_memory: int):
     """One attempt: the plan's layers from the global values, trained under the guard (raises on a breach)."""
     prepare_finetune(model, layers=len(plan.layers))  # a plan with fewer layers leaves the others at the global values
-    params = _load_global_subset(model, global_arrays)
+    travelling, params = _load_global_subset(model, global_arrays)
     apply_method(model, job.method, plan.ranks)
     warm = _load_bases(model, bases)
     optimizer = make_optimizer(list(params.values()), lr=job.lr)
@@ -280,20 +280,17 @@ def _train(model: nn.Module, job: JobSpec, plan: ClientPlan, data: ImageData, gl
         "flops-per-step": flops_per_step,
         "train-flops": flops_per_step * steps,
     }
-    arrays = {name: p.detach().clone() for name, p in _all_trained(model, global_arrays).items()}
+    # every layer that travels (a plan with fewer layers leaves the others at their global values)
+    arrays = {name: p.detach().clone() for name, p in travelling.items()}
     return metrics, arrays, asi_bases(model)
 
 
-def _load_global_subset(model: nn.Module, global_arrays: Mapping[str, Tensor]) -> dict[str, nn.Parameter]:
-    """Reset every travelling layer to its global value; return the ones this plan trains."""
+def _load_global_subset(model: nn.Module, global_arrays: Mapping[str, Tensor]):
+    """Reset every travelling layer to its global value; return them by name, and the ones this plan trains.
+
+    Parameters keep their identity when the method wraps their layers (under other names)."""
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in global_arrays.items():
             named[name].copy_(value)
-    return {name: p for name, p in named.items() if p.requires_grad}
-
-
-def _all_trained(model: nn.Module, global_arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Every layer that travels (the plan may have trained fewer: the others keep their global values)."""
-    named = dict(model.named_parameters())
-    return {name: named[name] for name in global_arrays}
+    return {name: named[name] for name in global_arrays}, {n: p for n, p in named.items() if p.requires_grad}

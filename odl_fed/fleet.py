@@ -28,6 +28,7 @@ Every mistake names the file and the field, with the nearest valid name where on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import yaml
 
 from odl_fed.data import DATASETS
 from odl_fed.methods import METHODS
-from odl_fed.models import MODELS
+from odl_fed.models import MODELS, check_model_input
 from odl_fed.suggest import did_you_mean
 from odl_fed.profile import DeviceProfile, ProfileError, get_profile, load_profiles
 
@@ -91,6 +92,15 @@ class FleetSpec:
             raise FleetError(f"{self.path}: job.weights: {self.job.weights} does not exist (make it with "
                              f"`odl-fed pretrain --model {self.job.model} ... --out {self.job.weights}`)")
 
+    def check_model(self) -> None:
+        """Raise a clear error when the model cannot train ``layers`` convs on ``image-size`` images
+        (checked on a model without storage: nothing is computed)."""
+        try:
+            check_model_input(self.job.model, layers=self.job.layers, image_size=self.job.image_size)
+        except ValueError as error:
+            field = "layers" if "layers" in str(error).split(":")[0] else "image-size"
+            raise FleetError(f"{self.path}: job.{field}: {error}") from None
+
     def client_profiles(self) -> list[DeviceProfile]:
         """The device profile of each client, by partition id."""
         return [g.profile for g in self.groups for _ in range(g.count)]
@@ -141,10 +151,11 @@ def _job(raw, where: str) -> JobSpec:
     if partition == "iid":
         alpha = None
     elif isinstance(partition, Mapping) and set(partition) == {"dirichlet"} and \
-            isinstance(partition["dirichlet"], (int, float)) and partition["dirichlet"] > 0:
+            isinstance(partition["dirichlet"], (int, float)) and 0 < partition["dirichlet"] < math.inf:
         alpha = float(partition["dirichlet"])
     else:
-        raise FleetError(f"{where}.partition: must be 'iid' or {{dirichlet: ALPHA > 0}}, but got {partition!r}")
+        raise FleetError(f"{where}.partition: must be 'iid' or {{dirichlet: ALPHA}} with a finite ALPHA > 0, "
+                         f"but got {partition!r}")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise FleetError(f"{where}.seed: must be an integer, but got {seed!r}")
@@ -160,8 +171,8 @@ def _job(raw, where: str) -> JobSpec:
 
 
 def _positive_number(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise FleetError(f"{where}: must be a positive number, but got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise FleetError(f"{where}: must be a positive finite number, but got {value!r}")
     return float(value)
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from odl_fed.job import held_out_data
+from odl_fed.job import held_out_data, train_size
+from odl_fed.preflight import check_fleet
 from odl_fed.data import DatasetUnavailableError
 from odl_fed.fleet import FleetError, load_fleet
 from odl_fed.run_config import DEFAULTS
@@ -54,8 +55,8 @@ def flwr_run(fleet: Path, *, out_dir: Path, flwr_home: Path, devices_file: Path 
              plan_cache: str = DEFAULTS["plan-cache"], timeout: float = 3600) -> Path:
     """Run the fleet with ``flwr run . local`` and return its round log; raise if the run did not finish."""
     spec = load_fleet(fleet, device_files=() if devices_file is None else (devices_file,))
-    spec.check_files()
     held_out_data(spec.job)
+    check_fleet(spec, train_examples=train_size(spec.job), simulated_cpus=os.cpu_count() or 1)
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
     if flwr is None:
         raise FileNotFoundError("the flwr command is not installed (pip install 'flwr[simulation]')")

@@ -16,7 +16,7 @@ from odl_fed.data import ImageData, load_dataset, partition
 from odl_fed.fleet import JobSpec
 from odl_fed.models import build_model, prepare_finetune
 
-__all__ = ["global_model", "trained_state", "client_data", "held_out_data"]
+__all__ = ["global_model", "trained_state", "client_data", "held_out_data", "train_size"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -58,3 +58,8 @@ def held_out_data(job: JobSpec) -> ImageData:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed))
         data = data.subset(order[:job.eval_examples])
     return data
+
+
+def train_size(job: JobSpec) -> int:
+    """How many training examples the job's dataset has (what the clients' shares split)."""
+    return len(_dataset(job.dataset, "train"))

@@ -16,7 +16,7 @@ from torch import nn
 
 from odl_fed.asi.surgery import freeze_except, last_conv_names
 
-__all__ = ["MODELS", "build_model", "head_name", "prepare_finetune", "save_checkpoint"]
+__all__ = ["MODELS", "build_model", "check_model_input", "head_name", "prepare_finetune", "save_checkpoint"]
 
 TORCHVISION_MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34")
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
@@ -142,3 +142,21 @@ def prepare_finetune(model: nn.Module, *, layers: int, train_head: bool = True) 
     trained = [*convs, head_name(model)] if train_head else convs
     freeze_except(model, trained)
     return convs
+
+
+def check_model_input(name: str, *, layers: int, image_size: int, num_classes: int = 10) -> None:
+    """Raise ValueError when model ``name`` has fewer than ``layers`` convs or cannot take ``image_size``
+    images. The model is built on the meta device (no storage, nothing computed): quick enough for
+    every fleet check."""
+    with torch.device("meta"):
+        model = build_model(name, num_classes=num_classes)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if isinstance(layers, bool) or not 1 <= layers <= len(convs):
+        raise ValueError(f"layers: {name} has {len(convs)} convs, so layers must be from 1 to {len(convs)}, "
+                         f"but got {layers}")
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, 3, image_size, image_size, device="meta"))
+    except (RuntimeError, ValueError) as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"image-size: {name} cannot take {image_size}x{image_size} images ({reason})") from None

@@ -7,6 +7,7 @@ name where one is close.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -72,8 +73,8 @@ def _profile(name: str, entry: Mapping, source: str) -> DeviceProfile:
                     raise ValueError(f"cores must be a positive integer, but got {value!r}")
                 values[key] = value
             elif key == "relative-speed":
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ValueError(f"relative-speed must be a positive number, but got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                    raise ValueError(f"relative-speed must be a positive finite number, but got {value!r}")
                 values[key] = float(value)
             else:
                 values[key] = str(value)

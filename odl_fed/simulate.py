@@ -18,7 +18,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.client_app import handle_train
-from odl_fed.job import held_out_data
+from odl_fed.job import held_out_data, train_size
+from odl_fed.preflight import check_fleet
 from odl_fed.run_config import RunSettings
 from odl_fed.server_app import run_server
 
@@ -80,8 +81,9 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
 
     settings = RunSettings.from_config(run_config)
     fleet = settings.fleet()  # a bad fleet file or a missing file or dataset fails here, before Ray starts
-    fleet.check_files()
+    cpus = cpus or os.cpu_count() or 1
     held_out_data(fleet.job)
+    check_fleet(fleet, train_examples=train_size(fleet.job), simulated_cpus=max(1, int(cpus / cpus_per_client)))
     config = settings.as_config()
     bar = _progress(fleet.job.rounds + 1) if progress else None
 
@@ -96,7 +98,6 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     if progress and not verbose:  # the bar and the warnings say what matters; Flower's INFO lines bury it
         logging.getLogger("flwr").setLevel(logging.WARNING)
     server, client = build_apps(config, on_round=on_round, train=train)
-    cpus = cpus or os.cpu_count() or 1
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.WARNING,
                              "log_to_driver": verbose}}

@@ -1,11 +1,14 @@
-"""One client's round without Flower: plan, train within budgets, report; refusals, FedProx, plan cache."""
+"""One client's round without Flower: plan, train within budgets, report; refusals, a breach and the
+retreat after it, FedProx, the plan cache, warm bases across rounds, the baselines."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from odl_fed.client_round import OK, REFUSED, PlanCache, run_client_round
+from odl_fed import client_round
+from odl_fed.client_round import MEMORY_EXCEEDED, OK, REFUSED, PlanCache, run_client_round
 from odl_fed.job import client_data, global_model, trained_state
 from odl_fed.fleet import JobSpec
 from odl_fed.profile import get_profile
@@ -33,6 +36,7 @@ def test_a_round_trains_the_global_layers_and_reports_its_budgets(start):
     assert m["num-examples"] == len(data) == 64
     assert 0 < m["activation-bytes"] < m["step-saved-bytes"] <= m["planned-activation-bytes"]
     assert 0 <= m["peak-memory"] <= m["memory-budget"] < m["train-memory"] == get_profile("rpi4").train_memory
+    assert m["exact-layers"] == 2 and m["attempts"] == 1 and outcome.attempts[0]["status"] == OK
     assert m["train-flops"] == m["flops-per-step"] * 4 > 0
     assert outcome.plan["batch_size"] == 16 and outcome.plan["layers"] == convs
 
@@ -69,3 +73,79 @@ def test_the_server_sending_other_layers_is_a_clear_error(start):
     data, state, _ = start
     with pytest.raises(ValueError, match="client rpi4-0: the server sent layers"):
         run_client_round(JOB, get_profile("rpi4"), {"x.weight": torch.zeros(1)}, client="rpi4-0", data=data)
+
+
+def _squeezed(start, tmp_path, fraction):
+    """A device whose cached plan (made for a roomy one) says batch 16 fits, with room for ``fraction`` of it."""
+    data, state, _ = start
+    cache = PlanCache(tmp_path)
+    roomy = run_client_round(JOB, get_profile("rpi4"), state, client="rpi4-0", data=data, cache=cache)
+    plan = cache.get(PlanCache.key(JOB, get_profile("rpi4")))
+    squeezed = dataclasses.replace(get_profile("rpi4"), name="squeezed",
+                                   train_memory=plan.weights_bytes + int(plan.measured_need * fraction))
+    cache.put(PlanCache.key(JOB, squeezed), dataclasses.replace(plan, device="squeezed",
+                                                                train_memory=squeezed.train_memory))
+    return cache, squeezed, roomy
+
+
+def test_a_breach_retreats_within_the_round_and_the_cache_keeps_the_smaller_plan(start, tmp_path):
+    data, state, _ = start
+    cache, squeezed, roomy = _squeezed(start, tmp_path, 0.5)
+    outcome = run_client_round(JOB, squeezed, state, client="squeezed-1", data=data, cache=cache)
+    first = outcome.attempts[0]
+    assert first["status"] == MEMORY_EXCEEDED and first["batch-size"] == 16 and first["peak-memory"] > first["memory-budget"]
+    if outcome.status == OK:  # it retreated to a setting that holds
+        last = outcome.attempts[-1]
+        assert last["status"] == OK and (last["batch-size"], last["layers"]) < (16, 2) or last["layers"] < 2
+        assert outcome.metrics["peak-memory"] <= outcome.metrics["memory-budget"]
+        assert outcome.metrics["attempts"] == len(outcome.attempts) >= 2
+        assert cache.get(PlanCache.key(JOB, squeezed)).batch_size == last["batch-size"]
+        assert set(outcome.arrays) == set(roomy.arrays)  # every travelling layer comes back
+    else:
+        assert outcome.status == MEMORY_EXCEEDED and "retreating" in outcome.error
+
+
+def test_a_breach_with_no_time_left_is_reported_not_retried(start, tmp_path):
+    data, state, _ = start
+    cache, squeezed, _ = _squeezed(start, tmp_path, 0.5)
+    outcome = run_client_round(JOB, squeezed, state, client="squeezed-1", data=data, cache=cache, deadline=0.01)
+    assert outcome.status == MEMORY_EXCEEDED and outcome.arrays is None and len(outcome.attempts) == 1
+    assert "training memory" in outcome.error and "s left of the round" in outcome.error
+    assert outcome.metrics["peak-memory"] > outcome.metrics["memory-budget"]
+
+
+def test_a_damaged_cache_file_and_another_planner_version_plan_again(start, tmp_path, monkeypatch):
+    data, state, _ = start
+    first = PlanCache(tmp_path)
+    run_client_round(JOB, get_profile("phone"), state, client="phone-1", data=data, cache=first)
+    (path,) = tmp_path.glob("*.json")
+    path.write_text(path.read_text()[:40])  # cut mid-way, as a crash would leave it
+    again = run_client_round(JOB, get_profile("phone"), state, client="phone-1", data=data, cache=PlanCache(tmp_path))
+    assert again.status == OK and again.metrics["plan-cached"] == 0
+    assert json.loads(path.read_text())["device"] == "phone"  # overwritten with a whole plan
+    key = PlanCache.key(JOB, get_profile("phone"))
+    monkeypatch.setattr(client_round, "PLANNER_VERSION", client_round.PLANNER_VERSION + 1)
+    assert PlanCache.key(JOB, get_profile("phone")) != key
+
+
+def test_bases_kept_from_one_round_start_the_next_warm(start):
+    data, state, _ = start
+    capped = dataclasses.replace(get_profile("rpi4"), name="capped", activation_memory=60_000)
+    job = dataclasses.replace(JOB, method="asi-only")
+    first = run_client_round(job, capped, state, client="capped-0", data=data)
+    assert first.status == OK and first.bases and first.metrics["warm-bases"] == 0
+    assert all(k.rsplit(".", 1)[0] in first.plan["layers"] for k in {k.rsplit(".basis_", 1)[0] + ".x" for k in first.bases})
+    second = run_client_round(job, capped, first.arrays, client="capped-0", data=data, bases=first.bases,
+                              server_round=2)
+    assert second.status == OK and second.metrics["warm-bases"] == len(first.bases)
+    cold = run_client_round(job, capped, first.arrays, client="capped-0", data=data, server_round=2)
+    assert cold.metrics["warm-bases"] == 0
+
+
+@pytest.mark.parametrize("method", ["hosvd", "gradfilt"])
+def test_the_baselines_run_a_round(start, method):
+    data, state, _ = start
+    outcome = run_client_round(dataclasses.replace(JOB, method=method), get_profile("rpi4"), state,
+                               client="rpi4-0", data=data)
+    assert outcome.status == OK and outcome.plan["method"] == method
+    assert 0 < outcome.metrics["activation-bytes"] < outcome.metrics["step-saved-bytes"]

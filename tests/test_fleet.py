@@ -22,10 +22,14 @@ def test_shipped_fleets_load():
     (("device: tiny", "device: rpi3"), "devices[2].device: unknown device 'rpi3' (did you mean 'rpi5'?)"),
     (("count: 1}", "count: -1}"), "devices[1].count: must be a positive integer, but got -1"),
     (("  rounds: 3", "  roudns: 3"), "job: unknown field 'roudns' (did you mean 'rounds'?)"),
-    (("  method: asi", "  method: lora"), "job.method: must be one of ['vanilla', 'asi', 'hosvd', 'gradfilt'], "
-                                          "but got 'lora'"),
-    (("  lr: 0.001", "  lr: fast"), "job.lr: must be a positive number, but got 'fast'"),
-    (("  partition: iid", "  partition: {dirichlet: 0}"), "job.partition: must be 'iid' or {dirichlet: ALPHA > 0}"),
+    (("  method: asi", "  method: lora"), "job.method: must be one of ['vanilla', 'asi', 'asi-only', 'hosvd', "
+                                          "'gradfilt'], but got 'lora'"),
+    (("  lr: 0.001", "  lr: fast"), "job.lr: must be a positive finite number, but got 'fast'"),
+    (("  lr: 0.001", "  lr: .inf"), "job.lr: must be a positive finite number, but got inf"),
+    (("  lr: 0.001", "  lr: .nan"), "job.lr: must be a positive finite number, but got nan"),
+    (("  partition: iid", "  partition: {dirichlet: 0}"), "job.partition: must be 'iid' or {dirichlet: ALPHA} with a "
+                                                          "finite ALPHA > 0"),
+    (("  partition: iid", "  partition: {dirichlet: .inf}"), "job.partition: must be 'iid' or {dirichlet: ALPHA}"),
     (("clients-per-round: 4", "clients-per-round: 9"), "job.clients-per-round is 9, but the fleet has 4 clients"),
     (("  batch-size: 32\n", ""), "job: missing field(s) batch-size"),
 ])

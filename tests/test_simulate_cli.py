@@ -17,6 +17,13 @@ JOB = {"model": "resnet18", "layers": 2, "method": "asi", "rounds": 1, "clients-
      ["job.weights", "missing/backbone.pt does not exist", "odl-fed pretrain"]),
     ({"devices": [{"device": "rpi4"}], "job": JOB | {"strategy": "fedprox", "server-lr": 0.1}},
      ["server-lr", "only applies to strategy 'fedadam'"]),
+    ({"devices": [{"device": "rpi4"}], "job": JOB | {"layers": 21}},
+     ["job.layers", "resnet18 has 20 convs, so layers must be from 1 to 20, but got 21"]),
+    ({"devices": [{"device": "rpi4"}], "job": JOB | {"model": "efficientnet_lite0", "image-size": 4}},
+     ["job.image-size", "efficientnet_lite0 cannot take 4x4 images"]),
+    ({"devices": [{"device": "rpi4", "count": 200}], "job": JOB},
+     ["devices: 200 clients split 1437 examples of digits into shares of 7", "at most 143 clients"]),
+    ({"devices": [{"device": "rpi4"}], "job": JOB | {"lr": float("inf")}}, ["job.lr", "finite", "inf"]),
 ])
 def test_a_bad_fleet_is_one_error_line_naming_file_and_field(tmp_path, capsys, fleet, words):
     path = tmp_path / "fleet.yaml"
@@ -44,3 +51,14 @@ def test_run_config_paths_are_absolute_and_an_empty_cache_means_memory_only(tmp_
     settings = RunSettings.from_config({"fleet": "f.yaml", "plan-cache": ""})
     assert settings.fleet_path == tmp_path / "f.yaml" and settings.plan_cache is None
     assert settings.out_dir == tmp_path / "runs" / "latest"
+
+
+def test_a_fleet_this_machine_cannot_simulate_says_how_many_it_can(tmp_path, capsys):
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(yaml.safe_dump({"huge": {"ram": "4096GiB", "train-memory": "2048GiB", "runtime-memory": 0,
+                                                "cores": 4, "relative-speed": 1}}))
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"devices": [{"device": "huge", "count": 2}], "job": JOB}))
+    assert main(["simulate", "--fleet", str(path), "--devices", str(devices), "--cpus", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "simulating 2 clients at once needs about" in err and "it can simulate 0 at once" in err

@@ -29,9 +29,9 @@ def _metadata(node: int) -> Metadata:
 
 
 def _reply(node: int, *, value: float = 1.0, examples=10, arrays=None, status="ok", drop_metric=None,
-           extra_records=None) -> Message:
+           extra_records=None, loss: float = 1000.0) -> Message:
     arrays = {k: np.full_like(v, value) for k, v in GLOBAL.items()} if arrays is None else arrays
-    metrics = {k: 1.0 for k in AGGREGATED_METRICS} | {"num-examples": examples, "planned-activation-bytes": 99}
+    metrics = {k: loss for k in AGGREGATED_METRICS} | {"num-examples": examples, "planned-activation-bytes": 99}
     if drop_metric:
         metrics.pop(drop_metric)
     content = RecordDict({"client": ConfigRecord({"client": f"rpi4-{node}", "device": "rpi4", "status": status,
@@ -85,8 +85,8 @@ def test_bad_replies_are_recorded_and_the_round_aggregates_the_rest(tmp_path, ca
         strategy.current_arrays = {k: v.copy() for k, v in GLOBAL.items()}
     nan = {"layer.weight": np.full((4, 3), np.nan, np.float32), "fc.bias": np.zeros(2, np.float32)}
     replies = [
-        _reply(1, value=1.0, examples=10),
-        _reply(2, value=4.0, examples=30),
+        _reply(1, value=1.0, examples=10, loss=1.0),
+        _reply(2, value=4.0, examples=30, loss=3.0),
         _reply(3, arrays=nan),
         _reply(4, arrays={"layer.weight": np.zeros((2, 2), np.float32), "fc.bias": np.zeros(2, np.float32)}),
         _reply(5, drop_metric="num-examples"),
@@ -99,7 +99,8 @@ def test_bad_replies_are_recorded_and_the_round_aggregates_the_rest(tmp_path, ca
     assert arrays is not None
     if name in ("fedavg", "fedprox"):  # weighted by examples: (1*10 + 4*30) / 40
         np.testing.assert_allclose(arrays["layer.weight"].numpy(), np.full((4, 3), 3.25, np.float32))
-    assert metrics["train-loss"] == pytest.approx(1.0)  # only the valid replies' metrics are averaged
+    # only the valid replies' metrics are averaged, by examples (the bad ones carry a loss of 1000)
+    assert metrics["train-loss"] == pytest.approx((1.0 * 10 + 3.0 * 30) / 40)
     recorder.end_round(1, {"accuracy": 0.5})
     (line,) = read_rounds(recorder.path)
     status = {c["client"]: c["status"] for c in line["clients"]}

@@ -7,19 +7,25 @@ frozen, BatchNorm in eval), all in one run:
 - MobileNetV2 pretrained here on Fashion-MNIST (``odl-fed pretrain``'s code path; the checkpoint
   is cached under ``runs/``), on the 5,000 real MNIST digits.
 
-Methods: vanilla backprop; ASI with ranks planned by ``plan_ranks`` under budgets given as
-fractions of vanilla's measured activation bytes; HOSVD at the same planned ranks; gradient
-filtering (r x r patches). Per run: top-1, the bytes the trained convs save for backward
+Methods: vanilla backprop; pure ASI (``asi-only``) with ranks planned by ``plan_ranks`` under
+budgets given as fractions of vanilla's measured activation bytes (default grid, and the paper's
+grid at the reference budgets); the planner's choice at the same budgets (``plan_ranks(...,
+exact=True)`` trained with method ``asi``: layers stay exact where the budget allows, the rest
+hold ASI at planned ranks); HOSVD at ``asi-only``'s ranks (reference budgets only: its steps are
+most of the run's time); gradient filtering (r x r patches); head only. Per run: top-1, the bytes the trained convs save for backward
 (measured with ``saved_tensors_hooks``), training FLOPs of a step (forward + backward), step time;
 each also as a ratio to vanilla from the same run (step times interleaved across methods so
 they share the machine's noise). Besides: ASI's compression against HOSVD's at the same ranks
-(time and FLOPs per step, on the trained layers' real inputs) and the time to plan ranks.
+(time and FLOPs per step, on the trained layers' real inputs) and the time to plan ranks; and, for
+each case and budget, whether the planner's row is on the Pareto front of every method's rows
+(top-1 against the convs' saved bytes, within 0.5 pp: :func:`pareto_check`).
 
 Speed on a CPU: the frozen prefix runs once per image (:func:`cache_features`), and every
 method trains the fine-tuned tail over those cached features (:class:`Tail`).
 
 Run: ``python -m bench.accuracy`` (settings in ``configs/bench/accuracy.yaml``; ``--quick`` for a
-small version; ``--help``).
+small version; ``--help``). On a crowded machine, parts can run side by side (``--cases``,
+``--layers``, each with its own ``--out``) and be joined by ``--merge`` into one report.
 """
 
 from __future__ import annotations
@@ -38,8 +44,8 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -54,7 +60,7 @@ from odl_fed.asi import ASIConv2d, get_variant, last_conv_names
 from odl_fed.data import ImageData, batches, load_dataset
 from odl_fed.flops import count_flops
 from odl_fed.models import build_model, prepare_finetune
-from odl_fed.plan import BudgetTooSmallError, RankPlan, plan_ranks
+from odl_fed.plan import BudgetTooSmallError, plan_ranks
 from odl_fed.saved_memory import SavedTensorMeter
 from odl_fed.task import apply_method
 
@@ -64,7 +70,10 @@ RUNS_DIR = ROOT / "runs" / "bench-accuracy"
 EQUIVALENCE_TOLERANCE = 1e-4  # cached-feature logits against the full model's, relative
 CACHE_BATCH = 64
 HEAD_ONLY = "head-only"
-ASI_PAPER = "asi-paper-grid"  # ASI with ranks planned on the paper's grid (one threshold for every mode)
+ASI_ONLY = "asi-only"  # pure ASI on every trained conv, at ranks planned on the default grid
+ASI_PAPER = "asi-paper-grid"  # pure ASI with ranks planned on the paper's grid (one threshold for every mode)
+PLANNER = "asi"  # the planner's choice: plan_ranks(exact=True), layers kept exact where the budget allows
+PARETO_TOLERANCE_PP = 0.5  # the planner's row may trail a row with no more bytes by this much
 EVAL_BATCH = 256
 
 
@@ -282,9 +291,10 @@ def prepared_tail(base: nn.Module, *, layers: int, start: int, method: str = "va
                   ranks: Mapping[str, Sequence[int]] | None = None, radius: int = 2) -> tuple[Tail, list[str]]:
     """A fresh copy of ``base`` with its last ``layers`` convs (and head) trainable, as a Tail, ``method`` in place.
 
-    ``method`` is one of ``odl_fed.task.METHODS`` or ``"head-only"`` (the convs stay frozen: the
-    reference that says how much training them is worth). Returns the tail and the convs' names
-    within it (``model.<name>``).
+    ``method`` is one of ``odl_fed.methods.METHODS``, ``"asi-paper-grid"`` (``asi-only`` at ranks
+    planned on the paper's grid) or ``"head-only"`` (the convs stay frozen: the reference that says
+    how much training them is worth). ``ranks`` None for a conv keeps it exact (``asi``). Returns the
+    tail and the convs' names within it (``model.<name>``).
     """
     model = copy.deepcopy(base)
     convs = prepare_finetune(model, layers=layers)
@@ -296,42 +306,9 @@ def prepared_tail(base: nn.Module, *, layers: int, start: int, method: str = "va
         for name in names:
             tail.get_submodule(name).requires_grad_(False)
     else:
-        apply_method(tail, "asi" if method == ASI_PAPER else method,
+        apply_method(tail, ASI_ONLY if method == ASI_PAPER else method,
                      {name: (ranks or {}).get(name) for name in names}, radius=radius)
     return tail, names
-
-
-def _split_static_padding(tail: nn.Module, names: Sequence[str]) -> dict[str, str]:
-    """Make each conv of ``names`` that pads its own input a (pad, conv) pair; return planner name -> layer name.
-
-    ``plan_ranks`` captures a layer's input before such a padding (EfficientNet's static "same"
-    padding) while the compressed layer packs it after (``ASIConv2d.pre_padding``); planning on
-    the padded input keeps the planned ranks those of what training compresses. ``tail`` must be
-    a copy made for planning: the pair shares the conv's parameters.
-    """
-    mapping = {}
-    for name in names:
-        module = tail.get_submodule(name)
-        pad = getattr(module, "static_padding", None)
-        if not isinstance(pad, nn.Module) or isinstance(pad, nn.Identity):
-            mapping[name] = name
-            continue
-        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
-                         module.dilation, module.groups, bias=module.bias is not None)
-        conv.weight, conv.bias = module.weight, module.bias
-        parent, _, child = name.rpartition(".")
-        setattr(tail.get_submodule(parent), child, nn.Sequential(OrderedDict(pad=pad, conv=conv)))
-        mapping[f"{name}.conv"] = name
-    return mapping
-
-
-def plan_for(tail: nn.Module, names: Sequence[str], calibration, budget: int, *, model_name: str,
-             grid: str = "batch-whole") -> RankPlan:
-    """``plan_ranks`` on ``tail`` (a copy that is not trained), with layer names as the trained tail has them."""
-    mapping = _split_static_padding(tail, names)
-    plan = plan_ranks(tail, list(mapping), calibration, budget, model_name=model_name, grid=grid)
-    layers = tuple(replace(layer, name=mapping[layer.name]) for layer in plan.layers)
-    return replace(plan, layers=layers, options={mapping[n]: o for n, o in plan.options.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +359,7 @@ class Case:
 class Settings:
     cases: tuple[Case, ...]
     budgets: tuple[float, ...]  # fractions of vanilla's measured conv activation bytes
+    reference_budgets: tuple[float, ...]  # the budgets that also run HOSVD and the paper grid
     batch: int
     radius: int
     calibration_batches: int
@@ -394,9 +372,12 @@ class Settings:
     def __post_init__(self):
         if not self.budgets or any(not 0 < b < 1 for b in self.budgets):
             raise ValueError(f"budgets must be fractions of vanilla's bytes in (0, 1), but got {list(self.budgets)}")
+        if any(not 0 < b < 1 for b in self.reference_budgets):
+            raise ValueError(f"reference-budgets must be fractions of vanilla's bytes in (0, 1), "
+                             f"but got {list(self.reference_budgets)}")
 
 
-SETTING_KEYS = ("cases", "budgets", "batch", "radius", "calibration-batches", "timing-steps",
+SETTING_KEYS = ("cases", "budgets", "reference-budgets", "batch", "radius", "calibration-batches", "timing-steps",
                 "compression-repeats", "threads", "seed", "quick")
 CASE_KEYS = tuple(f.name.replace("_", "-") for f in fields(Case) if f.name != "name")
 PRETRAIN_KEYS = tuple(f.name.replace("_", "-") for f in fields(PretrainSpec))
@@ -439,6 +420,7 @@ def load_settings(path: Path, *, quick: bool = False) -> Settings:
             raise SystemExit(f"error: {path}: case {name}: {error}") from None
     settings = {k.replace("-", "_"): v for k, v in raw.items() if k != "cases"}
     settings["budgets"] = tuple(float(b) for b in settings["budgets"])
+    settings["reference_budgets"] = tuple(float(b) for b in settings["reference_budgets"])
     return Settings(cases=tuple(cases), **settings)
 
 
@@ -535,6 +517,24 @@ def _ratios(row: dict, vanilla: dict) -> dict:
     return {key: row[key] / vanilla[key] for key in keys if row.get(key) and vanilla.get(key)}
 
 
+def _trained_ranks(tail: nn.Module, names: Sequence[str],
+                   planned: Mapping[str, Sequence[int] | None]) -> tuple[dict, bool]:
+    """Each trained conv's ranks in training (None: kept exact), and whether they are the planned ones.
+
+    A compressed layer caps its ranks at its input's shape (``last_ranks``); the planner plans on
+    the same input (after a padding the conv applies itself), so the two agree unless the plan
+    was made for another input shape.
+    """
+    used = {}
+    for name in names:
+        layer = tail.get_submodule(name)
+        last = getattr(layer, "last_ranks", None)
+        used[name.removeprefix("model.")] = None if last is None else list(last)
+    matches = all(used[n.removeprefix("model.")] == (None if planned.get(n) is None else list(planned[n]))
+                  for n in names)
+    return used, matches
+
+
 def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cached, test: Cached,
               settings: Settings, prefix_flops: int) -> dict:
     """Every method on one case and one number of trained convs."""
@@ -553,50 +553,68 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
         row = {"method": method, "label": label, "budget_fraction": budget, **result}
         if plan is not None:
             row["plan"] = plan
-        if method in ("asi", "hosvd", ASI_PAPER):
-            row["ranks"] = {n.removeprefix("model."): list(tail.get_submodule(n).last_ranks) for n in names}
+        if ranks is not None:
+            row["ranks"], row["ranks_as_planned"] = _trained_ranks(tail, names, ranks)
+            if not row["ranks_as_planned"]:
+                print(f"  warning: {case.name} last {layers}: {label}: the compressed layers used ranks "
+                      f"{row['ranks']}, not the planned {plan['ranks']}", flush=True)
         runs.append({"row": row, "tail": tail, "names": names, "optimizer": optimizer, "predictions": predictions})
         print(f"  {case.name} last {layers}: {label}: top-1 {row['top1']:.4f}, convs' bytes {row['convs_bytes']}, "
-              f"{row['train_seconds']:.1f} s", flush=True)
+              f"{row['train_seconds']:.1f} s" + (f", exact: {plan['exact']}" if plan and plan["exact"] else ""),
+              flush=True)
         return runs[-1]
 
     vanilla = train_method("vanilla", "vanilla")
+    # the methods without a budget first: a run stopped half-way still has every reference row
+    train_method("gradfilt", f"gradfilt r={settings.radius}")
+    train_method(HEAD_ONLY, "head only (convs frozen)")
     names = vanilla["names"]
     vanilla_bytes = vanilla["row"]["convs_bytes"]
     calibration = calibration_batches(train, batch_size=batch, count=settings.calibration_batches, seed=seed)
+
+    def make_plan(budget, label, *, grid="batch-whole", exact=False):
+        """The planner's ranks for ``budget`` on a fresh, untrained tail (None: the budget is too small)."""
+        planning_tail, _ = prepared_tail(base, layers=layers, start=start)
+        started = time.perf_counter()
+        try:
+            plan = plan_ranks(planning_tail, names, calibration, budget, model_name=case.model, grid=grid,
+                              exact=exact)
+        except BudgetTooSmallError as error:
+            print(f"  {case.name} last {layers}: budget {label} of vanilla, {grid} grid: {error}", flush=True)
+            return None
+        planning_s = time.perf_counter() - started
+        return plan, planning_s, {
+            "grid": grid, "exact_allowed": exact, "budget_bytes": budget, "planned_bytes": plan.total_bytes,
+            "planning_seconds": planning_s,
+            "eps": {l.name.removeprefix("model."): l.eps for l in plan.layers},
+            "whole": {l.name.removeprefix("model."): list(l.whole) for l in plan.layers},
+            "exact": [name.removeprefix("model.") for name in plan.exact_layers],
+            "ranks": {l.name.removeprefix("model."): None if l.exact else list(l.ranks) for l in plan.layers}}
+
     compression = []
     for fraction in settings.budgets:
         budget = max(1, int(fraction * vanilla_bytes))
         label = f"1/{1 / fraction:.0f}"
-        plans = {}
-        for grid in ("batch-whole", "paper"):
-            planning_tail, _ = prepared_tail(base, layers=layers, start=start)
-            started = time.perf_counter()
-            try:
-                plan = plan_for(planning_tail, names, calibration, budget, model_name=case.model, grid=grid)
-            except BudgetTooSmallError as error:
-                print(f"  {case.name} last {layers}: budget {label} of vanilla, {grid} grid: {error}", flush=True)
-                continue
-            planning_s = time.perf_counter() - started
-            plans[grid] = (plan, planning_s, {
-                "grid": grid, "budget_bytes": budget, "planned_bytes": plan.total_bytes,
-                "planning_seconds": planning_s,
-                "eps": {l.name.removeprefix("model."): l.eps for l in plan.layers},
-                "whole": {l.name.removeprefix("model."): list(l.whole) for l in plan.layers}})
-        if "paper" in plans:
-            plan, _, plan_info = plans["paper"]
-            train_method(ASI_PAPER, f"asi paper grid {label}", fraction, plan_info, plan.targets())
-        if "batch-whole" not in plans:
-            continue
-        plan, planning_s, plan_info = plans["batch-whole"]
-        ranks = plan.targets()
-        asi = train_method("asi", f"asi {label}", fraction, plan_info, ranks)
-        train_method("hosvd", f"hosvd {label}", fraction, plan_info, ranks)
-        compression.append({"budget_fraction": fraction, "planning_seconds": planning_s,
-                            **compression_cost(asi["tail"], names, train.features[:batch],
-                                               repeats=settings.compression_repeats)})
-    train_method("gradfilt", f"gradfilt r={settings.radius}")
-    train_method(HEAD_ONLY, "head only (convs frozen)")
+        reference = fraction in settings.reference_budgets
+        if reference and (paper := make_plan(budget, label, grid="paper")):
+            train_method(ASI_PAPER, f"asi-only paper grid {label}", fraction, paper[2], paper[0].targets())
+        pure = make_plan(budget, label)
+        if pure:
+            asi = train_method(ASI_ONLY, f"asi-only {label}", fraction, pure[2], pure[0].targets())
+        if (chosen := make_plan(budget, label, exact=True)) and pure and chosen[0].targets() == pure[0].targets():
+            # no layer kept exact and the same ranks: method asi then runs exactly what asi-only ran
+            # (same layers, seed and batches), so its row is that measurement, marked as such
+            runs.append({**asi, "row": {**asi["row"], "method": PLANNER, "label": f"planner (asi) {label}",
+                                        "plan": chosen[2], "same_run_as": asi["row"]["label"]}})
+            print(f"  {case.name} last {layers}: planner (asi) {label}: the plan of {asi['row']['label']} "
+                  f"(no layer exact), so its run", flush=True)
+        elif chosen:
+            train_method(PLANNER, f"planner (asi) {label}", fraction, chosen[2], chosen[0].targets())
+        if pure and reference:
+            train_method("hosvd", f"hosvd {label}", fraction, pure[2], pure[0].targets())
+            compression.append({"budget_fraction": fraction, "planning_seconds": pure[1],
+                                **compression_cost(asi["tail"], names, train.features[:batch],
+                                                   repeats=settings.compression_repeats)})
 
     # Step time: methods interleaved step by step on one batch, so that they share the machine's noise.
     x, y = train.features[:batch], train.labels[:batch]
@@ -621,7 +639,7 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
     return {"case": case.name, "title": case.title, "model": case.model, "dataset": case.dataset, "layers": layers,
             "trained": [n.removeprefix("model.") for n in names], "image_size": case.image_size, "batch": batch,
             "train": len(train), "test": len(test), "epochs": case.epochs, "rows": rows,
-            "compression": compression}
+            "compression": compression, "pareto": pareto_check({"rows": rows})}
 
 
 def _cached_features(case: Case, base: nn.Module, start: int, weights: str | None, train: ImageData,
@@ -737,6 +755,45 @@ def render_compression(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pareto_check(group: dict, *, tolerance_pp: float = PARETO_TOLERANCE_PP) -> list[dict]:
+    """For each planner row of ``group``: is it on the Pareto front of all the group's rows?
+
+    Top-1 against the trained convs' saved bytes: the row is on the front (within ``tolerance_pp``)
+    when no other row with no more bytes has a top-1 more than ``tolerance_pp`` higher. The best
+    such row is named either way.
+    """
+    checks = []
+    for row in group["rows"]:
+        if row["method"] != PLANNER:
+            continue
+        cheaper = [r for r in group["rows"] if r is not row and r["convs_bytes"] <= row["convs_bytes"]]
+        best = max(cheaper, key=lambda r: r["top1"], default=None)
+        gap_pp = 0.0 if best is None else round(100 * (best["top1"] - row["top1"]), 6)  # top-1 is k/n: no float fuzz
+        checks.append({"label": row["label"], "budget_fraction": row["budget_fraction"], "top1": row["top1"],
+                       "convs_bytes": row["convs_bytes"], "exact": row["plan"]["exact"],
+                       "best_other": None if best is None else {
+                           "label": best["label"], "top1": best["top1"], "convs_bytes": best["convs_bytes"]},
+                       "gap_pp": gap_pp, "tolerance_pp": tolerance_pp, "met": gap_pp <= tolerance_pp})
+    return checks
+
+
+def render_pareto(results: list[dict]) -> list[str]:
+    """The Pareto check's lines, one per case, convs and budget."""
+    lines = []
+    for result in results:
+        for group in result["groups"]:
+            for c in group["pareto"]:
+                best = c["best_other"]
+                other = ("no other row has as few bytes" if best is None else
+                         f"best other row with <= its bytes: {best['label']}, top-1 {best['top1']:.4f} at "
+                         f"{_fmt_bytes(best['convs_bytes'])} ({c['gap_pp']:+.1f} pp)")
+                exact = f"exact: {', '.join(c['exact'])}" if c["exact"] else "no layer exact"
+                lines.append(f"- {result['case']}, last {group['layers']}, {c['label']} ({exact}): top-1 "
+                             f"{c['top1']:.4f} at {_fmt_bytes(c['convs_bytes'])}; {other}: "
+                             f"{'met' if c['met'] else 'not met'}")
+    return lines
+
+
 def targets(results: list[dict]) -> list[str]:
     """The stated targets, checked against what was measured (no judgement beyond the numbers)."""
     lines = []
@@ -747,7 +804,7 @@ def targets(results: list[dict]) -> list[str]:
                 lines.append(f"- {result['case']}, last {group['layers']}: parity not measurable: vanilla "
                              f"({reference['vanilla']:.3f}) did not beat head only ({reference[HEAD_ONLY]:.3f})")
                 continue
-            asi_rows = [r for r in group["rows"] if r["method"] in ("asi", ASI_PAPER)]
+            asi_rows = [r for r in group["rows"] if r["method"] in (ASI_ONLY, ASI_PAPER, PLANNER)]
             hits = [r for r in asi_rows if r["ratios"]["convs_bytes"] <= 0.01 and r["delta_pp"] >= -1.0]
             best = max(asi_rows, key=lambda r: r["delta_pp"], default=None)
             what = (f"met by {', '.join(r['label'] for r in hits)}" if hits else "not met")
@@ -769,12 +826,17 @@ def targets(results: list[dict]) -> list[str]:
     return lines
 
 
-MARKERS = {"vanilla": "o", "asi": "^", ASI_PAPER: "v", "hosvd": "s", "gradfilt": "D"}
-COLORS = {"vanilla": "black", "asi": "tab:red", ASI_PAPER: "tab:orange", "hosvd": "tab:blue", "gradfilt": "tab:green"}
+MARKERS = {"vanilla": "o", ASI_ONLY: "^", ASI_PAPER: "v", "hosvd": "s", "gradfilt": "D", PLANNER: "*"}
+COLORS = {"vanilla": "black", ASI_ONLY: "tab:red", ASI_PAPER: "tab:orange", "hosvd": "tab:blue",
+          "gradfilt": "tab:green", PLANNER: "tab:purple"}
+LEGEND = {ASI_ONLY: "asi-only", ASI_PAPER: "asi-only, paper grid", PLANNER: "planner (asi)"}
 
 
 def plot_pareto(results: list[dict], path: Path) -> None:
-    """Top-1 against the trained convs' saved bytes (log x), one panel per case and layer count."""
+    """Top-1 against the trained convs' saved bytes (log x), one panel per case and layer count.
+
+    The planner's rows are large stars, labelled with their budget and the Pareto check's outcome.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -791,12 +853,18 @@ def plot_pareto(results: list[dict], path: Path) -> None:
             for method, marker in MARKERS.items():
                 rows = [r for r in group["rows"] if r["method"] == method]
                 if rows:
+                    planner = method == PLANNER
                     ax.scatter([r["convs_bytes"] for r in rows], [100 * r["top1"] for r in rows], marker=marker,
-                               color=COLORS[method], label=method.replace("-", " "), s=50, zorder=3)
+                               color=COLORS[method], label=LEGEND.get(method, method), s=160 if planner else 50,
+                               edgecolors="black" if planner else "none", linewidths=0.6, zorder=4 if planner else 3)
                     for r in rows:
-                        if r["budget_fraction"]:
+                        if r["budget_fraction"] and not planner:
                             ax.annotate(r["label"].split()[-1], (r["convs_bytes"], 100 * r["top1"]), fontsize=7,
                                         xytext=(4, -9 if method == "hosvd" else 4), textcoords="offset points")
+            for check in group.get("pareto", ()):  # the planner's rows: budget and the Pareto check
+                ax.annotate(f"{check['label'].split()[-1]} {'on front' if check['met'] else 'OFF front'}",
+                            (check["convs_bytes"], 100 * check["top1"]), fontsize=7, color=COLORS[PLANNER],
+                            fontweight="bold", xytext=(-6, 8), textcoords="offset points", ha="right")
             references = {r["method"]: 100 * r["top1"] for r in group["rows"] if r["method"] in ("vanilla", HEAD_ONLY)}
             ax.axhline(references["vanilla"] - 1, color="gray", linestyle="--", linewidth=0.8, label="vanilla - 1 pp")
             if HEAD_ONLY in references:
@@ -819,10 +887,20 @@ def main(argv=None) -> None:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML settings")
     parser.add_argument("--quick", action="store_true", help="the config's small 'quick' version (a few minutes)")
     parser.add_argument("--cases", help="comma-separated case names from the config (default: all)")
+    parser.add_argument("--layers", help="comma-separated numbers of trained convs, instead of each case's")
     parser.add_argument("--budgets", help="comma-separated budget fractions of vanilla's bytes, instead of the config's")
+    parser.add_argument("--reference-budgets", help="comma-separated budgets that also run HOSVD and the paper grid "
+                        "('none': no such budget), instead of the config's")
     parser.add_argument("--out", type=Path, help="result JSON (default: bench/results/accuracy[_quick].json)")
     parser.add_argument("--plot", type=Path, help="Pareto PNG (default: bench/results/accuracy_pareto[_quick].png)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: join the results of runs made with --cases/--layers (e.g. one "
+                             "process per case, run side by side) into one report, JSON and plot")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge_runs(args.merge, out=args.out or ROOT / "bench" / "results" / "accuracy.json",
+                   plot=args.plot or ROOT / "bench" / "results" / "accuracy_pareto.png")
+        return
     try:
         settings = load_settings(args.config, quick=args.quick)
     except ValueError as error:
@@ -832,6 +910,12 @@ def main(argv=None) -> None:
             settings = replace(settings, budgets=tuple(float(b) for b in args.budgets.split(",") if b.strip()))
         except ValueError as error:
             parser.error(f"--budgets {args.budgets!r}: {error}")
+    if args.reference_budgets:
+        try:
+            settings = replace(settings, reference_budgets=tuple(
+                float(b) for b in args.reference_budgets.split(",") if b.strip() and b.strip() != "none"))
+        except ValueError as error:
+            parser.error(f"--reference-budgets {args.reference_budgets!r}: {error}")
     cases = settings.cases
     if args.cases:
         wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -839,6 +923,11 @@ def main(argv=None) -> None:
         if unknown:
             parser.error(f"unknown case(s) {unknown}; choose from {[c.name for c in cases]}")
         cases = tuple(c for c in cases if c.name in wanted)
+    if args.layers:
+        try:
+            cases = tuple(replace(c, layers=tuple(int(n) for n in args.layers.split(",") if n.strip())) for c in cases)
+        except ValueError as error:
+            parser.error(f"--layers {args.layers!r}: {error}")
     suffix = "_quick" if args.quick else ""
     out = args.out or ROOT / "bench" / "results" / f"accuracy{suffix}.json"
     plot = args.plot or ROOT / "bench" / "results" / f"accuracy_pareto{suffix}.png"
@@ -851,19 +940,53 @@ def main(argv=None) -> None:
         for group in results[-1]["groups"]:
             print(render_group(group) + "\n", flush=True)
     wall = time.perf_counter() - started
-    print(render_compression(results) + "\n")
-    print("Targets:")
-    print("\n".join(targets(results)))
-    print(f"\nwall time: {wall / 60:.1f} min ({settings.threads} threads)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "torchvision": torchvision.__version__, "machine": platform.machine(),
             "python": platform.python_version(), "threads": settings.threads, "quick": args.quick,
-            "wall_seconds": wall, "settings": {k: v for k, v in asdict(settings).items() if k != "cases"},
+            "wall_seconds": wall, "command": " ".join(["python -m bench.accuracy", *(argv or sys.argv[1:])]),
+            "settings": {k: v for k, v in asdict(settings).items() if k != "cases"},
             "cases": [asdict(c) for c in cases]}
-    out.write_text(json.dumps({"meta": meta, "results": results, "targets": targets(results)}, indent=2,
-                              default=str) + "\n")
+    report(meta, results, out=out, plot=plot)
+
+
+def report(meta: dict, results: list[dict], *, out: Path, plot: Path) -> None:
+    """Print the summary tables and checks; write the JSON (first: nothing measured is lost) and the plot."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results, "targets": targets(results),
+                               "pareto": render_pareto(results)}, indent=2, default=str) + "\n")
+    print(render_compression(results) + "\n")
+    print(f"The planner's row on the Pareto front of every method's rows (top-1 vs convs' bytes, within "
+          f"{PARETO_TOLERANCE_PP} pp):")
+    print("\n".join(render_pareto(results)) + "\n")
+    print("Targets:")
+    print("\n".join(targets(results)))
+    walls = [part["wall_seconds"] for part in meta.get("parts", [meta])]
+    print(f"\nwall time: {' + '.join(f'{w / 60:.1f}' for w in walls)} min ({meta['threads']} threads)")
     plot_pareto(results, plot)
     print(f"wrote {out} and {plot}")
+
+
+def merge_runs(paths: Sequence[Path], *, out: Path, plot: Path) -> None:
+    """One report of several runs' JSON (each made with ``--cases`` and/or ``--layers``); their metadata kept as ``parts``."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    by_case: dict[str, dict] = {}
+    for result in (result for part in parts for result in part["results"]):
+        if result["case"] not in by_case:
+            by_case[result["case"]] = result
+            continue
+        joined = by_case[result["case"]]  # the same case run for other layer counts (--layers)
+        groups = joined["groups"] + result["groups"]
+        if len({g["layers"] for g in groups}) < len(groups):
+            raise SystemExit(f"error: --merge: case {result['case']} has a layer count in more than one file")
+        joined["groups"] = sorted(groups, key=lambda g: g["layers"])
+    results = list(by_case.values())
+    first = parts[0]["meta"]
+    meta = {k: first[k] for k in ("torch", "torchvision", "machine", "python", "threads", "quick")}
+    meta["parts"] = [part["meta"] | {"file": str(p)} for part, p in zip(parts, paths)]
+    meta["wall_seconds"] = max(part["meta"]["wall_seconds"] for part in parts)  # the parts ran side by side
+    for result in results:
+        for group in result["groups"]:
+            group["pareto"] = pareto_check(group)
+    report(meta, results, out=out, plot=plot)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ from bench.accuracy import (
     calibration_batches,
     fine_tune,
     first_block,
-    plan_for,
     prepared_tail,
 )
 from odl_fed.asi import last_conv_names
 from odl_fed.data import batches, load_dataset
 from odl_fed.models import build_model
+from odl_fed.plan import plan_ranks
 
 IMAGE_SIZE = 112
 LAYERS = 4
@@ -73,9 +73,9 @@ def test_asi_keeps_vanilla_top1_at_a_twentieth_of_its_activation_memory(transfer
 
     calibration = calibration_batches(train, batch_size=BATCH, count=2, seed=0)
     planning_tail, _ = prepared_tail(model, layers=LAYERS, start=start)
-    plan = plan_for(planning_tail, names, calibration, vanilla["convs_bytes"] // MEMORY_FACTOR,
-                    model_name="efficientnet_lite0")
-    asi, _ = _fine_tune(transfer, "asi", plan.targets())
+    plan = plan_ranks(planning_tail, names, calibration, vanilla["convs_bytes"] // MEMORY_FACTOR,
+                      model_name="efficientnet_lite0")
+    asi, _ = _fine_tune(transfer, "asi-only", plan.targets())
 
     assert asi["convs_bytes"] * MEMORY_FACTOR <= vanilla["convs_bytes"], (
         f"ASI saved {asi['convs_bytes']} B against vanilla's {vanilla['convs_bytes']} B")

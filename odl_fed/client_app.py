@@ -77,7 +77,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     content = RecordDict({
         "client": ConfigRecord({"client": outcome.client, "device": outcome.device, "status": outcome.status,
                                 "error": outcome.error, "plan": json.dumps(outcome.plan),
-                                "attempts": json.dumps(outcome.attempts)}),
+                                "attempt-log": json.dumps(outcome.attempts)}),
         "metrics": MetricRecord(outcome.metrics),
     })
     if outcome.arrays is not None:

@@ -78,7 +78,7 @@ class ValidatedUpdates:
         metrics = dict(metrics_record) if metrics_record is not None else {}
         entry = {"client": client, "node": node, "device": info.get("device"), "status": info.get("status", "ok"),
                  "bytes-down": self._bytes_down, **metrics}
-        for key in ("plan", "attempts"):
+        for key in ("plan", "attempt-log"):
             if key in info:
                 try:
                     entry[key] = json.loads(str(info[key]))

@@ -7,7 +7,8 @@ The file holds, in order:
   the global accuracy and loss, what was sent and received, and one entry per client that was
   asked to train: its device, status (``ok``, ``refused``, ``memory-exceeded``, ``rejected``,
   ``error``), budget, plan, activation bytes, peak memory, FLOPs, bytes up/down, time, loss,
-  examples, and the reason when it was not aggregated;
+  examples, the number of ``attempts`` and their ``attempt-log`` (a breach retreats and trains
+  again within the round), and the reason when it was not aggregated;
 - ``{"event": "end", ...}``: wall time and the final accuracy.
 
 Each line is flushed when written, so a run that stops midway keeps every finished round.

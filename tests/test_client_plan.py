@@ -184,3 +184,34 @@ def test_every_model_the_project_builds_gets_a_plan(name, layers):
                        data=data, image_size=32, calibration_batches=1)
     assert plan.rank_plan is not None and plan.predicted_activation_bytes <= plan.activation_budget
     assert any(ranks is not None for ranks in plan.ranks.values())
+
+
+def test_training_with_each_plan_gives_the_accuracy_ordering_expected(setting, roomy):
+    """Real digits: the exact plan learns best, a plan squeezed to a few percent of the exact bytes
+    less well, and the convs frozen (head only) worst."""
+    from odl_fed.task import evaluate, make_optimizer, train_epoch
+
+    train = load_dataset("digits", split="train")
+    test = load_dataset("digits", split="test")
+    exact_convs, _ = _saved_by_a_step(setting, roomy)
+    rest = roomy.predicted_activation_bytes - exact_convs
+    squeezed = _plan(setting, dataclasses.replace(get_profile("rpi4"), name="squeezed",
+                                                  activation_memory=rest + exact_convs // 30))
+    assert squeezed.batch_size == 32 and squeezed.rank_plan is not None
+
+    def top1(plan, frozen_convs=False):
+        model = small_cnn()
+        convs = prepare_finetune(model, layers=4)
+        if frozen_convs:
+            for name in convs:
+                model.get_submodule(name).requires_grad_(False)
+        else:
+            apply_method(model, "asi", plan.ranks)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        for epoch in range(4):
+            train_epoch(model, train, optimizer=optimizer, batch_size=32, image_size=IMAGE, seed=epoch)
+        return evaluate(model, test, batch_size=256, image_size=IMAGE)["accuracy"]
+
+    exact, compressed, head_only = top1(roomy), top1(squeezed), top1(roomy, frozen_convs=True)
+    print(f"top-1: exact {exact:.3f}, compressed {compressed:.3f}, head only {head_only:.3f}")
+    assert exact >= compressed - 0.01 and compressed > head_only + 0.05, (exact, compressed, head_only)

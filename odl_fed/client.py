@@ -21,6 +21,7 @@ input (one ``error:`` line). Whatever it started is stopped by PID on the way ou
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -88,7 +89,9 @@ def run(args) -> int:
              f"round's train-memory is cut to what it leaves")
     node_config = format_node_config(build_node_config(profile, partition_id=args.partition_id,
                                                        num_partitions=args.num_partitions))
-    extra = {}
+    # torch's threads: the cores this client may use (its profile's, at most what it has here),
+    # unless the caller chose; several clients on one machine otherwise fight over every core.
+    extra = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(min(profile.cores, machine.cores)))}
     if args.data_root is not None:
         extra["ODL_FED_DATA"] = str(args.data_root.absolute())
     limit = hard_limit(profile) if args.hard_limit else None

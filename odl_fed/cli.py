@@ -129,7 +129,7 @@ def compose(args) -> str:
 
     text = render(compose_file(args.fleet, out_dir=args.out_dir, context=args.context, devices_file=args.devices,
                                memory_floor=parse_bytes(args.memory_floor, what="--memory-floor"),
-                               max_cpus=args.max_cpus),
+                               max_cpus=args.max_cpus, round_timeout=args.round_timeout),
                   command=" ".join(["odl-fed compose", *args.given]))
     sys.stdout.write(text)
     return text
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--context", default=".", help="the image's build context (the project root)")
     comp.add_argument("--memory-floor", default="2GiB",
                       help="the smallest mem_limit: a device with less RAM gets this, so Python and torch start")
+    comp.add_argument("--round-timeout", type=float, help="seconds the server waits for a round's replies")
     comp.add_argument("--max-cpus", type=float, help="cap on each container's cpus (default: this machine's CPUs)")
     comp.set_defaults(run=compose)
     return parser

@@ -61,7 +61,7 @@ def _memory(value: int) -> str:
 
 def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: str = ".",
                  devices_file: Path | None = None, memory_floor: int = MEMORY_FLOOR,
-                 max_cpus: float | None = None) -> dict:
+                 max_cpus: float | None = None, round_timeout: float | None = None) -> dict:
     """The compose file of ``fleet_path`` as a mapping (see the module doc for what it holds)."""
     fleet: FleetSpec = load_fleet(fleet_path, device_files=() if devices_file is None else (devices_file,))
     if memory_floor < DOCKER_MIN_MEMORY:
@@ -93,6 +93,8 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                       "--listen", f"0.0.0.0:{SERVER_PORT}"]
     if devices_rel is not None:
         server_command += ["--devices", str(devices_rel)]
+    if round_timeout is not None:
+        server_command += ["--round-timeout", f"{round_timeout:g}"]
     services = {"server": {
         "build": {"context": context, "dockerfile": "clients/Dockerfile",
                   "args": {"BASE": "${ODL_FED_BASE:-python:3.11-slim}"}},

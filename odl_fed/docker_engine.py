@@ -35,9 +35,10 @@ __all__ = ["EngineUnavailable", "Engine", "start_engine", "base_image", "wheelho
 
 DEFAULT_BASE = "python:3.11-slim"
 LOCAL_BASE = "odl-fed-base:bookworm"
-# The CPU-only torch build (x86_64: no CUDA libraries; the image is ~2 GB instead of ~6 GB) and the
-# torchvision made for it; pyproject's ranges allow both.
-IMAGE_TORCH_PINS = ("torch==2.13.0", "torchvision==0.28.0")
+# The Makefile's pins. The CPU-only torch 2.13.0 on this machine's disk would make a ~2.5 GB image
+# instead of ~6 GB, but the only torchvision 0.28 here is the CUDA build: its C ops need CUDA
+# torch's libraries and `import torchvision` fails ("operator torchvision::nms does not exist").
+IMAGE_TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -193,6 +194,10 @@ def wheelhouse(directory: Path = ROOT / "build" / "wheelhouse") -> Path:
                  str(ROOT)], check=False, timeout=1800)
     if done.returncode != 0:
         raise EngineUnavailable(f"pip download of the image's wheels failed: {done.stderr.strip()[-800:]}")
+    wanted = {pin.split("==")[0] + "-" + pin.split("==")[1] for pin in IMAGE_TORCH_PINS}
+    for stale in directory.glob("torch*.whl"):  # wheels of other pins would be installed too
+        if not any(stale.name.startswith(w) for w in wanted):
+            stale.unlink()
     for stray in directory.glob("odl[-_]fed*"):  # the project itself is copied into the image, not installed
         stray.unlink()
     stamp.write_text(json.dumps({"pins": list(IMAGE_TORCH_PINS)}))

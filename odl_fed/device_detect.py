@@ -18,11 +18,13 @@ from odl_fed.profile import DeviceProfile
 __all__ = ["MachineReadings", "read_machine", "cgroup_memory_limit", "cgroup_memory_usage", "closest_profile",
            "fit_to_memory_limit", "LIMIT_MARGIN"]
 
-# Kept free under a container's limit when the training budget is cut to fit it: planning's own
-# transient copies (it measures a real step), the allocator's slack and the page cache the kernel
-# cannot drop at once. Measured: with 64 MiB, a client left 199 MiB planned a step that fit its
-# budget and was still OOM-killed by its container; 256 MiB is what the compose test holds to.
-LIMIT_MARGIN = 256 * 2**20
+# Kept free under a container's limit, besides train-memory, when the training budget is cut to fit
+# it: what a round adds outside the training budget (the model, the data, planning's copies and its
+# measured step, the FLOPs count) and the allocator's slack. Measured in a container (ResNet-18,
+# 32 px): a ClientApp at ~680 MiB in the cgroup when it reads its node config reached 751 MiB
+# anonymous + 415 MiB file pages before its plan refused it; with 64 and 256 MiB kept free, a
+# client left 199 and 13 MiB was OOM-killed by its container.
+LIMIT_MARGIN = 640 * 2**20
 
 # cgroup v1 reports "no limit" as a huge page-aligned number (2**63 rounded down to a page).
 _NO_LIMIT = 2**62

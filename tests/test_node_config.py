@@ -97,7 +97,7 @@ def test_train_memory_is_cut_to_what_a_container_leaves():
     same, note = fit_to_memory_limit(rpi4, limit=4 * 2**30, usage=2**30)
     assert same == rpi4 and note == ""
     cut, note = fit_to_memory_limit(rpi4, limit=1700 * 2**20, usage=1500 * 2**20, margin=64 * 2**20)
-    assert fit_to_memory_limit(rpi4, limit=1700 * 2**20, usage=1200 * 2**20)[0].train_memory == 244 * 2**20
+    assert fit_to_memory_limit(rpi4, limit=2200 * 2**20, usage=1200 * 2**20)[0].train_memory == 360 * 2**20
     assert cut.train_memory == 136 * 2**20 and "train-memory cut from 512 MiB" in note
     none_left, _ = fit_to_memory_limit(rpi4, limit=2**30, usage=2**30)
     assert none_left.train_memory == 1  # the plan refuses it, with its reason, instead of the kernel killing it

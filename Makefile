@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Exact versions this machine holds on disk (pyproject keeps the ranges a board can satisfy).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy
+.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose wheelhouse bench-deploy
 
 $(VENV)/.installed: pyproject.toml
 	# Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt and root are at hand.
@@ -41,6 +41,19 @@ bench-accuracy: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The image's wheels (CPU torch included) for an offline `docker build` (build/wheelhouse/).
+wheelhouse: setup
+	$(PY) -c "from odl_fed.docker_engine import wheelhouse; print(wheelhouse())"
+
+# A real `docker compose up` of a generated fleet: starts its own dockerd, builds the image, runs
+# the fleet, tears everything down (skipped, with the reason, where no engine can start).
+test-compose: setup
+	$(PY) -m pytest -q -m compose tests/test_docker_compose.py
+
+# A deployed round against the same round in simulation, and the image's size and build times.
+bench-deploy: setup
+	$(PY) -m bench.deploy
 
 clean:
 	rm -rf $(VENV)

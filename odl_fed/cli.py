@@ -4,7 +4,8 @@
   evaluate, write a result JSON (the centralised baseline of every federated run);
 - ``odl-fed pretrain``: train a whole backbone on a source dataset and save it, so that a
   MobileNetV2/ResNet can be fine-tuned from real features offline;
-- ``odl-fed simulate``: run a fleet file's federated job in Flower's simulation engine.
+- ``odl-fed simulate``: run a fleet file's federated job in Flower's simulation engine;
+- ``odl-fed compose``: write the Docker Compose file of a fleet (server + one container per client).
 
 A user's mistake (a wrong name, a budget too small, a missing file) ends in one ``error:`` line
 and exit status 2, not a traceback.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from odl_fed.compose import ComposeError
 from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
 from odl_fed.methods import get_method
 from odl_fed.models import MODELS, build_model, prepare_finetune, save_checkpoint
@@ -28,7 +30,7 @@ from odl_fed.run_config import DEFAULTS
 from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
 from odl_fed.units import parse_bytes
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, DatasetUnavailableError, BudgetTooSmallError, ImportError)
+USER_ERRORS = (ComposeError, ValueError, KeyError, FileNotFoundError, DatasetUnavailableError, BudgetTooSmallError, ImportError)
 
 
 def _data(args, split: str) -> ImageData:
@@ -122,6 +124,17 @@ def simulate(args) -> Path:
     return path
 
 
+def compose(args) -> str:
+    from odl_fed.compose import compose_file, render
+
+    text = render(compose_file(args.fleet, out_dir=args.out_dir, context=args.context, devices_file=args.devices,
+                               memory_floor=parse_bytes(args.memory_floor, what="--memory-floor"),
+                               max_cpus=args.max_cpus, round_timeout=args.round_timeout),
+                  command=" ".join(["odl-fed compose", *args.given]))
+    sys.stdout.write(text)
+    return text
+
+
 def _budget(text: str) -> str:
     try:
         parse_bytes(text)  # validated here so argparse reports it with the usage
@@ -180,12 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(run=simulate)
+
+    comp = commands.add_parser("compose", help="write the Docker Compose file of a fleet (to stdout)")
+    comp.add_argument("--fleet", type=Path, required=True, help="a fleet file under this directory")
+    comp.add_argument("--devices", type=Path, help="extra device profiles (YAML), beside the fleet file")
+    comp.add_argument("--out-dir", default="runs/compose", help="the server's run directory, under runs/")
+    comp.add_argument("--context", default=".", help="the image's build context (the project root)")
+    comp.add_argument("--memory-floor", default="2GiB",
+                      help="the smallest mem_limit: a device with less RAM gets this, so Python and torch start")
+    comp.add_argument("--round-timeout", type=float, help="seconds the server waits for a round's replies")
+    comp.add_argument("--max-cpus", type=float, help="cap on each container's cpus (default: this machine's CPUs)")
+    comp.set_defaults(run=compose)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given = list(sys.argv[2:] if argv is None else argv[1:])
     try:
         args.run(args)
     except USER_ERRORS as error:

@@ -1,8 +1,9 @@
 """The Flower ClientApp: a device's side of a round, as messages.
 
-Which device a node is: its node config's ``device`` when it has one (a real board started with
-``--node-config 'device="rpi4" partition-id=0 num-partitions=4'``), else the fleet's device for its
-``partition-id`` (simulation, where the node config holds only the partition). The work itself is
+Which device a node is: its node config's ``device`` (and the profile's fields, which
+``python -m odl_fed.client`` puts there) when it has one, else the fleet's device for its
+``partition-id`` (simulation, where the node config holds only the partition); see
+:mod:`odl_fed.node_config`. The work itself is
 :func:`odl_fed.client_round.run_client_round`.
 """
 
@@ -10,20 +11,24 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from odl_fed.client_round import PlanCache, run_client_round
+from odl_fed.device_detect import cgroup_memory_limit, cgroup_memory_usage, fit_to_memory_limit
 from odl_fed.job import client_data
-from odl_fed.profile import DeviceProfile, get_profile, load_profiles
+from odl_fed.node_config import NodeConfigError, node_profile, partition
+from odl_fed.profile import DeviceProfile
 from odl_fed.run_config import RunSettings
 
 __all__ = ["app", "handle_train", "node_identity", "BASES_KEY"]
 
 app = ClientApp()
 BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
+log = logging.getLogger("flwr.odl_fed")
 
 
 @functools.lru_cache(maxsize=4)
@@ -32,22 +37,23 @@ def _plan_cache(directory: str | None) -> PlanCache:
 
 
 def node_identity(settings: RunSettings, node_config: Mapping) -> tuple[str, DeviceProfile, int, int]:
-    """The client's name, device profile, partition id and number of partitions."""
+    """The client's name, device profile, partition id and number of partitions.
+
+    A deployed node's config carries its device (and the profile's fields); a simulated node's only
+    its partition, whose device the fleet says (:mod:`odl_fed.node_config`).
+    """
     fleet = settings.fleet()
-    try:
-        partition_id = int(node_config["partition-id"])
-        num_partitions = int(node_config.get("num-partitions", fleet.num_clients))
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"node config needs an integer partition-id, but got {dict(node_config)}") from None
-    if "device" in node_config:
-        devices = () if settings.devices_file is None else (settings.devices_file,)
-        profile = get_profile(str(node_config["device"]), load_profiles(*devices))
-    else:
+    partition_id, num_partitions = partition(node_config, default_partitions=fleet.num_clients)
+    profile = node_profile(node_config, devices_file=settings.devices_file)
+    if profile is None:
         profiles = fleet.client_profiles()
         if not 0 <= partition_id < len(profiles):
-            raise ValueError(f"partition-id {partition_id} is outside the fleet {fleet.path} "
-                             f"({len(profiles)} clients)")
+            raise NodeConfigError(f"partition-id {partition_id} is outside the fleet {fleet.path} "
+                                  f"({len(profiles)} clients), and the node config names no device")
         profile = profiles[partition_id]
+    profile, note = fit_to_memory_limit(profile, limit=cgroup_memory_limit()[0], usage=cgroup_memory_usage())
+    if note:
+        log.warning(note)
     return f"{profile.name}-{partition_id}", profile, partition_id, num_partitions
 
 

@@ -17,7 +17,8 @@ import yaml
 from odl_fed.units import parse_bytes
 from odl_fed.suggest import did_you_mean
 
-__all__ = ["DeviceProfile", "ProfileError", "BUILTIN_PROFILES", "load_profiles", "get_profile"]
+__all__ = ["DeviceProfile", "ProfileError", "BUILTIN_PROFILES", "PROFILE_KEYS", "load_profiles", "get_profile",
+           "profile_from_fields", "profile_fields"]
 
 BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "configs" / "devices.yaml"
 _SIZE_FIELDS = ("ram", "train-memory", "runtime-memory", "activation-memory")
@@ -48,6 +49,7 @@ class DeviceProfile:
 
 
 _KEYS = tuple(f.name.replace("_", "-") for f in fields(DeviceProfile) if f.name != "name")
+PROFILE_KEYS = _KEYS  # a profile's fields as written in files and node configs (kebab-case)
 
 
 def _profile(name: str, entry: Mapping, source: str) -> DeviceProfile:
@@ -117,3 +119,18 @@ def get_profile(name: str, profiles: Mapping[str, DeviceProfile] | None = None) 
     if name not in profiles:
         raise ProfileError(f"unknown device {name!r}{did_you_mean(name, profiles)}; known devices: {', '.join(profiles)}")
     return profiles[name]
+
+
+def profile_from_fields(name: str, entry: Mapping, *, source: str) -> DeviceProfile:
+    """A profile from its kebab-case fields (a node config carries them), checked like a file's."""
+    return _profile(name, entry, source)
+
+
+def profile_fields(profile: DeviceProfile) -> dict[str, int | float | str]:
+    """The profile's kebab-case fields, sizes in bytes (what a SuperNode's node config carries)."""
+    out = {}
+    for key in _KEYS:
+        value = getattr(profile, key.replace("-", "_"))
+        if value is not None and key != "description":
+            out[key] = value
+    return out

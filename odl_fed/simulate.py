@@ -18,17 +18,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.client_app import handle_train
+from odl_fed.deploy import OFFLINE_ENV
 from odl_fed.job import held_out_data, train_size
 from odl_fed.preflight import check_fleet
 from odl_fed.run_config import RunSettings
 from odl_fed.server_app import run_server
 
 __all__ = ["simulate", "build_apps", "OFFLINE_ENV"]
-
-# Flower's settings for a machine without network (see Flower's docs on offline runs).
-OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_DATASETS_OFFLINE": "1",
-               "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
 class _KnownNotices(logging.Filter):

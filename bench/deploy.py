@@ -1,0 +1,182 @@
+"""Benchmark: a deployed round against the same round in simulation, and the image's cost.
+
+One run measures, on this machine:
+
+- the same small fleet (``--clients`` clients, MobileNetV2 with its last conv and head trained
+  with ASI, 64 examples each, ``--rounds`` rounds) twice: in Flower's simulation engine
+  (``odl-fed simulate``) and deployed on loopback (``python -m odl_fed.server`` and one
+  ``python -m odl_fed.client`` per client, each its own process tree); per-round wall times from
+  the round logs, their ratio, and where a deployed round's extra time goes: a fresh ClientApp
+  process per message (Python, torch, Flower and odl_fed imported again: measured apart, as many
+  at once as there are clients), the clients' own work (plan + train, from the round log, the
+  same in both), the server's evaluation, and the rest (Flower's messages and polling);
+- with ``--image``: the image's size and its build time, cold (``--no-cache``, base image
+  present) and warm (nothing changed), and a container's start, with a Docker engine of its own.
+
+Run: ``python -m bench.deploy [--image] [--out bench/results/deploy.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from odl_fed.deploy import free_port, stop_tree
+from odl_fed.recorder import read_rounds
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "local-epochs": 1, "batch-size": 16, "lr": 0.001,
+       "image-size": 32, "dataset": "mnist-digits", "partition": "iid", "seed": 0, "examples-per-client": 64,
+       "eval-examples": 200}
+CLIENTAPP_IMPORTS = "import torch, flwr.clientapp, odl_fed.client_app"
+
+
+def _env() -> dict:
+    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _round_times(log: Path) -> list[float]:
+    rounds = read_rounds(log)
+    return [rounds[i]["time"] - rounds[i - 1]["time"] for i in range(1, len(rounds))]
+
+
+def _client_work(log: Path) -> list[float]:
+    """Per round, the slowest client's plan + train time (what the round waits for)."""
+    return [max(c.get("plan-time", 0) + c.get("train-time", 0) for c in r["clients"]) for r in read_rounds(log)[1:]]
+
+
+def _eval_times(log: Path) -> list[float]:
+    return [r["global"]["eval-time"] for r in read_rounds(log)[1:]]
+
+
+def simulate_fleet(fleet: Path, out: Path) -> Path:
+    done = subprocess.run([sys.executable, "-m", "odl_fed.cli", "simulate", "--fleet", str(fleet), "--out-dir",
+                           str(out), "--no-progress", "--plan-cache", str(out / "plans")], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"error: the simulation failed: {done.stderr[-2000:]}")
+    return out / "rounds.jsonl"
+
+
+def deploy_fleet(fleet: Path, out: Path, devices: list[str]) -> Path:
+    """The server entry and one client entry per device, on loopback; all stopped by PID after."""
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    processes = [subprocess.Popen([sys.executable, "-m", "odl_fed.server", "--fleet", str(fleet), "--out-dir",
+                                   str(out), "--listen", f"127.0.0.1:{port}", "--plan-cache", str(out / "plans")],
+                                  cwd=ROOT, env=_env(), stdout=(out / "server.log").open("w"),
+                                  stderr=subprocess.STDOUT)]
+    try:
+        for i, device in enumerate(devices):
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "odl_fed.client", "--device", device, "--superlink", f"127.0.0.1:{port}",
+                 "--partition-id", str(i), "--num-partitions", str(len(devices)), "--reconnect-timeout", "5"],
+                cwd=ROOT, env=_env(), stdout=(out / f"client-{i}.log").open("w"), stderr=subprocess.STDOUT))
+        if processes[0].wait(timeout=3600) != 0:
+            raise SystemExit(f"error: the deployed run failed; see {out / 'server.log'}")
+    finally:
+        for process in processes:
+            stop_tree(process.pid)
+    return out / "rounds.jsonl"
+
+
+def clientapp_start(clients: int) -> float:
+    """Wall time for ``clients`` fresh processes at once to import what a ClientApp imports."""
+    started = time.perf_counter()
+    running = [subprocess.Popen([sys.executable, "-c", CLIENTAPP_IMPORTS], cwd=ROOT, env=_env())
+               for _ in range(clients)]
+    for process in running:
+        process.wait()
+    return time.perf_counter() - started
+
+
+def image_figures() -> dict:
+    from odl_fed.docker_engine import EngineUnavailable, base_image, start_engine, wheelhouse
+
+    try:
+        engine = start_engine()
+    except EngineUnavailable as error:
+        return {"skipped": str(error)}
+    try:
+        base = base_image(engine, cache=Path(os.environ.get("ODL_FED_CACHE", "/var/cache/odl-fed")))
+        wheelhouse()
+        figures = {"base": base}
+        for name, extra in (("cold", ["--no-cache"]), ("warm", [])):
+            started = time.perf_counter()
+            engine.docker("build", "-q", *extra, "-f", "clients/Dockerfile", "--build-arg", f"BASE={base}", "-t",
+                          "odl-fed:latest", str(ROOT), cwd=ROOT, timeout=3600)
+            figures[f"build-{name}-s"] = time.perf_counter() - started
+        figures["image-bytes"] = int(engine.docker("image", "inspect", "odl-fed:latest", "--format",
+                                                   "{{.Size}}").stdout.strip())
+        for name, code in (("container-start-s", "pass"), ("container-clientapp-imports-s", CLIENTAPP_IMPORTS)):
+            started = time.perf_counter()
+            engine.docker("run", "--rm", "odl-fed:latest", "python", "-c", code)
+            figures[name] = time.perf_counter() - started
+        return figures
+    finally:
+        engine.stop()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--image", action="store_true", help="also measure the image (starts a Docker engine)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "deploy.json")
+    args = parser.parse_args(argv)
+    devices = [("rpi4", "phone")[i % 2] for i in range(args.clients)]
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        tmp = Path(tmp)
+        fleet = tmp / "fleet.yaml"
+        groups = {d: devices.count(d) for d in dict.fromkeys(devices)}
+        fleet.write_text(yaml.safe_dump({"devices": [{"device": d, "count": n} for d, n in groups.items()],
+                                         "job": JOB | {"rounds": args.rounds, "clients-per-round": args.clients}}))
+        started = time.perf_counter()
+        sim_log = simulate_fleet(fleet, tmp / "sim")
+        sim_wall = time.perf_counter() - started
+        started = time.perf_counter()
+        dep_log = deploy_fleet(fleet, tmp / "deployed", devices)
+        dep_wall = time.perf_counter() - started
+        imports = statistics.median(clientapp_start(args.clients) for _ in range(3))
+        sim_rounds, dep_rounds = _round_times(sim_log), _round_times(dep_log)
+        dep_work, dep_eval = _client_work(dep_log), _eval_times(dep_log)
+        sim_work, sim_eval = _client_work(sim_log), _eval_times(sim_log)
+    steady = slice(1, None)  # round 1 plans each device once (the plans are kept on disk after)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "fleet": {"clients": args.clients, "devices": devices, "rounds": args.rounds, **JOB},
+        "simulation": {"wall-s": sim_wall, "round-s": sim_rounds, "client-work-s": sim_work, "eval-s": sim_eval},
+        "deployed": {"wall-s": dep_wall, "round-s": dep_rounds, "client-work-s": dep_work, "eval-s": dep_eval,
+                     "clientapp-start-s": imports},
+        "ratio-round-1": dep_rounds[0] / sim_rounds[0],
+        "ratio-steady-round": statistics.mean(dep_rounds[steady]) / statistics.mean(sim_rounds[steady]),
+    }
+    steady_dep = statistics.mean(dep_rounds[steady])
+    work, evaluation = statistics.mean(dep_work[steady]), statistics.mean(dep_eval[steady])
+    result["deployed-steady-breakdown-s"] = {
+        "round": steady_dep, "clientapp-process-start-and-imports": imports, "client-work": work,
+        "server-eval": evaluation, "flower-messages-and-polling": steady_dep - imports - work - evaluation}
+    if args.image:
+        result["image"] = image_figures()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("ratio-round-1", "ratio-steady-round", "deployed-steady-breakdown-s")},
+                     indent=2))
+    if "image" in result:
+        print(json.dumps(result["image"], indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

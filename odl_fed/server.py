@@ -1,0 +1,135 @@
+"""The fleet's server: a Flower SuperLink, and the ServerApp run against it until the job ends.
+
+::
+
+    python -m odl_fed.server --fleet configs/fleets/demo.yaml --out-dir runs/deployed [--listen 0.0.0.0:9092]
+
+It starts the SuperLink (its state in ``OUT-DIR/superlink.db``), waits for it to answer, submits
+the run with ``flwr run`` through a Flower home of the run directory's own (``OUT-DIR/flwr-home``),
+and writes the same round log as the simulation (``OUT-DIR/rounds.jsonl``). The ServerApp waits for
+every client of the fleet to connect (``python -m odl_fed.client``), so clients may start before or
+after it. On exit, on an error and on Ctrl-C / SIGTERM it stops what it started, by PID.
+
+Clients read the fleet file (the job) and its weights at the same path as given here, relative to
+their own working directory: run both from a checkout of the project, or give the same mounts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from odl_fed.data import DatasetUnavailableError
+from odl_fed.deploy import AddressError, Processes, flower_command, flower_env, parse_address, wait_for_port
+from odl_fed.fleet import FleetError, load_fleet
+from odl_fed.job import held_out_data
+from odl_fed.run_config import DEFAULTS
+
+__all__ = ["main", "serve", "DEFAULT_LISTEN", "ServerError"]
+
+PROG = "python -m odl_fed.server"
+DEFAULT_LISTEN = "0.0.0.0:9092"
+FEDERATION = "deployed"
+
+
+class ServerError(RuntimeError):
+    """The SuperLink did not start, or the run did not finish."""
+
+
+def _app_dir() -> Path:
+    """The Flower app (the directory holding pyproject.toml with ``[tool.flwr.app]``)."""
+    for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (candidate / "pyproject.toml").is_file():
+            return candidate
+    raise FileNotFoundError("no pyproject.toml with the Flower app next to odl_fed or in the current directory")
+
+
+def _flower_home(out_dir: Path, port: int) -> Path:
+    home = out_dir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    return home
+
+
+def _toml(value) -> str:
+    return json.dumps(value) if not isinstance(value, (int, float)) or isinstance(value, bool) else repr(value)
+
+
+def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_file: Path | None = None,
+          plan_cache: str = DEFAULTS["plan-cache"], round_timeout: float = float(DEFAULTS["round-timeout"]),
+          start_timeout: float = 60.0) -> Path:
+    """Run the fleet's job on a SuperLink at ``listen``; returns the round log when the job ended."""
+    host, port = parse_address(listen, what="--listen")
+    spec = load_fleet(fleet, device_files=() if devices_file is None else (devices_file,))
+    spec.check_files()
+    held_out_data(spec.job)
+    out_dir = out_dir.absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "rounds.jsonl"
+    log.unlink(missing_ok=True)
+    home = _flower_home(out_dir, port)
+    env = flower_env({"FLWR_HOME": str(home)})
+    run_config = {"fleet": str(fleet), "devices-file": str(devices_file or ""), "out-dir": str(out_dir),
+                  "plan-cache": plan_cache, "round-timeout": round_timeout}
+    with Processes() as processes:
+        superlink = processes.start([flower_command("flower-superlink"), "--insecure", "--database",
+                                     str(out_dir / "superlink.db"), "--host", host, "--port", str(port),
+                                     "--disable-runtime-dependency-installation"], env=env)
+        if not wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout=start_timeout,
+                             process=superlink):
+            raise ServerError(f"the SuperLink did not start on {listen} within {start_timeout:g} s "
+                              f"(status {superlink.poll()}); is the port taken?")
+        print(f"odl-fed server: SuperLink {superlink.pid} on {listen}; waiting for the fleet's "
+              f"{spec.num_clients} clients; round log {log}", file=sys.stderr, flush=True)
+        submit = processes.start([flower_command("flwr"), "run", str(_app_dir()), FEDERATION, "--stream",
+                                  "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())],
+                                 env=env)
+        while submit.poll() is None:
+            if superlink.poll() is not None:
+                raise ServerError(f"the SuperLink stopped (status {superlink.returncode}) during the run")
+            time.sleep(0.5)
+    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if not lines or lines[-1].get("event") != "end":
+        raise ServerError(f"the run did not finish the job of {fleet} (round log {log}: "
+                          f"{sum(1 for line in lines if line.get('event') == 'round')} round line(s)); "
+                          f"flwr run exited with {submit.returncode}")
+    return log
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fleet", type=Path, required=True, help="a fleet file, e.g. configs/fleets/demo.yaml")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs/deployed"),
+                        help="the run directory: rounds.jsonl, trained_layers.pt, superlink.db")
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, help="the SuperLink's address, HOST:PORT")
+    parser.add_argument("--devices", type=Path, help="extra device profiles (YAML) the fleet names")
+    parser.add_argument("--plan-cache", default=DEFAULTS["plan-cache"], help="where clients keep their plans")
+    parser.add_argument("--round-timeout", type=float, default=float(DEFAULTS["round-timeout"]),
+                        help="seconds to wait for a round's replies")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        log = serve(args.fleet, out_dir=args.out_dir, listen=args.listen, devices_file=args.devices,
+                    plan_cache=args.plan_cache, round_timeout=args.round_timeout)
+    except (AddressError, FleetError, DatasetUnavailableError, FileNotFoundError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except ServerError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: stopped (interrupted); what it started is stopped", file=sys.stderr)
+        return 130
+    print(f"round log: {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The deployed fleet on loopback: the server entry and client entries as separate processes
+(a real SuperLink, real SuperNodes, a fresh ClientApp process per message), and their bad input.
+
+Every process a test starts is stopped by its PID at the end, and the test checks from outside
+(psutil) that none of them, nor anything they started, is left.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from odl_fed.deploy import free_port, stop_tree
+from odl_fed.recorder import read_rounds
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "rounds": 2, "clients-per-round": 3,
+       "local-epochs": 1, "batch-size": 16, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits",
+       "partition": "iid", "seed": 0, "examples-per-client": 64, "eval-examples": 200}
+
+
+def _env() -> dict:
+    # This checkout's package in every process (the venv may hold another checkout in editable mode).
+    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=_env(), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _tree(process: subprocess.Popen) -> set[int]:
+    try:
+        return {process.pid, *(c.pid for c in psutil.Process(process.pid).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _alive(pids: set[int]) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def _run_quick(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _one_error_line(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in done.stderr.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
+    """Server entry + 3 client entries (2 devices, one from a user file, one with a hard cap), 2 rounds."""
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 2}, {"device": "phone", "count": 1}],
+                                     "job": JOB}))
+    devices = tmp_path / "my-devices.yaml"
+    devices.write_text(yaml.safe_dump({"desk-pi": {"description": "a Pi 4 on a desk", "ram": "4GiB",
+                                                   "train-memory": "384MiB", "runtime-memory": "400MiB", "cores": 4,
+                                                   "relative-speed": 1.0}}))
+    port = free_port()
+    out = tmp_path / "out"
+    started: list[subprocess.Popen] = []
+    pids: set[int] = set()
+    try:
+        server = _start(["odl_fed.server", "--fleet", str(fleet), "--out-dir", str(out), "--listen",
+                         f"127.0.0.1:{port}", "--plan-cache", str(tmp_path / "plans")], tmp_path / "server.log")
+        started.append(server)
+        clients = [
+            (["--device", "rpi4", "--hard-limit"], 0),
+            (["--device", "desk-pi", "--devices", str(devices)], 1),
+            (["--device", "phone"], 2),
+        ]
+        for extra, partition in clients:
+            started.append(_start(["odl_fed.client", *extra, "--superlink", f"127.0.0.1:{port}", "--partition-id",
+                                   str(partition), "--num-partitions", "3", "--reconnect-timeout", "5"],
+                                  tmp_path / f"client-{partition}.log"))
+        capped = None
+        deadline = time.monotonic() + 900
+        while server.poll() is None and time.monotonic() < deadline:
+            for process in started:
+                pids |= _tree(process)
+            for pid in _tree(started[1]):  # the hard-capped client: read its ClientApp's limit from outside
+                try:
+                    child = psutil.Process(pid)
+                    if "flwr-clientapp" in " ".join(child.cmdline()):
+                        capped = child.rlimit(psutil.RLIMIT_AS)
+                except psutil.NoSuchProcess:
+                    continue
+            time.sleep(0.5)
+        log = (tmp_path / "server.log").read_text()
+        assert server.returncode == 0, log[-4000:]
+        assert f"round log: {out / 'rounds.jsonl'}" in log
+
+        rounds = read_rounds(out / "rounds.jsonl")
+        assert [r["round"] for r in rounds] == [0, 1, 2]
+        assert all(0.0 <= r["global"]["accuracy"] <= 1.0 for r in rounds)
+        for r in rounds[1:]:
+            clients_seen = {c["client"]: c for c in r["clients"]}
+            assert set(clients_seen) == {"rpi4-0", "desk-pi-1", "phone-2"}, clients_seen.keys()
+            for name, entry in clients_seen.items():
+                assert entry["status"] == "ok", entry
+                assert entry["device"] == name.rsplit("-", 1)[0]
+                assert entry["plan"]["layers"] and entry["plan"]["batch_size"] >= 1
+                assert 0 < entry["peak-memory"] <= entry["memory-budget"]
+            # the user file's profile travelled in the node config, not through a file on the server
+            assert clients_seen["desk-pi-1"]["train-memory"] == 384 * 2**20
+            assert clients_seen["rpi4-0"]["train-memory"] == 512 * 2**20
+        # RLIMIT_AS = runtime-memory + train-memory + torch's floor, read from the running ClientApp
+        from odl_fed.deploy import TORCH_ADDRESS_FLOOR
+        assert capped == (912 * 2**20 + TORCH_ADDRESS_FLOOR,) * 2
+
+        # The SuperLink is gone: each client says so and exits on its own within its reconnect timeout.
+        for process, partition in zip(started[1:], (0, 1, 2)):
+            process.wait(timeout=60)
+            text = (tmp_path / f"client-{partition}.log").read_text()
+            assert process.returncode == 1 and "lost the SuperLink" in text, text[-2000:]
+    finally:
+        for process in started:
+            pids |= _tree(process)
+            stop_tree(process.pid)
+        for process in started:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+    assert _alive(pids) == []
+    assert not any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["cmdline"]))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--device", "rpi9", "--superlink", "127.0.0.1:9092"], "unknown device 'rpi9' (did you mean"),
+    (["--device", "rpi4", "--superlink", "localhost"], "--superlink must be HOST:PORT"),
+    (["--device", "rpi4", "--superlink", "127.0.0.1:99999"], "--superlink must be HOST:PORT"),
+    (["--device", "rpi4", "--devices", "/nonexistent/devices.yaml", "--superlink", "127.0.0.1:9092"],
+     "/nonexistent/devices.yaml is not a readable file"),
+    (["--device", "rpi4", "--superlink", "127.0.0.1:9092", "--partition-id", "4", "--num-partitions", "4"],
+     "partition-id must be in [0, num-partitions=4), but got 4"),
+])
+def test_client_bad_input_is_one_clear_error(args, expected):
+    done = _run_quick(["odl_fed.client", *args])
+    assert done.returncode == 2
+    assert expected in _one_error_line(done)
+
+
+def test_client_bad_profile_file_names_the_field(tmp_path):
+    bad = tmp_path / "devices.yaml"
+    bad.write_text("board:\n  ram: 4GiB\n  train-memroy: 1GiB\n")
+    done = _run_quick(["odl_fed.client", "--device", "board", "--devices", str(bad), "--superlink", "127.0.0.1:9"])
+    assert done.returncode == 2
+    assert "train-memroy" in _one_error_line(done) and str(bad) in done.stderr
+
+
+def test_client_says_when_the_superlink_does_not_answer_and_exits_in_bounded_time():
+    port = free_port()
+    before = time.monotonic()
+    done = _run_quick(["odl_fed.client", "--device", "rpi4", "--superlink", f"127.0.0.1:{port}",
+                       "--connect-timeout", "3"])
+    assert done.returncode == 1
+    assert f"the SuperLink at 127.0.0.1:{port} does not answer (tried for 3 s)" in _one_error_line(done)
+    assert time.monotonic() - before < 30
+
+
+def test_device_auto_says_which_profile_and_why():
+    port = free_port()
+    done = _run_quick(["odl_fed.client", "--device", "auto", "--superlink", f"127.0.0.1:{port}",
+                       "--connect-timeout", "1"])
+    assert "--device auto: picked " in done.stderr and "this machine has" in done.stderr
+    assert f"{psutil.cpu_count()} core(s)" in done.stderr or "core(s)" in done.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--fleet", "configs/fleets/nope.yaml"], "fleet file configs/fleets/nope.yaml does not exist"),
+    (["--fleet", "configs/fleets/mixed.yaml", "--listen", "0.0.0.0"], "--listen must be HOST:PORT"),
+])
+def test_server_bad_input_is_one_clear_error_and_starts_nothing(args, expected):
+    done = _run_quick(["odl_fed.server", *args, "--out-dir", "/tmp/odl-fed-never-made"])
+    assert done.returncode == 2
+    assert expected in _one_error_line(done)
+    assert not Path("/tmp/odl-fed-never-made").exists()

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from odl_fed.cli import main
+from odl_fed.methods import METHODS
 
 FAST = ["--image-size", "32", "--limit-train", "256", "--limit-test", "128", "--epochs", "1"]
 
@@ -17,7 +18,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method", ["vanilla", "asi", "hosvd", "gradfilt"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_finetune_writes_a_result_with_measured_bytes(checkpoint, tmp_path, method):
     out, plan = tmp_path / "result.json", tmp_path / "plan.json"
     code = main(["finetune", "--model", "resnet18", "--weights", str(checkpoint), "--dataset", "mnist-digits",
@@ -27,7 +28,7 @@ def test_finetune_writes_a_result_with_measured_bytes(checkpoint, tmp_path, meth
     result = json.loads(out.read_text())
     assert result["layers"] == ["layer4.1.conv1", "layer4.1.conv2"]
     assert 0 <= result["test_accuracy"] <= 1 and result["activation_bytes"] > 0
-    if method in ("asi", "hosvd"):
+    if METHODS[method].plans_ranks:
         assert result["activation_bytes"] <= result["plan"]["total_bytes"] <= 20_000
         assert json.loads(plan.read_text())["model"] == "resnet18"
 

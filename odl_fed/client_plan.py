@@ -93,7 +93,11 @@ class ClientPlan:
 
     @property
     def exact_layers(self) -> tuple[str, ...]:
-        return tuple(name for name, r in self.ranks.items() if r is None and self.method != "vanilla")
+        """The trained convs that keep their whole input (plain backprop)."""
+        method = get_method(self.method)
+        if method.variant is None:
+            return self.layers
+        return tuple(name for name, r in self.ranks.items() if r is None) if method.plans_ranks else ()
 
     @property
     def setting(self) -> Setting:

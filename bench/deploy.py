@@ -7,9 +7,11 @@ One run measures, on this machine:
   (``odl-fed simulate``) and deployed on loopback (``python -m odl_fed.server`` and one
   ``python -m odl_fed.client`` per client, each its own process tree); per-round wall times from
   the round logs, their ratio, and where a deployed round's extra time goes: a fresh ClientApp
-  process per message (Python, torch, Flower and odl_fed imported again: measured apart, as many
-  at once as there are clients), the clients' own work (plan + train, from the round log, the
-  same in both), the server's evaluation, and the rest (Flower's messages and polling);
+  process per message (Python, torch, Flower and odl_fed imported again, then the fleet read, the
+  model built and the client's share of the data loaded again: both measured apart, as many
+  processes at once as there are clients), the clients' own work (plan + train, from the round
+  log), the server's evaluation, and the rest (Flower's messages and polling, and the FLOPs count
+  each round makes);
 - with ``--image``: the image's size and its build time, cold (``--no-cache``, base image
   present) and warm (nothing changed), and a container's start, with a Docker engine of its own.
 
@@ -39,6 +41,12 @@ JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "local-epochs": 1,
        "image-size": 32, "dataset": "mnist-digits", "partition": "iid", "seed": 0, "examples-per-client": 64,
        "eval-examples": 200}
 CLIENTAPP_IMPORTS = "import torch, flwr.clientapp, odl_fed.client_app"
+# What each fresh ClientApp does before planning: read the fleet, build the model, load its share.
+CLIENTAPP_SETUP = ("import sys, time; {imports}; t = time.perf_counter(); "
+                   "from odl_fed.run_config import RunSettings; from odl_fed.job import client_data, global_model; "
+                   "job = RunSettings.from_config({{'fleet': sys.argv[1]}}).fleet().job; "
+                   "data = client_data(job, 0, {clients}); global_model(job, num_classes=data.num_classes); "
+                   "print(time.perf_counter() - t)")
 
 
 def _env() -> dict:
@@ -100,6 +108,14 @@ def clientapp_start(clients: int) -> float:
     return time.perf_counter() - started
 
 
+def clientapp_setup(clients: int, fleet: Path) -> float:
+    """The slowest of ``clients`` fresh processes at once, from imported to model and data ready."""
+    code = CLIENTAPP_SETUP.format(imports=CLIENTAPP_IMPORTS, clients=clients)
+    running = [subprocess.Popen([sys.executable, "-c", code, str(fleet)], cwd=ROOT, env=_env(),
+                                stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    return max(float(process.communicate()[0].strip().splitlines()[-1]) for process in running)
+
+
 def image_figures() -> dict:
     from odl_fed.docker_engine import EngineUnavailable, base_image, start_engine, wheelhouse
 
@@ -148,6 +164,7 @@ def main(argv=None) -> dict:
         dep_log = deploy_fleet(fleet, tmp / "deployed", devices)
         dep_wall = time.perf_counter() - started
         imports = statistics.median(clientapp_start(args.clients) for _ in range(3))
+        setup = statistics.median(clientapp_setup(args.clients, fleet) for _ in range(3))
         sim_rounds, dep_rounds = _round_times(sim_log), _round_times(dep_log)
         dep_work, dep_eval = _client_work(dep_log), _eval_times(dep_log)
         sim_work, sim_eval = _client_work(sim_log), _eval_times(sim_log)
@@ -157,15 +174,16 @@ def main(argv=None) -> dict:
         "fleet": {"clients": args.clients, "devices": devices, "rounds": args.rounds, **JOB},
         "simulation": {"wall-s": sim_wall, "round-s": sim_rounds, "client-work-s": sim_work, "eval-s": sim_eval},
         "deployed": {"wall-s": dep_wall, "round-s": dep_rounds, "client-work-s": dep_work, "eval-s": dep_eval,
-                     "clientapp-start-s": imports},
+                     "clientapp-start-s": imports, "clientapp-setup-s": setup},
         "ratio-round-1": dep_rounds[0] / sim_rounds[0],
         "ratio-steady-round": statistics.mean(dep_rounds[steady]) / statistics.mean(sim_rounds[steady]),
     }
     steady_dep = statistics.mean(dep_rounds[steady])
     work, evaluation = statistics.mean(dep_work[steady]), statistics.mean(dep_eval[steady])
     result["deployed-steady-breakdown-s"] = {
-        "round": steady_dep, "clientapp-process-start-and-imports": imports, "client-work": work,
-        "server-eval": evaluation, "flower-messages-and-polling": steady_dep - imports - work - evaluation}
+        "round": steady_dep, "clientapp-process-start-and-imports": imports,
+        "clientapp-fleet-model-and-data": setup, "client-work-plan-and-train": work, "server-eval": evaluation,
+        "rest-flower-messages-polling-and-flops-count": steady_dep - imports - setup - work - evaluation}
     if args.image:
         result["image"] = image_figures()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -167,7 +167,8 @@ def closest_profile(readings: MachineReadings,
     best = ranked[0]
     runner_up = f"; next: {ranked[1].name} ({ranked[1].ram / 2**30:.2f} GiB, {ranked[1].cores} cores)" \
         if len(ranked) > 1 else ""
+    why = "the nearest profile that does not promise more" if not distance(best)[0] else \
+        "the nearest profile, though every one promises more memory than there is"
     reason = (f"picked {best.name} ({best.ram / 2**30:.2f} GiB, {best.cores} cores): this machine has "
-              f"{readings.describe()}, so {memory / 2**30:.2f} GiB for a client; {best.name} is the nearest "
-              f"profile that does not promise more{runner_up}")
+              f"{readings.describe()}, so {memory / 2**30:.2f} GiB for a client; {best.name} is {why}{runner_up}")
     return best, reason

@@ -7,8 +7,8 @@ and its perplexity ``||dW_lowrank - dW_exact||_F``. One option per layer is then
 minimise summed perplexity with summed bytes within the budget: a multiple-choice knapsack solved
 by dynamic programming over a discretised budget. Same inputs, same plan.
 
-Besides the thresholds, every layer has its lossless option (the full-rank Tucker form, ranks
-:func:`full_ranks`, perplexity 0) and, with ``exact=True`` (the ``asi`` method: "ASI where the
+Besides the thresholds, every layer has its lossless option where it is smaller than the input
+(the full-rank Tucker form, ranks :func:`full_ranks`, perplexity 0) and, with ``exact=True`` (the ``asi`` method: "ASI where the
 budget needs it"), the option of staying exact: plain backprop, its whole input saved. Exact
 options cost the most and lose nothing, so the knapsack keeps layers exact while the budget
 allows and compresses the least sensitive ones first.
@@ -309,8 +309,9 @@ def calibrate(
             if ranks not in opts or option.perplexity < opts[ranks].perplexity:
                 opts[ranks] = option
         lossless = full_ranks(shape)
-        opts[lossless] = LayerOption(eps=1.0, ranks=lossless, nbytes=tucker_numel(shape, lossless) * itemsize,
-                                     perplexity=0.0, whole=("all",))
+        if tucker_numel(shape, lossless) < math.prod(shape):  # else it holds more than the input itself
+            opts[lossless] = LayerOption(eps=1.0, ranks=lossless, nbytes=tucker_numel(shape, lossless) * itemsize,
+                                         perplexity=0.0, whole=("all",))
         extra = [exact_option(shape, itemsize)] if exact else []
         options[name] = extra + sorted(opts.values(), key=_option_order)
     return options

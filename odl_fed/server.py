@@ -25,7 +25,8 @@ from pathlib import Path
 from odl_fed.data import DatasetUnavailableError
 from odl_fed.deploy import AddressError, Processes, flower_command, flower_env, parse_address, wait_for_port
 from odl_fed.fleet import FleetError, load_fleet
-from odl_fed.job import held_out_data
+from odl_fed.job import held_out_data, train_size
+from odl_fed.preflight import check_fleet
 from odl_fed.run_config import DEFAULTS
 
 __all__ = ["main", "serve", "DEFAULT_LISTEN", "ServerError"]
@@ -65,8 +66,8 @@ def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_f
     """Run the fleet's job on a SuperLink at ``listen``; returns the round log when the job ended."""
     host, port = parse_address(listen, what="--listen")
     spec = load_fleet(fleet, device_files=() if devices_file is None else (devices_file,))
-    spec.check_files()
     held_out_data(spec.job)
+    check_fleet(spec, train_examples=train_size(spec.job))  # files, layers, image size, data shares
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "rounds.jsonl"

@@ -26,6 +26,7 @@ from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, 
 from odl_fed.methods import get_method
 from odl_fed.models import MODELS, build_model, prepare_finetune, save_checkpoint
 from odl_fed.plan import GRIDS, BudgetTooSmallError, plan_ranks
+from odl_fed.report import REPORT_NAME
 from odl_fed.run_config import DEFAULTS
 from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
 from odl_fed.units import parse_bytes
@@ -121,6 +122,9 @@ def simulate(args) -> Path:
               "plan-cache": str(args.plan_cache or ""), "round-timeout": args.round_timeout}
     path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose)
     print(f"round log: {path}")
+    report = path.parent / REPORT_NAME
+    if report.exists():
+        print(f"report: {report}  (TensorBoard: tensorboard --logdir {path.parent.parent})")
     return path
 
 

@@ -17,29 +17,45 @@ Each line is flushed when written, so a run that stops midway keeps every finish
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["RoundRecorder", "read_rounds"]
 
+log = logging.getLogger("flwr.odl_fed")
+
 
 class RoundRecorder:
-    """Collects client entries during a round and writes the round's line when it is evaluated."""
+    """Collects client entries during a round and writes the round's line when it is evaluated.
 
-    def __init__(self, path: str | Path, *, on_round: Callable[[dict], None] | None = None):
+    Each line written is also handed to every one of ``listeners`` (the console view, the
+    TensorBoard log): a listener that fails is logged and dropped, never the run.
+    """
+
+    def __init__(self, path: str | Path, *, listeners: Sequence[Callable[[dict], None]] = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("w")
         self._clients: dict[int, list[dict]] = {}
         self._traffic: dict[int, dict[str, int]] = {}
         self._started = time.time()
-        self.on_round = on_round
+        self.listeners = list(listeners)
         self.rounds: list[dict] = []
 
     def _write(self, line: dict) -> None:
-        self._file.write(json.dumps(line, default=_jsonable) + "\n")
+        text = json.dumps(line, default=_jsonable)
+        self._file.write(text + "\n")
         self._file.flush()
+        event = json.loads(text)  # listeners see what the file holds, as a reader of it would
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception as error:  # a view must never stop the run
+                log.warning("%s failed on a %s line and is dropped: %s: %s", type(listener).__name__,
+                            event.get("event"), type(error).__name__, error)
+                self.listeners.remove(listener)
 
     def start_run(self, **info) -> None:
         self._write({"event": "run", "time": self._started, **info})
@@ -70,8 +86,6 @@ class RoundRecorder:
         }
         self._write(line)
         self.rounds.append(line)
-        if self.on_round is not None:
-            self.on_round(line)
         return line
 
     def end_run(self, **info) -> None:

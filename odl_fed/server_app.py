@@ -2,13 +2,15 @@
 
 Only the trained layers (the last convs and the head) travel, both ways. Each round the global
 model is evaluated on the held-out split and the round is written to ``OUT-DIR/rounds.jsonl``
-(:mod:`odl_fed.recorder`); the final trained layers go to ``OUT-DIR/trained_layers.pt``.
+(:mod:`odl_fed.recorder`), TensorBoard's event files to ``OUT-DIR/tensorboard/`` as rounds land,
+and the final trained layers to ``OUT-DIR/trained_layers.pt``; at the end, the report
+``OUT-DIR/report.html`` (:mod:`odl_fed.report`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 
 import torch
@@ -17,9 +19,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.job import global_model, held_out_data, trained_state
 from odl_fed.recorder import RoundRecorder
+from odl_fed.report import write_report
 from odl_fed.run_config import RunSettings
 from odl_fed.strategy import log, make_strategy, parameter_bytes
 from odl_fed.task import evaluate
+from odl_fed.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog
 from odl_fed.validation import expected_layout
 
 __all__ = ["app", "run_server"]
@@ -32,8 +36,11 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, context.run_config)
 
 
-def run_server(grid: Grid, run_config: Mapping, *, on_round: Callable[[dict], None] | None = None) -> dict:
-    """The whole federated job of the run config's fleet; returns the last round's record."""
+def run_server(grid: Grid, run_config: Mapping, *, listeners: Sequence[Callable[[dict], None]] = ()) -> dict:
+    """The whole federated job of the run config's fleet; returns the last round's record.
+
+    ``listeners`` get each line of the round log as it is written (the simulation's console view).
+    """
     settings = RunSettings.from_config(run_config)
     fleet = settings.fleet()
     job = fleet.job
@@ -42,7 +49,8 @@ def run_server(grid: Grid, run_config: Mapping, *, on_round: Callable[[dict], No
     initial = ArrayRecord(torch_state_dict=trained_state(model))
     expected = expected_layout({name: array.numpy() for name, array in initial.items()})
 
-    recorder = RoundRecorder(settings.out_dir / "rounds.jsonl", on_round=on_round)
+    recorder = RoundRecorder(settings.out_dir / "rounds.jsonl",
+                             listeners=[TensorBoardLog(settings.out_dir / TENSORBOARD_DIR), *listeners])
     recorder.start_run(fleet=fleet.path, job=asdict(job), clients=fleet.num_clients,
                        devices={g.profile.name: g.count for g in fleet.groups}, trained_convs=convs,
                        trained_bytes=parameter_bytes(initial),
@@ -66,6 +74,12 @@ def run_server(grid: Grid, run_config: Mapping, *, on_round: Callable[[dict], No
     torch.save(result.arrays.to_torch_state_dict(), settings.out_dir / "trained_layers.pt")
     last = recorder.rounds[-1]
     recorder.end_run(final_accuracy=last["global"]["accuracy"], rounds=job.rounds)
+    try:
+        report = write_report([settings.out_dir])
+        log.info("report: %s", report)
+    except Exception as error:  # the run is done and recorded; a report can be made again with odl-fed report
+        log.warning("the report was not written (%s: %s); make it with: odl-fed report %s", type(error).__name__,
+                    error, settings.out_dir)
     log.info("done: global accuracy %.3f after %d rounds; round log %s", last["global"]["accuracy"], job.rounds,
              recorder.path)
     return last

@@ -1,23 +1,25 @@
 """Simulate a fleet on this machine with Flower's simulation engine (Ray), one process for the lot.
 
 Each simulated node is a fleet client: its partition id picks its device profile and its share of
-the data. ``flwr run .`` runs the same apps from ``pyproject.toml``; this entry point adds a
-progress bar over rounds and needs no Flower home directory.
+the data. ``flwr run .`` runs the same apps from ``pyproject.toml``; this entry point adds the
+console view of the rounds and needs no Flower home directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.client_app import handle_train
+from odl_fed.console import FLOWER_LOG, ConsoleDashboard, flower_log_file
 from odl_fed.deploy import OFFLINE_ENV
 from odl_fed.job import held_out_data, train_size
 from odl_fed.preflight import check_fleet
@@ -41,14 +43,14 @@ class _KnownNotices(logging.Filter):
 TrainHandler = Callable[[Message, Context, Mapping], Message]
 
 
-def build_apps(run_config: Mapping, *, on_round: Callable[[dict], None] | None = None,
+def build_apps(run_config: Mapping, *, listeners: Sequence[Callable[[dict], None]] = (),
                train: TrainHandler = handle_train) -> tuple[ServerApp, ClientApp]:
     """A ServerApp and a ClientApp bound to ``run_config`` (the simulation API passes them none)."""
     server, client = ServerApp(), ClientApp()
 
     @server.main()
     def _server(grid: Grid, context: Context) -> None:
-        run_server(grid, run_config, on_round=on_round)
+        run_server(grid, run_config, listeners=listeners)
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -57,18 +59,12 @@ def build_apps(run_config: Mapping, *, on_round: Callable[[dict], None] | None =
     return server, client
 
 
-def _progress(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with flwr-datasets; without it, log lines only
-        return None
-    return tqdm(total=total, desc="rounds", unit="round", file=sys.stderr)
-
-
 def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: float = 1.0,
-             progress: bool = True, verbose: bool = False, train: TrainHandler = handle_train) -> Path:
+             progress: bool | TextIO = True, verbose: bool = False, train: TrainHandler = handle_train) -> Path:
     """Run the fleet of ``run_config`` in simulation; returns the round log's path.
 
+    ``progress`` shows the console view (:mod:`odl_fed.console`) on standard output, or on the
+    stream given; Flower's and Ray's own lines go to ``OUT-DIR/flower.log`` unless ``verbose``.
     ``train`` handles each train message (default: :func:`~odl_fed.client_app.handle_train`); a
     wrapper around it can log, or inject the faults a test needs.
     """
@@ -81,26 +77,22 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     held_out_data(fleet.job)
     check_fleet(fleet, train_examples=train_size(fleet.job), simulated_cpus=max(1, int(cpus / cpus_per_client)))
     config = settings.as_config()
-    bar = _progress(fleet.job.rounds + 1) if progress else None
-
-    def on_round(line: dict) -> None:
-        if bar is not None:
-            bar.set_postfix(accuracy=f"{line['global']['accuracy']:.3f}", ok=line["aggregated"],
-                            failed=line["failed"], refresh=False)
-            bar.update(1)
+    console = None
+    if progress is not False:
+        console = ConsoleDashboard(None if progress is True else progress)
 
     if not verbose:
         logging.getLogger("flwr").addFilter(_KnownNotices())
-    if progress and not verbose:  # the bar and the warnings say what matters; Flower's INFO lines bury it
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    server, client = build_apps(config, on_round=on_round, train=train)
+    server, client = build_apps(config, listeners=[console] if console else [], train=train)
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.WARNING,
                              "log_to_driver": verbose}}
-    try:
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if not verbose:
+            stack.enter_context(flower_log_file(settings.out_dir / FLOWER_LOG))
+        if console is not None:
+            stack.callback(console.close)
         run_simulation(server_app=server, client_app=client, num_supernodes=fleet.num_clients,
                        backend_config=backend, verbose_logging=verbose)
-    finally:
-        if bar is not None:
-            bar.close()
     return settings.out_dir / "rounds.jsonl"

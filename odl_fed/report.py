@@ -24,9 +24,11 @@ from pathlib import Path
 from odl_fed.round_summary import RoundSummary, format_bytes, plan_text, summarise_rounds
 from odl_fed.run_log import RunLog, find_runs, load_run
 
-__all__ = ["RunReport", "html_report", "markdown_report", "write_report", "load_reports", "REPORT_NAME"]
+__all__ = ["RunReport", "html_report", "markdown_report", "render", "save", "default_path", "write_report",
+           "load_reports", "REPORT_NAME", "FORMATS"]
 
 REPORT_NAME = "report.html"
+FORMATS = ("html", "md")
 
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:72rem;margin:1.5rem auto;padding:0 1rem;color:#222}
@@ -270,24 +272,31 @@ def markdown_report(reports: Sequence[RunReport]) -> str:
     return "\n".join(out)
 
 
-def write_report(paths: Sequence[str | Path], *, out: str | Path | None = None, fmt: str = "html") -> Path:
-    """Write the report of the runs at ``paths``; returns its path.
+def render(reports: Sequence[RunReport], fmt: str = "html") -> str:
+    """The report's text: ``html`` (a page) or ``md`` (Markdown)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return html_report(reports) if fmt == "html" else markdown_report(reports)
 
-    One run directory: ``RUN_DIR/report.html`` (``report.md``); several: ``out`` or ``./report.html``.
-    The file is written whole (a temporary file renamed over it), so a reader never sees half a page.
-    """
-    if fmt not in ("html", "md"):
-        raise ValueError(f"--format must be html or md, not {fmt!r}")
-    reports = load_reports(paths)
-    text = html_report(reports) if fmt == "html" else markdown_report(reports)
-    if out is None:
-        name = REPORT_NAME if fmt == "html" else "report.md"
-        single = len(paths) == 1 and Path(paths[0]).is_dir()
-        out = Path(paths[0]) / name if single else Path(name)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as file:
+
+def default_path(paths: Sequence[str | Path], fmt: str = "html") -> Path:
+    """One run directory (or a directory of runs): inside it; several: the current directory."""
+    name = f"report.{fmt}"
+    return Path(paths[0]) / name if len(paths) == 1 and Path(paths[0]).is_dir() else Path(name)
+
+
+def save(text: str, path: str | Path) -> Path:
+    """Write ``text`` whole (a temporary file renamed over ``path``): a reader never sees half a page."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     encoding="utf-8") as file:
         file.write(text)
     os.chmod(file.name, 0o644)
-    os.replace(file.name, out)
-    return out
+    os.replace(file.name, path)
+    return path
+
+
+def write_report(paths: Sequence[str | Path], *, out: str | Path | None = None, fmt: str = "html") -> Path:
+    """Write the report of the runs at ``paths`` (to ``out``, or :func:`default_path`); returns its path."""
+    return save(render(load_reports(paths), fmt), out or default_path(paths, fmt))

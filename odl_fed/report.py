@@ -213,7 +213,8 @@ def html_report(reports: Sequence[RunReport]) -> str:
     """The page for one run, or a comparison of several followed by each one's section."""
     from odl_fed import report_plots as plots
 
-    title = (f"odl-fed run {reports[0].name}" if len(reports) == 1
+    fleet = Path(str(reports[0].log.run.get("fleet", ""))).name
+    title = (f"odl-fed run {reports[0].name}" + (f" (fleet {fleet})" if fleet else "") if len(reports) == 1
              else f"odl-fed: {len(reports)} runs compared")
     body = [f"<h1>{_e(title)}</h1>"]
     if len(reports) > 1:

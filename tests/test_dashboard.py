@@ -201,7 +201,7 @@ def test_the_report_in_a_headless_browser_loads_offline_and_draws_every_plot(fed
     assert shot.stat().st_size > 20_000
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     if SCREENSHOTS:
-        shutil.copy(shot, Path(SCREENSHOTS) / "report.png")
+        _small_png(shot, Path(SCREENSHOTS) / "report.png")
 
 
 def _read_all(fd: int, process: subprocess.Popen, timeout: float) -> bytes:
@@ -249,20 +249,44 @@ def test_the_console_view_in_a_terminal_and_through_a_pipe(federated_run, tmp_pa
         [f"round {r['round']}/3" for r in rounds]
     assert piped.stdout == federated_run["console"]  # the same lines the simulation printed as it ran
 
-    executable, _ = chromium_or_reason()
-    if SCREENSHOTS and executable:  # the README's picture of the console view, from this terminal's bytes
-        from rich.console import Console
-        from rich.text import Text
+    if SCREENSHOTS:
+        _console_screenshot(out, tmp_path, Path(SCREENSHOTS) / "console.png")
 
-        console = Console(record=True, width=150, file=open(os.devnull, "w"), force_terminal=True)
-        final = text.rsplit("\x1b[?25l", 1)[0] if "\x1b[?25l" in text else text
-        console.print(Text.from_ansi(final.replace("\r\n", "\n")))
-        page = tmp_path / "console.html"
-        page.write_text(console.export_html(inline_styles=True).replace(
-            "<body>", '<body style="background:#1e1e1e;color:#ddd;margin:8px">'))
-        with Chromium(tmp_path / "profile", width=1150, height=760) as browser:
-            browser.open(page.as_uri())
-            browser.screenshot(Path(SCREENSHOTS) / "console.png")
+
+def _console_screenshot(run_dir: Path, tmp_path: Path, target: Path) -> None:
+    """The README's picture of the console view: the final screen of `odl-fed watch` in a tmux
+    terminal (its colours kept), drawn as HTML by rich and photographed by Chromium."""
+    from rich.console import Console
+    from rich.terminal_theme import MONOKAI
+    from rich.text import Text
+
+    executable, reason = chromium_or_reason()
+    assert executable and shutil.which("tmux"), reason or "the console screenshot needs tmux"
+    session = f"odl-fed-shot-{os.getpid()}"
+    command = f"cd {ROOT} && COLUMNS=150 PYTHONPATH={ROOT} {sys.executable} -m odl_fed.cli watch {run_dir}; sleep 60"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "52", command], check=True)
+    try:
+        screen, deadline = "", time.monotonic() + 60
+        while "done: accuracy" not in screen and time.monotonic() < deadline:
+            time.sleep(1)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-e", "-t", session], capture_output=True,
+                                    text=True).stdout
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    console = Console(record=True, width=150, file=open(os.devnull, "w"), force_terminal=True)
+    console.print(Text.from_ansi(screen.rstrip()))
+    page = tmp_path / "console.html"
+    page.write_text(console.export_html(inline_styles=True, theme=MONOKAI))
+    with Chromium(tmp_path / "profile", width=1460, height=20 * len(screen.rstrip().splitlines()) + 40) as browser:
+        browser.open(page.as_uri())
+        _small_png(browser.screenshot(tmp_path / "console.png"), target)
+
+
+def _small_png(source: Path, target: Path) -> None:
+    """A committed screenshot: 128 colours are plenty for plots and a terminal."""
+    from PIL import Image
+
+    Image.open(source).convert("RGB").quantize(colors=128).save(target, optimize=True)
 
 
 def test_a_log_that_grows_is_followed_line_by_line(tmp_path):

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Exact versions this machine holds on disk (pyproject keeps the ranges a board can satisfy).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose wheelhouse bench-deploy
+.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse bench-deploy
 
 $(VENV)/.installed: pyproject.toml
 	# Fashion-MNIST comes from Debian's dataset-fashion-mnist, and the report's browser test uses
@@ -53,6 +53,10 @@ wheelhouse: setup
 # the fleet, tears everything down (skipped, with the reason, where no engine can start).
 test-compose: setup
 	$(PY) -m pytest -q -m compose tests/test_docker_compose.py
+
+# A deployed fleet's fault drills (minutes long; its own stage in .ci/run).
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # A deployed round against the same round in simulation, and the image's size and build times.
 bench-deploy: setup

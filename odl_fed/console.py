@@ -52,6 +52,9 @@ def plain_round_line(summary: RoundSummary, total: int | None) -> str:
     if summary.round == 0:
         return (f"round 0{of} | starting model: accuracy {summary.accuracy:.3f} loss {summary.loss:.3f} | "
                 f"{summary.seconds:.1f} s")
+    if summary.skipped:
+        return (f"round {summary.round}{of} | SKIPPED: {summary.skipped} | accuracy {summary.accuracy:.3f} "
+                f"loss {summary.loss:.3f} | {summary.seconds:.1f} s")
     devices = " ".join(f"{d.device} {d.trained}/{d.asked}" for d in summary.devices)
     line = (f"round {summary.round}{of} | accuracy {summary.accuracy:.3f}{_change(summary)} loss {summary.loss:.3f}"
             f" | trained {summary.trained}/{summary.asked} refused {summary.refused} failed {summary.failed}"
@@ -168,6 +171,8 @@ class _LiveView:
                  f"loss {summary.loss:.3f}, {summary.seconds:.1f} s")
         if summary.round == 0:
             self.console.print(f"[bold]{title}[/] (the starting model)")
+        elif summary.skipped:
+            self.console.print(Text(f"{title}: skipped: {summary.skipped}", style="bold yellow"))
         else:
             table = Table(title=title, title_justify="left", title_style="bold", expand=False)
             for column, justify in (("device", "left"), ("trained", "right"), ("plan", "left"),

@@ -8,7 +8,8 @@ The file holds, in order:
   asked to train: its device, status (``ok``, ``refused``, ``memory-exceeded``, ``rejected``,
   ``error``), budget, plan, activation bytes, peak memory, FLOPs, bytes up/down, time, loss,
   examples, the number of ``attempts`` and their ``attempt-log`` (a breach retreats and trains
-  again within the round), and the reason when it was not aggregated;
+  again within the round), and the reason when it was not aggregated (status ``lost``: asked, no
+  reply by the round's timeout); ``skipped`` says why a round asked no one;
 - ``{"event": "end", ...}``: wall time and the final accuracy.
 
 Each line is flushed when written, so a run that stops midway keeps every finished round.
@@ -40,6 +41,7 @@ class RoundRecorder:
         self._file = self.path.open("w")
         self._clients: dict[int, list[dict]] = {}
         self._traffic: dict[int, dict[str, int]] = {}
+        self._skipped: dict[int, str] = {}
         self._started = time.time()
         self.listeners = list(listeners)
         self.rounds: list[dict] = []
@@ -65,6 +67,10 @@ class RoundRecorder:
         self._traffic[server_round] = {"clients-asked": nodes, "bytes-down": nodes * nbytes,
                                        "record-bytes-down": nodes * (record_bytes or nbytes)}
 
+    def skipped(self, server_round: int, reason: str) -> None:
+        """The round trains no one (too few clients connected); its line says why."""
+        self._skipped[server_round] = reason
+
     def client(self, server_round: int, entry: dict) -> None:
         self._clients.setdefault(server_round, []).append(entry)
 
@@ -84,6 +90,8 @@ class RoundRecorder:
             "failed": len(clients) - len(aggregated),
             "clients": sorted(clients, key=lambda c: str(c.get("client"))),
         }
+        if server_round in self._skipped:
+            line["skipped"] = self._skipped.pop(server_round)
         self._write(line)
         self.rounds.append(line)
         return line

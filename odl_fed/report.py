@@ -128,8 +128,9 @@ def _device_rows(summaries: Sequence[RoundSummary]) -> list[list[tuple[object, s
 
 
 def _failure_rows(summaries: Sequence[RoundSummary]) -> list[tuple[int, str, list[str], str]]:
-    return [(s.round, status, clients, reason) for s in summaries
-            for (status, reason), clients in sorted(s.reasons.items())]
+    return [row for s in summaries
+            for row in ([(s.round, "skipped", [], s.skipped)] if s.skipped else [])
+            + [(s.round, status, clients, reason) for (status, reason), clients in sorted(s.reasons.items())]]
 
 
 # -- HTML --------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ twice, only counted and grouped here.
 
 A client the server asked is, in a round: ``trained`` (status ``ok``: its update was aggregated),
 ``refused`` (its plan found no setting that fits its budget), ``failed`` (it trained but broke its
-budget, errored, or its reply was rejected) or ``lost`` (no reply by the round's timeout).
+budget, errored, or its reply was rejected) or ``lost`` (no reply by the round's timeout). A round
+with too few clients connected is ``skipped``: it asks no one.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class RoundSummary:
     train_flops: float
     devices: list[DeviceRound] = field(default_factory=list)
     reasons: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (status, reason) -> clients
+    skipped: str = ""  # why the round asked no one, when it did not
 
     @property
     def statuses(self) -> Counter:
@@ -145,13 +147,14 @@ def summarise_round(line: dict, *, previous: dict | None = None, run: dict | Non
         round=int(line["round"]), accuracy=accuracy, loss=float(line["global"].get("loss", float("nan"))),
         accuracy_change=accuracy - before if isinstance(before, (int, float)) else None,
         asked=asked, trained=statuses["ok"], refused=statuses["refused"],
-        failed=sum(n for status, n in statuses.items() if status not in ("ok", "refused")),
-        lost=max(asked - len(clients), 0),
+        failed=sum(n for status, n in statuses.items() if status not in ("ok", "refused", "lost")),
+        lost=statuses["lost"] + max(asked - len(clients), 0),
         seconds=float(_number(line.get("elapsed")) - (_number(previous.get("elapsed")) if previous else 0.0)),
         bytes_down=int(_number(line.get("bytes-down"))), bytes_up=int(_number(line.get("bytes-up"))),
         whole_model_bytes=model_bytes * (asked + statuses["ok"]),
         activation_bytes=max((d.activation_bytes for d in devices), default=0),
-        train_flops=sum(d.train_flops for d in devices), devices=devices, reasons=dict(reasons))
+        train_flops=sum(d.train_flops for d in devices), devices=devices, reasons=dict(reasons),
+        skipped=str(line.get("skipped") or ""))
 
 
 def summarise_rounds(rounds: list[dict], run: dict | None = None) -> list[RoundSummary]:

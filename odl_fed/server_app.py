@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from odl_fed.job import global_model, held_out_data, trained_state
+from odl_fed.job import global_model, held_out_data, train_size, trained_state
 from odl_fed.recorder import RoundRecorder
 from odl_fed.report import write_report
 from odl_fed.run_config import RunSettings
@@ -68,7 +68,8 @@ def run_server(grid: Grid, run_config: Mapping, *, listeners: Sequence[Callable[
         recorder.end_round(server_round, metrics)
         return MetricRecord(metrics)
 
-    strategy = make_strategy(job, num_clients=fleet.num_clients, recorder=recorder, expected=expected)
+    strategy = make_strategy(job, num_clients=fleet.num_clients, recorder=recorder, expected=expected,
+                             node_wait=settings.round_timeout, max_examples=train_size(job) * job.local_epochs)
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=job.rounds,
                             timeout=settings.round_timeout, evaluate_fn=evaluate_global)
     torch.save(result.arrays.to_torch_state_dict(), settings.out_dir / "trained_layers.pt")

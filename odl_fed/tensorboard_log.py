@@ -81,6 +81,8 @@ class TensorBoardLog:
                 writer.add_text(f"plan/{device.device}", device.plan, step)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
+        if s.skipped:
+            writer.add_text("failures", f"round skipped: {s.skipped}", step)
         if s.reasons:
             writer.add_text("failures", "\n".join(f"- {status} ({', '.join(clients)}): {reason}"
                                                   for (status, reason), clients in sorted(s.reasons.items())), step)

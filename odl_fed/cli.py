@@ -122,7 +122,8 @@ def simulate(args) -> Path:
 
     config = {"fleet": str(args.fleet), "devices-file": str(args.devices or ""), "out-dir": str(args.out_dir),
               "plan-cache": str(args.plan_cache or ""), "round-timeout": args.round_timeout}
-    path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose)
+    path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose,
+               ray_address=args.ray_address)
     print(f"round log: {path}")
     report = path.parent / REPORT_NAME
     if report.exists():
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--round-timeout", type=float, default=float(DEFAULTS["round-timeout"]),
                      help="seconds to wait for a round's replies")
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
+    sim.add_argument("--ray-address", help="run on a Ray cluster already started, e.g. 127.0.0.1:6379 "
+                                           "(ray start --head; ray start --address on each other host)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(run=simulate)

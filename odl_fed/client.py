@@ -159,30 +159,40 @@ def run(args) -> int:
 
     # A Flower home of its own (the app Flower installs per run goes there), removed at exit.
     with tempfile.TemporaryDirectory(prefix="odl-fed-client-") as home, Processes() as processes:
+        def start() -> subprocess.Popen:
+            supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
+                                        env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            _say(f"SuperNode {supernode.pid} connecting to {host}:{port} as partition {args.partition_id} of "
+                 f"{args.num_partitions}" + (", TLS" if not args.insecure else ", plaintext") +
+                 (f", address space capped at {limit / 2**30:.2f} GiB" if limit else ""))
+            return supernode
+
         try:
-            while True:
-                supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
-                                            env=flower_env(extra | {"FLWR_HOME": home}),
-                                            preexec_fn=cap if limit else None, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, text=True)
-                output = _Output(supernode.stdout)
-                output.start()
-                _say(f"SuperNode {supernode.pid} connecting to {host}:{port} as partition {args.partition_id} of "
-                     f"{args.num_partitions}" + (", TLS" if not args.insecure else ", plaintext") +
-                     (f", address space capped at {limit / 2**30:.2f} GiB" if limit else ""))
-                _watch(supernode, host, port, args.reconnect_timeout)
-                output.join(timeout=5)  # its last lines (a SuperExec it left may hold the pipe a while)
-                if not output.refused:
-                    raise LinkError(f"the SuperNode exited with status {supernode.returncode}")
-                if time.monotonic() >= deadline:
-                    raise LinkError(f"the SuperLink at {host}:{port} refused this node: its key {args.auth_key} "
-                                    f"is not registered there (the server registers the .pub files in its --certs "
-                                    f"directory; tried for {args.connect_timeout:g} s)")
-                _say("the SuperLink refused this node (its key is not registered, or not yet); trying again")
-                time.sleep(2.0)
+            _run_node(start, args, host, port, deadline)
         except KeyboardInterrupt:
             _say("stopping (interrupted)")
             return 0
+
+
+def _run_node(start, args, host: str, port: int, deadline: float) -> None:
+    """Run SuperNodes (``start()``) until one ends: raise why. One the SuperLink refused (its key not
+    registered, or not yet: the server registers keys just after its SuperLink starts) is started
+    again until ``deadline``."""
+    while True:
+        supernode = start()
+        output = _Output(supernode.stdout)
+        output.start()
+        _watch(supernode, host, port, args.reconnect_timeout)
+        output.join(timeout=5)  # its last lines (a SuperExec it left may hold the pipe a while)
+        if not output.refused:
+            raise LinkError(f"the SuperNode exited with status {supernode.returncode}")
+        if time.monotonic() >= deadline:
+            raise LinkError(f"the SuperLink at {host}:{port} refused this node: its key {args.auth_key} is not "
+                            f"registered there (the server registers the .pub files in its --certs directory; "
+                            f"tried for {args.connect_timeout:g} s)")
+        _say("the SuperLink refused this node (its key is not registered, or not yet); trying again")
+        time.sleep(2.0)
 
 
 def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float) -> None:

@@ -26,7 +26,8 @@ SuperNode and each ClientApp (RLIMIT_AS: ``runtime-memory + train-memory`` plus 
 needs to import at all).
 
 Exit status: 0 after Ctrl-C / SIGTERM, 1 when the SuperLink does not answer, refuses the node or
-is lost, 2 for bad input (one ``error:`` line), a certificate that does not verify included. Whatever it started is stopped by PID on the way out.
+is lost, 2 for bad input (one ``error:`` line), a certificate that does not verify included.
+Whatever it started is stopped by PID on the way out.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ import yaml
 from odl_fed.deploy import READY, SERVER_HOME
 from odl_fed.fleet import FleetSpec, load_fleet
 
-__all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT", "IMAGE"]
+__all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT",
+           "IMAGE"]
 
 IMAGE = "odl-fed:latest"
 SERVER_PORT = 9092
@@ -137,8 +138,8 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                        "--num-partitions", str(fleet.num_clients)]
             if devices_rel is not None:
                 command += ["--devices", str(devices_rel)]
-            command += ["--insecure"] if certs_rel is None else [
-                "--root-certificates", str(certs_rel / "ca.crt"), "--auth-key", str(certs_rel / f"node-{partition_id}.key")]
+            command += ["--insecure"] if certs_rel is None else ["--root-certificates", str(certs_rel / "ca.crt"),
+                                                                 "--auth-key", str(certs_rel / f"node-{partition_id}.key")]
             services[f"{profile.name}-{partition_id}"] = {
                 "image": IMAGE,
                 "pull_policy": "never",

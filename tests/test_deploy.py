@@ -79,9 +79,10 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
             (["--device", "phone"], 2),
         ]
         for extra, partition in clients:
-            started.append(_start(["odl_fed.client", "--insecure", *extra, "--superlink", f"127.0.0.1:{port}", "--partition-id",
-                                   str(partition), "--num-partitions", "3", "--reconnect-timeout", "5"],
-                                  tmp_path / f"client-{partition}.log"))
+            # --connect-timeout: under load the server's SuperLink took 37 s to answer here (default 30 s)
+            started.append(_start(["odl_fed.client", "--insecure", *extra, "--superlink", f"127.0.0.1:{port}",
+                                   "--partition-id", str(partition), "--num-partitions", "3", "--reconnect-timeout", "5",
+                                   "--connect-timeout", "300"], tmp_path / f"client-{partition}.log"))
         capped = None
         deadline = time.monotonic() + 900
         while server.poll() is None and time.monotonic() < deadline:
@@ -154,7 +155,8 @@ def test_client_bad_input_is_one_clear_error(args, expected):
 def test_client_bad_profile_file_names_the_field(tmp_path):
     bad = tmp_path / "devices.yaml"
     bad.write_text("board:\n  ram: 4GiB\n  train-memroy: 1GiB\n")
-    done = _run_quick(["odl_fed.client", "--insecure", "--device", "board", "--devices", str(bad), "--superlink", "127.0.0.1:9"])
+    done = _run_quick(["odl_fed.client", "--insecure", "--device", "board", "--devices", str(bad), "--superlink",
+                       "127.0.0.1:9"])
     assert done.returncode == 2
     assert "train-memroy" in _one_error_line(done) and str(bad) in done.stderr
 

@@ -244,10 +244,10 @@ def test_registered_node_trains_unregistered_and_foreign_ones_are_refused(certs,
         srv = _entry(["odl_fed.server", "--fleet", str(fleet), "--out-dir", str(out), "--listen", link,
                       "--certs", str(certs), "--plan-cache", str(tmp_path / "plans")], tmp_path / "server.log")
         started.append(srv)
-        node("registered", certs / "ca.crt", certs / "node-0.key", "rpi4", "120")
-        stranger = node("stranger", certs / "ca.crt", tmp_path / "stranger" / "node-stranger.key", "phone", "25")
+        node("registered", certs / "ca.crt", certs / "node-0.key", "rpi4", "300")  # may come before the server
+        assert wait_for_port("127.0.0.1", port, timeout=300, process=srv)
+        stranger = node("stranger", certs / "ca.crt", tmp_path / "stranger" / "node-stranger.key", "phone", "15")
         foreign = node("foreign", tmp_path / "other" / "ca.crt", certs / "node-0.key", "phone", "60")
-        assert wait_for_port("127.0.0.1", port, timeout=60, process=srv)
         bare = _start([flower_command("flower-supernode"), "--root-certificates", str(tmp_path / "other" / "ca.crt"),
                        "--auth-supernode-private-key", str(certs / "node-0.key"), "--superlink", link,
                        "--port", str(free_port()), "--max-wait-time", "10"], tmp_path / "bare.log")

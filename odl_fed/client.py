@@ -45,7 +45,7 @@ from pathlib import Path
 
 from odl_fed.certs import CertError, check_ca, check_node_key
 from odl_fed.deploy import TORCH_ADDRESS_FLOOR, AddressError, Processes, flower_command, flower_env, free_port, \
-    parse_address, port_answers, tls_problem
+    parse_address, port_answers, speaks_tls, tls_problem
 from odl_fed.device_detect import closest_profile, read_machine
 from odl_fed.node_config import NodeConfigError, build_node_config, format_node_config
 from odl_fed.profile import DeviceProfile, ProfileError, get_profile, load_profiles
@@ -154,6 +154,9 @@ def run(args) -> int:
     _wait_for_link(host, port, args.connect_timeout)
     if not args.insecure:
         _check_tls(args, host, port)
+    elif speaks_tls(host, port):
+        raise CertError(f"the SuperLink at {host}:{port} speaks TLS: give --root-certificates CA and --auth-key KEY "
+                        f"instead of --insecure")
 
     def cap() -> None:  # runs in the SuperNode before exec; its ClientApp processes inherit it
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

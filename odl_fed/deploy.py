@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 __all__ = ["OFFLINE_ENV", "AddressError", "parse_address", "flower_command", "flower_env", "port_answers",
-           "wait_for_port", "tls_problem", "free_port", "stop_tree", "Processes", "TORCH_ADDRESS_FLOOR", "SERVER_HOME",
+           "wait_for_port", "tls_problem", "speaks_tls", "free_port", "stop_tree", "Processes", "TORCH_ADDRESS_FLOOR", "SERVER_HOME",
            "READY"]
 
 # Flower's settings for a machine without network (see Flower's docs on offline runs).
@@ -118,6 +118,17 @@ def tls_problem(host: str, port: int, *, ca: Path, timeout: float = 5.0) -> str 
         return f"no TLS there ({error.reason or error}; was it started with --insecure?)"
     except OSError as error:
         return f"no TLS connection ({error})"
+
+
+def speaks_tls(host: str, port: int, *, timeout: float = 5.0) -> bool:
+    """True when ``host:port`` completes a TLS handshake (whatever its certificate)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, context.wrap_socket(sock):
+            return True
+    except OSError:  # ssl.SSLError included
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

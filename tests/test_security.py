@@ -293,7 +293,8 @@ def test_registered_node_trains_unregistered_and_foreign_ones_are_refused(certs,
 
 def test_an_expired_server_certificate_stops_the_node_with_one_clear_error(certs, tmp_path):
     """A SuperLink started (by hand, past the server entry's check) with an expired certificate: the
-    client entry says so and starts no SuperNode; a bare SuperNode (Flower's check) does not connect."""
+    client entry says so and starts no SuperNode; a bare SuperNode (Flower's check) does not connect.
+    A client that asks for plaintext there is told the SuperLink speaks TLS."""
     _expired_server(certs)
     port = free_port()
     link = f"127.0.0.1:{port}"
@@ -321,6 +322,11 @@ def test_an_expired_server_certificate_stops_the_node_with_one_clear_error(certs
         assert f"the SuperLink at {link}: its certificate does not verify against {certs / 'ca.crt'}: " \
                f"certificate has expired" in line
         assert "SuperNode" not in done.stderr and time.monotonic() - before < 30
+        plain = subprocess.run([sys.executable, "-m", "odl_fed.client", "--device", "rpi4", "--superlink", link,
+                                "--insecure", "--connect-timeout", "10"], cwd=ROOT, env=_env(), capture_output=True,
+                               text=True, timeout=60)
+        assert plain.returncode == 2 and f"the SuperLink at {link} speaks TLS: give --root-certificates" in \
+            _error_lines(plain.stderr)[0], plain.stderr
         bare.wait(timeout=60)
         pids |= _tree(superlink)
         text = (tmp_path / "bare.log").read_text()

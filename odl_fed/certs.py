@@ -55,6 +55,8 @@ class ServerCerts:
 
 def node_names(nodes: int | None = None, names: tuple[str, ...] | list[str] = ()) -> list[str]:
     """``--nodes 3`` -> ``["0", "1", "2"]`` (a compose fleet's partition ids); ``--node NAME`` adds names."""
+    if nodes is not None and nodes < 0:
+        raise CertError(f"--nodes must be 0 or more, but got {nodes}")
     result = [str(i) for i in range(nodes or 0)] + list(names)
     for name in result:
         if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):

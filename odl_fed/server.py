@@ -79,8 +79,11 @@ def _register_nodes(certs: ServerCerts, env: dict) -> None:
     """``flwr supernode register`` for each node public key; a key the SuperLink's database already
     holds (a restart with the same ``--out-dir``) counts as registered."""
     for key in certs.node_keys:
-        done = subprocess.run([flower_command("flwr"), "supernode", "register", str(key.absolute()), FEDERATION,
-                               "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run([flower_command("flwr"), "supernode", "register", str(key.absolute()), FEDERATION,
+                                   "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise ServerError(f"registering the node key {key} took over 120 s; is the SuperLink stuck?") from None
         try:
             reply = json.loads(done.stdout)
         except json.JSONDecodeError:

@@ -55,6 +55,7 @@ class ValidatedUpdates:
         self.max_examples = max_examples
         self._bytes_down = 0
         self._asked: set[int] = set()
+        self._instructions: list[Message] = []
         self._names: dict[int, str] = {}  # node id -> client name, from its replies
 
     def _connected(self, grid: Grid, wanted: int) -> list[int]:
@@ -75,7 +76,7 @@ class ValidatedUpdates:
                       f"(min-clients; waited {self.node_wait:.0f} s)")
             log.warning("round %d skipped: %s; the global model is unchanged", server_round, reason)
             self.recorder.skipped(server_round, reason)
-            self._asked = set()
+            self._asked, self._instructions = set(), []
             self.recorder.sent(server_round, 0, self._bytes_down, arrays.count_bytes())
             return []
         # Flower samples among the connected clients and would wait for the whole fleet: ask it for
@@ -87,21 +88,29 @@ class ValidatedUpdates:
         finally:
             self.min_available_nodes, self.min_train_nodes = fleet, wanted_nodes
         self._asked = {m.metadata.dst_node_id for m in messages}
+        self._instructions = messages  # the grid gives each its message id as it sends it
         self.recorder.sent(server_round, len(messages), self._bytes_down, arrays.count_bytes())
         return messages
+
+    def _node(self, message: Message) -> int:
+        """The node a reply is about: the SuperLink answers for a node it lost (src = the SuperLink)."""
+        if message.metadata.src_node_id in self._asked:
+            return message.metadata.src_node_id
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._instructions}
+        return sent_to.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         valid = []
         replies = list(replies)
         for message in replies:
-            entry = self._inspect(message)
+            entry = self._inspect(message, self._node(message))
             self.recorder.client(server_round, entry)
             if entry["status"] == "ok":
                 valid.append(message)
             else:
                 log.warning("round %d: %s (%s) not aggregated: %s: %s", server_round, entry["client"],
                             entry.get("device", "?"), entry["status"], entry.get("reason", ""))
-        for node in sorted(self._asked - {m.metadata.src_node_id for m in replies}):
+        for node in sorted(self._asked - {self._node(m) for m in replies}):
             name = self._names.get(node, f"node-{node}")
             self.recorder.client(server_round, {"client": name, "node": node, "status": "lost",
                                                 "bytes-down": self._bytes_down,
@@ -112,12 +121,11 @@ class ValidatedUpdates:
             return None, None
         return super().aggregate_train(server_round, valid)
 
-    def _inspect(self, message: Message) -> dict:
+    def _inspect(self, message: Message, node: int) -> dict:
         """The client's entry for the record; a valid message's content is reduced to what aggregation needs."""
-        node = message.metadata.src_node_id
         if message.has_error():
-            return {"client": f"node-{node}", "node": node, "status": "error", "reason": message.error.reason,
-                    "bytes-down": self._bytes_down}
+            return {"client": self._names.get(node, f"node-{node}"), "node": node, "status": "error",
+                    "reason": message.error.reason, "bytes-down": self._bytes_down}
         content = message.content
         info = dict(content.config_records.get("client", ConfigRecord()))
         client = str(info.get("client", f"node-{node}"))

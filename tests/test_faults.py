@@ -4,7 +4,7 @@ wrong shapes, absurd counts) are rejected, a straggler is lost and the round clo
 crash is an error reply, a squeezed budget is a real breach, and a client SIGKILLed mid-round is
 lost while the others go on. The global model never takes a bad update.
 
-The deployed run takes about 4 minutes here: `make test-slow` (and CI) runs it; the fault drills'
+The deployed run takes about 8 minutes here: `make test-slow` (and CI) runs it; the fault drills'
 parsing and the validation are in the default suite.
 """
 
@@ -22,7 +22,10 @@ from odl_fed.faults import FaultError, parse_fault
 from odl_fed.recorder import read_rounds
 from test_deploy import JOB, _alive, _start, _tree
 
-TIMEOUT = 40  # the round timeout: also how long a round waits for clients to connect
+# The round timeout, also how long a round waits for its clients to connect. A deployed client's
+# round here is 20-50 s (a fresh ClientApp process imports torch each round); the straggler's
+# delay is past it.
+TIMEOUT = 90
 
 
 def _clientapps(process: subprocess.Popen) -> list[psutil.Process]:
@@ -53,10 +56,11 @@ def test_a_deployed_fleet_survives_its_faults(tmp_path):
         server = _start(["odl_fed.server", "--insecure", "--fleet", str(fleet), "--out-dir", str(out), "--listen",
                          f"127.0.0.1:{port}", "--plan-cache", str(tmp_path / "plans"), "--round-timeout",
                          str(TIMEOUT)], tmp_path / "server.log")
-        first = _start(["odl_fed.client", "--device", "rpi4", "--partition-id", "0", *link], tmp_path / "c0.log")
+        first = _start(["odl_fed.client", "--device", "rpi4", "--partition-id", "0", "--fault", "squeeze:0.01@4",
+                        *link], tmp_path / "c0.log")
         started += [server, first]
         late = [(["--partition-id", "1", "--fault", "nan@2+wrong-name@3+absurd-examples@4+wrong-shape@5"], "c1"),
-                (["--partition-id", "2", "--fault", "slow:60@3+crash@4+squeeze:0.01@5"], "c2")]
+                (["--partition-id", "2", "--fault", f"slow:{TIMEOUT + 10}@3+crash@5"], "c2")]
         deadline = time.monotonic() + 900
         while server.poll() is None and time.monotonic() < deadline:
             for process in started:
@@ -102,20 +106,23 @@ def test_a_deployed_fleet_survives_its_faults(tmp_path):
     # 3: wrong layer names rejected; the straggler is lost, by name, and the round closed on time
     assert status[3] == {"rpi4-0": "ok", "rpi4-1": "rejected", "rpi4-2": "lost"}
     assert "unexpected" in reason[3]["rpi4-1"] and "timeout" in reason[3]["rpi4-2"]
-    assert rounds[3]["elapsed"] - rounds[2]["elapsed"] < TIMEOUT + 20
+    assert rounds[3]["elapsed"] - rounds[2]["elapsed"] < TIMEOUT + 30
     assert "rpi4-2 lost" in (out / "flwr-run.log").read_text()
-    # 4: an absurd example count rejected; a crash is an error reply
-    assert status[4]["rpi4-0"] == "ok" and status[4]["rpi4-1"] == "rejected"
-    assert "more than the" in reason[4]["rpi4-1"]
-    assert any(s == "error" for c, s in status[4].items() if c != "rpi4-0" and c != "rpi4-1")
-    # 5: c0 killed mid-round: lost (or unavailable); a wrong shape rejected; a squeezed budget breached
+    # 4: an absurd example count rejected; a budget squeezed after planning is a real breach (psutil),
+    # reported with its retreats; the straggler's node may still be busy with round 3's reply
+    assert status[4]["rpi4-1"] == "rejected" and "more than the" in reason[4]["rpi4-1"]
+    breached = next(c for c in rounds[4]["clients"] if c["client"] == "rpi4-0")
+    assert breached["status"] == "memory-exceeded" and breached["peak-memory"] > breached["memory-budget"]
+    assert status[4]["rpi4-2"] in ("ok", "lost")
+    # 5: c0 killed mid-round (lost, or unavailable); a wrong shape rejected; a crash is an error reply
     assert killed_at is not None
-    assert status[5].get("rpi4-1") == "rejected" and "shape" in reason[5]["rpi4-1"]
-    assert status[5].get("rpi4-2") == "memory-exceeded"
-    assert any(s in ("lost", "error") for c, s in status[5].items() if c not in ("rpi4-1", "rpi4-2"))
+    assert status[5]["rpi4-1"] == "rejected" and "shape" in reason[5]["rpi4-1"]
+    assert status[5]["rpi4-2"] == "error" and "fault drill crash@5" in reason[5]["rpi4-2"]  # named, though it crashed
+    assert set(status[5]) == {"rpi4-0", "rpi4-1", "rpi4-2"}  # each client once, by name
+    assert status[5]["rpi4-0"] in ("lost", "error")  # no reply by the timeout, or the SuperLink's "Node Unavailable"
     assert rounds[5]["aggregated"] == 0
     assert rounds[5]["global"]["accuracy"] == rounds[4]["global"]["accuracy"]  # the global model did not move
-    assert [r["aggregated"] for r in rounds[1:]] == [0, 2, 1, 1, 0]
+    assert [r["aggregated"] for r in rounds[1:4]] == [0, 2, 1] and rounds[4]["aggregated"] <= 1
     final = torch.load(out / "trained_layers.pt")
     assert all(torch.isfinite(t).all() for t in final.values())
     assert json.loads(log.read_text().splitlines()[-1])["event"] == "end"

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -119,7 +119,8 @@ class ValidatedUpdates:
         if not valid:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        return super().aggregate_train(server_round, valid)
+        arrays, metrics = super().aggregate_train(server_round, valid)
+        return (None if arrays is None else _as_sent(arrays, self.expected)), metrics
 
     def _inspect(self, message: Message, node: int) -> dict:
         """The client's entry for the record; a valid message's content is reduced to what aggregation needs."""
@@ -165,6 +166,15 @@ class ValidatedUpdates:
 def parameter_bytes(arrays: ArrayRecord) -> int:
     """The arrays' data bytes (what the trained layers weigh); Flower's ``count_bytes`` adds headers."""
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
+
+
+def _as_sent(arrays: ArrayRecord, expected: dict) -> ArrayRecord:
+    """The aggregate in the dtypes the server sent: FedAdam computes in float64 (NumPy's promotion),
+    which would double the bytes every client downloads and change the dtype they are checked against."""
+    if all(np.dtype(a.dtype) == expected[name][1] for name, a in arrays.items() if name in expected):
+        return arrays
+    return ArrayRecord({name: Array(a.numpy().astype(expected[name][1]) if name in expected else a.numpy())
+                        for name, a in arrays.items()})
 
 
 def _numpy(arrays: ArrayRecord) -> dict:

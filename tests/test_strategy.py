@@ -103,6 +103,8 @@ def test_bad_replies_are_recorded_and_the_round_aggregates_the_rest(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="flwr.odl_fed"):
         arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None
+    # the aggregate goes down in the dtype the server sent (FedAdam computes in float64)
+    assert {name: arrays[name].dtype for name in GLOBAL} == {name: "float32" for name in GLOBAL}
     if name in ("fedavg", "fedprox"):  # weighted by examples: (1*10 + 4*30) / 40
         np.testing.assert_allclose(arrays["layer.weight"].numpy(), np.full((4, 3), 3.25, np.float32))
     # only the valid replies' metrics are averaged, by examples (the bad ones carry a loss of 1000)

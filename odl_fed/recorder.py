@@ -11,14 +11,20 @@ The file holds, in order:
   again within the round), and the reason when it was not aggregated;
 - ``{"event": "end", ...}``: wall time and the final accuracy.
 
+A resumed run (:mod:`odl_fed.checkpoint`) adds ``{"event": "resume", "from-round": k}`` after
+round k, its last checkpointed round, and goes on with round k + 1: a round that was logged but not
+checkpointed before the server stopped is dropped (and run again), so every round is there once.
+The lines written after a resume count ``elapsed`` from the resume.
+
 Each line is flushed when written, so a run that stops midway keeps every finished round.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["RoundRecorder", "read_rounds"]
@@ -27,22 +33,34 @@ __all__ = ["RoundRecorder", "read_rounds"]
 class RoundRecorder:
     """Collects client entries during a round and writes the round's line when it is evaluated."""
 
-    def __init__(self, path: str | Path, *, on_round: Callable[[dict], None] | None = None):
+    def __init__(self, path: str | Path, *, on_round: Callable[[dict], None] | None = None,
+                 resume: tuple[dict, Sequence[dict]] | None = None):
+        """A new round log at ``path``, or, with ``resume=(run line, round lines 0..k)`` from a
+        checkpoint, the log of that run cut back to round k, to go on with round k + 1."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w")
         self._clients: dict[int, list[dict]] = {}
         self._traffic: dict[int, dict[str, int]] = {}
         self._started = time.time()
         self.on_round = on_round
         self.rounds: list[dict] = []
+        self.run_line: dict = {}
+        if resume is None:
+            self._file = self.path.open("w")
+        else:
+            self.run_line, rounds = resume[0], list(resume[1])
+            self.rounds = rounds
+            _cut_back(self.path, self.run_line, rounds)
+            self._file = self.path.open("a")
+            self._write({"event": "resume", "time": self._started, "from-round": rounds[-1]["round"]})
 
     def _write(self, line: dict) -> None:
         self._file.write(json.dumps(line, default=_jsonable) + "\n")
         self._file.flush()
 
     def start_run(self, **info) -> None:
-        self._write({"event": "run", "time": self._started, **info})
+        self.run_line = {"event": "run", "time": self._started, **info}
+        self._write(self.run_line)
 
     def sent(self, server_round: int, nodes: int, nbytes: int, record_bytes: int | None = None) -> None:
         """The server sent ``nbytes`` of parameters (``record_bytes`` with Flower's headers) to each of ``nodes``."""
@@ -85,6 +103,34 @@ def _jsonable(value):
     if isinstance(value, (set, tuple)):
         return list(value)
     return str(value)
+
+
+def _cut_back(path: Path, run_line: dict, rounds: Sequence[dict]) -> None:
+    """Rewrite the log at ``path`` (atomically) to end with ``rounds``' last round: a partial last line and
+    rounds logged after it go; the run line and the rounds come from the checkpoint when the log lacks them."""
+    last = rounds[-1]["round"]
+    kept, seen = [], set()
+    for text in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            break  # the line the server was writing when it stopped
+        if line.get("event") == "round":
+            if line.get("round") in seen or line.get("round", last + 1) > last:
+                continue
+            seen.add(line["round"])
+        elif line.get("event") == "end":
+            continue
+        kept.append(line)
+    if seen != set(range(last + 1)) or not kept or kept[0].get("event") != "run":
+        others = [line for line in kept if line.get("event") not in ("run", "round")]
+        kept = [dict(run_line), *rounds, *others]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as file:
+        file.writelines(json.dumps(line, default=_jsonable) + "\n" for line in kept)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
 
 
 def read_rounds(path: str | Path) -> list[dict]:

@@ -3,12 +3,14 @@
 ::
 
     python -m odl_fed.server --fleet configs/fleets/demo.yaml --out-dir runs/deployed [--listen 0.0.0.0:9092]
+    python -m odl_fed.server --resume runs/deployed     # after a crash: go on from the last finished round
 
 It starts the SuperLink (its state in ``OUT-DIR/superlink.db``), waits for it to answer, submits
 the run with ``flwr run`` through a Flower home of the run directory's own (``OUT-DIR/flwr-home``),
 and writes the same round log as the simulation (``OUT-DIR/rounds.jsonl``). The ServerApp waits for
 every client of the fleet to connect (``python -m odl_fed.client``), so clients may start before or
-after it. On exit, on an error and on Ctrl-C / SIGTERM it stops what it started, by PID.
+after it. On exit, on an error and on Ctrl-C / SIGTERM it stops what it started, by PID. It holds
+``OUT-DIR/server.lock`` (:mod:`odl_fed.checkpoint`) while it runs, so a second server there is refused.
 
 Clients read the fleet file (the job) and its weights at the same path as given here, relative to
 their own working directory: run both from a checkout of the project, or give the same mounts.
@@ -22,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from odl_fed.checkpoint import SERVER_LOCK, CheckpointError, RunDirInUse, RunLock, check_run_dir, resume_config
 from odl_fed.data import DatasetUnavailableError
 from odl_fed.deploy import AddressError, Processes, flower_command, flower_env, parse_address, wait_for_port
 from odl_fed.fleet import FleetError, load_fleet
@@ -62,20 +65,30 @@ def _toml(value) -> str:
 
 def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_file: Path | None = None,
           plan_cache: str = DEFAULTS["plan-cache"], round_timeout: float = float(DEFAULTS["round-timeout"]),
-          start_timeout: float = 60.0) -> Path:
-    """Run the fleet's job on a SuperLink at ``listen``; returns the round log when the job ended."""
+          start_timeout: float = 60.0, resume: bool = False) -> Path:
+    """Run the fleet's job on a SuperLink at ``listen``; returns the round log when the job ended.
+
+    With ``resume``, go on with the run in ``out_dir`` from its checkpoint (the fleet must be its own).
+    """
     host, port = parse_address(listen, what="--listen")
     spec = load_fleet(fleet, device_files=() if devices_file is None else (devices_file,))
     held_out_data(spec.job)
     check_fleet(spec, train_examples=train_size(spec.job))  # files, layers, image size, data shares
     out_dir = out_dir.absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / "rounds.jsonl"
-    log.unlink(missing_ok=True)
+    with RunLock(out_dir, SERVER_LOCK):
+        check_run_dir(out_dir, spec, resume=resume)  # a refused run changes nothing in out_dir
+        log = out_dir / "rounds.jsonl"
+        if not resume:
+            log.unlink(missing_ok=True)
+        run_config = {"fleet": str(fleet), "devices-file": str(devices_file or ""), "out-dir": str(out_dir),
+                      "plan-cache": plan_cache, "round-timeout": round_timeout, "resume": resume}
+        return _serve(spec, log, run_config, host=host, port=port, listen=listen, start_timeout=start_timeout)
+
+
+def _serve(spec, log: Path, run_config: dict, *, host: str, port: int, listen: str, start_timeout: float) -> Path:
+    out_dir = log.parent
     home = _flower_home(out_dir, port)
     env = flower_env({"FLWR_HOME": str(home)})
-    run_config = {"fleet": str(fleet), "devices-file": str(devices_file or ""), "out-dir": str(out_dir),
-                  "plan-cache": plan_cache, "round-timeout": round_timeout}
     with Processes() as processes:
         superlink = processes.start([flower_command("flower-superlink"), "--insecure", "--database",
                                      str(out_dir / "superlink.db"), "--host", host, "--port", str(port),
@@ -95,7 +108,7 @@ def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_f
             time.sleep(0.5)
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     if not lines or lines[-1].get("event") != "end":
-        raise ServerError(f"the run did not finish the job of {fleet} (round log {log}: "
+        raise ServerError(f"the run did not finish the job of {spec.path} (round log {log}: "
                           f"{sum(1 for line in lines if line.get('event') == 'round')} round line(s)); "
                           f"flwr run exited with {submit.returncode}")
     return log
@@ -103,23 +116,48 @@ def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_f
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fleet", type=Path, required=True, help="a fleet file, e.g. configs/fleets/demo.yaml")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/deployed"),
-                        help="the run directory: rounds.jsonl, trained_layers.pt, superlink.db")
+    parser.add_argument("--fleet", type=Path, help="a fleet file, e.g. configs/fleets/demo.yaml (with --resume: "
+                                                   "the run's own, read from its checkpoint)")
+    parser.add_argument("--out-dir", type=Path,
+                        help="the run directory: rounds.jsonl, checkpoint.pt, trained_layers.pt, superlink.db "
+                             "(default: runs/deployed)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="go on with the run in RUN_DIR from its last finished round (its checkpoint.pt)")
     parser.add_argument("--listen", default=DEFAULT_LISTEN, help="the SuperLink's address, HOST:PORT")
     parser.add_argument("--devices", type=Path, help="extra device profiles (YAML) the fleet names")
-    parser.add_argument("--plan-cache", default=DEFAULTS["plan-cache"], help="where clients keep their plans")
-    parser.add_argument("--round-timeout", type=float, default=float(DEFAULTS["round-timeout"]),
-                        help="seconds to wait for a round's replies")
+    parser.add_argument("--plan-cache", help=f"where clients keep their plans (default: {DEFAULTS['plan-cache']})")
+    parser.add_argument("--round-timeout", type=float,
+                        help=f"seconds to wait for a round's replies (default: {DEFAULTS['round-timeout']})")
     return parser
+
+
+def _arguments(args) -> dict:
+    """serve()'s arguments; with ``--resume RUN_DIR``, what was not given comes from the run's checkpoint."""
+    stored = {}
+    if args.resume is not None:
+        if args.out_dir is not None and args.out_dir.absolute() != args.resume.absolute():
+            raise CheckpointError(f"--resume {args.resume} is the run directory; --out-dir {args.out_dir} "
+                                  f"names another")
+        stored = resume_config(args.resume)
+    elif args.fleet is None:
+        raise FleetError("--fleet is needed to start a run (or --resume RUN_DIR to go on with one)")
+
+    def given(value, key, default=None):
+        return value if value is not None else stored.get(key, DEFAULTS[key] if default is None else default)
+
+    devices = given(args.devices, "devices-file")
+    return {"fleet": Path(given(args.fleet, "fleet")), "out_dir": Path(given(args.resume or args.out_dir, "out-dir",
+                                                                             "runs/deployed")),
+            "devices_file": Path(devices) if devices else None, "plan_cache": str(given(args.plan_cache, "plan-cache")),
+            "round_timeout": float(given(args.round_timeout, "round-timeout")), "resume": args.resume is not None}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        log = serve(args.fleet, out_dir=args.out_dir, listen=args.listen, devices_file=args.devices,
-                    plan_cache=args.plan_cache, round_timeout=args.round_timeout)
-    except (AddressError, FleetError, DatasetUnavailableError, FileNotFoundError) as error:
+        log = serve(listen=args.listen, **_arguments(args))
+    except (AddressError, FleetError, DatasetUnavailableError, FileNotFoundError, CheckpointError,
+            RunDirInUse) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except ServerError as error:

@@ -17,6 +17,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from odl_fed.checkpoint import SERVER_LOCK, RunLock, check_run_dir
 from odl_fed.client_app import handle_train
 from odl_fed.deploy import OFFLINE_ENV
 from odl_fed.job import held_out_data, train_size
@@ -70,18 +71,31 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     """Run the fleet of ``run_config`` in simulation; returns the round log's path.
 
     ``train`` handles each train message (default: :func:`~odl_fed.client_app.handle_train`); a
-    wrapper around it can log, or inject the faults a test needs.
+    wrapper around it can log, or inject the faults a test needs. With ``resume`` in the run config
+    it goes on from ``out-dir``'s checkpoint. It holds ``out-dir/server.lock`` while it runs.
     """
     os.environ.update(OFFLINE_ENV)
-    from flwr.simulation import run_simulation
-
     settings = RunSettings.from_config(run_config)
     fleet = settings.fleet()  # a bad fleet file or a missing file or dataset fails here, before Ray starts
     cpus = cpus or os.cpu_count() or 1
     held_out_data(fleet.job)
     check_fleet(fleet, train_examples=train_size(fleet.job), simulated_cpus=max(1, int(cpus / cpus_per_client)))
+    with RunLock(settings.out_dir, SERVER_LOCK):
+        resumed = check_run_dir(settings.out_dir, fleet, resume=settings.resume)  # before Ray starts
+        done = 0 if resumed is None else resumed.round + 1
+        _run(settings, total=fleet.job.rounds + 1, done=done, cpus=cpus, cpus_per_client=cpus_per_client,
+             num_clients=fleet.num_clients, progress=progress, verbose=verbose, train=train)
+    return settings.out_dir / "rounds.jsonl"
+
+
+def _run(settings: RunSettings, *, total: int, done: int, cpus: int, cpus_per_client: float, num_clients: int,
+         progress: bool, verbose: bool, train: TrainHandler) -> None:
+    from flwr.simulation import run_simulation
+
     config = settings.as_config()
-    bar = _progress(fleet.job.rounds + 1) if progress else None
+    bar = _progress(total) if progress else None
+    if bar is not None and done:
+        bar.update(done)
 
     def on_round(line: dict) -> None:
         if bar is not None:
@@ -98,9 +112,8 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.WARNING,
                              "log_to_driver": verbose}}
     try:
-        run_simulation(server_app=server, client_app=client, num_supernodes=fleet.num_clients,
+        run_simulation(server_app=server, client_app=client, num_supernodes=num_clients,
                        backend_config=backend, verbose_logging=verbose)
     finally:
         if bar is not None:
             bar.close()
-    return settings.out_dir / "rounds.jsonl"

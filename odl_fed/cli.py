@@ -31,7 +31,8 @@ from odl_fed.run_config import DEFAULTS
 from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
 from odl_fed.units import parse_bytes
 
-USER_ERRORS = (ComposeError, RunDirInUse, ValueError, KeyError, FileNotFoundError, DatasetUnavailableError, BudgetTooSmallError, ImportError)
+USER_ERRORS = (ComposeError, RunDirInUse, ValueError, KeyError, FileNotFoundError,
+               DatasetUnavailableError, BudgetTooSmallError, ImportError)
 
 
 def _data(args, split: str) -> ImageData:
@@ -141,7 +142,8 @@ def _simulate_config(args) -> dict:
         return str(value) if value is not None else stored.get(key, DEFAULTS[key])
 
     return {"fleet": given(args.fleet, "fleet"), "devices-file": given(args.devices, "devices-file"),
-            "out-dir": given(args.resume or args.out_dir, "out-dir"), "plan-cache": given(args.plan_cache, "plan-cache"),
+            "out-dir": given(args.resume or args.out_dir, "out-dir"),
+            "plan-cache": given(args.plan_cache, "plan-cache"),
             "round-timeout": float(given(args.round_timeout, "round-timeout")), "resume": args.resume is not None}
 
 

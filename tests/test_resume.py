@@ -207,6 +207,12 @@ def _contents(run_dir: Path) -> dict:
     return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix != ".lock"}
 
 
+def test_simulate_needs_a_fleet_or_a_run_to_resume(capsys):
+    assert main(["simulate", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == ("odl-fed simulate: error: --fleet is needed to start a run "
+                                               "(or --resume RUN_DIR to go on with one)")
+
+
 @pytest.mark.parametrize("damage", ["missing", "other-fleet"])
 def test_the_deployed_server_refuses_a_bad_resume_before_starting_anything(tmp_path, damage):
     run_dir = tmp_path / "run"
@@ -279,7 +285,7 @@ def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_model(tmp_path)
     assert events[0] == ("run", None) and events[-1] == ("end", None)
     assert events[killed_at + 2] == ("resume", killed_at)
     assert load_checkpoint(cut / CHECKPOINT).finished
-    ours = {k: v for k, v in torch.load(cut / "trained_layers.pt").items()}
+    ours = torch.load(cut / "trained_layers.pt")
     theirs = torch.load(whole / "trained_layers.pt")
     # Every client trained every round, with the same layers, batch and ranks in both runs, and kept no
     # ASI bases (a roomy device keeps its layers exact): the same updates, so the same model to the bit.
@@ -301,3 +307,4 @@ def _decisions(run_dir: Path) -> list:
 def _rounds(run_dir: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     return [line for line in lines if line["event"] == "round"]
+

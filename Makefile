@@ -5,16 +5,19 @@ PY := $(VENV)/bin/python
 # Exact versions this machine holds on disk (pyproject keeps the ranges a board can satisfy).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose wheelhouse bench-deploy
+.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse bench-deploy
 
 $(VENV)/.installed: pyproject.toml
-	# Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt and root are at hand.
+	# Fashion-MNIST comes from Debian's dataset-fashion-mnist, and the report's browser test uses
+	# Debian's chromium, where apt and root are at hand.
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; fi
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq chromium || echo "chromium not installed: the browser test will say so"; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[simulation,test,bench]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[simulation,server,test,bench]' $(TORCH_PINS)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -50,6 +53,10 @@ wheelhouse: setup
 # the fleet, tears everything down (skipped, with the reason, where no engine can start).
 test-compose: setup
 	$(PY) -m pytest -q -m compose tests/test_docker_compose.py
+
+# A deployed fleet's fault drills (minutes long; its own stage in .ci/run).
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # A deployed round against the same round in simulation, and the image's size and build times.
 bench-deploy: setup

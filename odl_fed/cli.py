@@ -5,7 +5,9 @@
 - ``odl-fed pretrain``: train a whole backbone on a source dataset and save it, so that a
   MobileNetV2/ResNet can be fine-tuned from real features offline;
 - ``odl-fed simulate``: run a fleet file's federated job in Flower's simulation engine;
-- ``odl-fed compose``: write the Docker Compose file of a fleet (server + one container per client).
+- ``odl-fed compose``: write the Docker Compose file of a fleet (server + one container per client);
+- ``odl-fed report``: a run's report (HTML with plots, or Markdown), or several runs compared;
+- ``odl-fed watch``: the console view of a run, followed from its round log.
 
 A user's mistake (a wrong name, a budget too small, a missing file) ends in one ``error:`` line
 and exit status 2, not a traceback.
@@ -27,6 +29,7 @@ from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, 
 from odl_fed.methods import get_method
 from odl_fed.models import MODELS, build_model, prepare_finetune, save_checkpoint
 from odl_fed.plan import GRIDS, BudgetTooSmallError, plan_ranks
+from odl_fed.report import REPORT_NAME
 from odl_fed.run_config import DEFAULTS
 from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
 from odl_fed.units import parse_bytes
@@ -122,6 +125,9 @@ def simulate(args) -> Path:
     config = _simulate_config(args)
     path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose)
     print(f"round log: {path}")
+    report = path.parent / REPORT_NAME
+    if report.exists():
+        print(f"report: {report}  (TensorBoard: tensorboard --logdir {path.parent.parent})")
     return path
 
 
@@ -156,6 +162,44 @@ def compose(args) -> str:
                   command=" ".join(["odl-fed compose", *args.given]))
     sys.stdout.write(text)
     return text
+
+
+def report(args) -> Path | None:
+    from odl_fed.report import default_path, load_reports, render, save
+
+    reports = load_reports(args.runs)
+    for warning in (w for r in reports for w in r.log.warnings):
+        print(f"odl-fed report: warning: {warning}", file=sys.stderr)
+    text = render(reports, args.format)
+    if args.format == "md" and args.out is None:
+        sys.stdout.write(text)
+        return None
+    path = save(text, args.out or default_path(args.runs, args.format))
+    print(f"wrote {path}")
+    return path
+
+
+def watch(args) -> None:
+    from odl_fed.console import ConsoleDashboard
+    from odl_fed.run_log import LOG_NAME, LogFollower, RunLogError
+
+    if not args.run_dir.is_dir():
+        raise RunLogError(f"run directory {args.run_dir} does not exist")
+    follower, console = LogFollower(args.run_dir / LOG_NAME), ConsoleDashboard()
+    if not follower.path.exists():
+        print(f"odl-fed watch: waiting for {follower.path}", file=sys.stderr, flush=True)
+    try:
+        while True:
+            events = follower.poll()
+            for event in events:
+                console(event)
+            if (args.once and not events) or any(e.get("event") == "end" for e in events):
+                break
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.close()
 
 
 def _budget(text: str) -> str:
@@ -230,6 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--round-timeout", type=float, help="seconds the server waits for a round's replies")
     comp.add_argument("--max-cpus", type=float, help="cap on each container's cpus (default: this machine's CPUs)")
     comp.set_defaults(run=compose)
+
+    rep = commands.add_parser("report", help="write the report of a run (or compare runs): HTML or Markdown")
+    rep.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
+                     help="run directories (holding rounds.jsonl), or a directory of them")
+    rep.add_argument("--format", choices=("html", "md"), default="html",
+                     help="html: one self-contained page; md: Markdown (to stdout unless --out)")
+    rep.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/report.html, or ./report.html "
+                                              "for several runs)")
+    rep.set_defaults(run=report)
+
+    wat = commands.add_parser("watch", help="follow a run's round log live (the server's console view)")
+    wat.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    wat.add_argument("--once", action="store_true", help="show what the log holds now and exit")
+    wat.add_argument("--interval", type=float, default=0.5, help="seconds between reads of the log")
+    wat.set_defaults(run=watch)
     return parser
 
 

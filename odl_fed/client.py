@@ -31,6 +31,7 @@ from pathlib import Path
 from odl_fed.deploy import TORCH_ADDRESS_FLOOR, AddressError, Processes, flower_command, flower_env, free_port, \
     parse_address, port_answers
 from odl_fed.device_detect import closest_profile, read_machine
+from odl_fed.faults import FAULT_KEY, FAULTS, FaultError, parse_fault
 from odl_fed.node_config import NodeConfigError, build_node_config, format_node_config
 from odl_fed.profile import DeviceProfile, ProfileError, get_profile, load_profiles
 
@@ -87,8 +88,12 @@ def run(args) -> int:
     if machine.cgroup_limit:
         _say(f"memory limit here: {machine.cgroup_limit / 2**20:.0f} MiB (cgroup v{machine.cgroup_version}); each "
              f"round's train-memory is cut to what it leaves")
-    node_config = format_node_config(build_node_config(profile, partition_id=args.partition_id,
-                                                       num_partitions=args.num_partitions))
+    fields = build_node_config(profile, partition_id=args.partition_id, num_partitions=args.num_partitions)
+    drill = parse_fault(args.fault)
+    if drill is not None:
+        fields[FAULT_KEY] = str(drill)
+        _say(f"fault drill: {drill} (this client misbehaves on purpose)")
+    node_config = format_node_config(fields)
     # torch's threads: the cores this client may use (its profile's, at most what it has here),
     # unless the caller chose; several clients on one machine otherwise fight over every core.
     extra = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(min(profile.cores, machine.cores)))}
@@ -141,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the SuperLink to answer at start")
     parser.add_argument("--reconnect-timeout", type=float, default=30.0,
                         help="seconds without the SuperLink before the client gives up")
+    parser.add_argument("--fault", metavar="KIND[:ARG][@ROUNDS]",
+                        help=f"a fault drill: this client misbehaves on purpose ({', '.join(FAULTS)}; "
+                             f"see odl_fed/faults.py), e.g. nan@2 or slow:60")
     return parser
 
 
@@ -148,7 +156,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (AddressError, ProfileError, NodeConfigError, FileNotFoundError) as error:
+    except (AddressError, ProfileError, NodeConfigError, FaultError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except LinkError as error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from odl_fed.client_round import PlanCache, run_client_round
 from odl_fed.device_detect import cgroup_memory_limit, cgroup_memory_usage, fit_to_memory_limit
+from odl_fed.faults import node_fault
 from odl_fed.job import client_data
 from odl_fed.node_config import NodeConfigError, node_profile, partition
 from odl_fed.profile import DeviceProfile
@@ -71,13 +73,21 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     client, profile, partition_id, num_partitions = node_identity(settings, context.node_config)
     job = settings.fleet().job
     config = msg.content.config_records.get("config", ConfigRecord())
+    server_round = int(config.get("server-round", 0))
+    drill = node_fault(context.node_config)  # a fault drill (python -m odl_fed.client --fault), if any
     kept = context.state.array_records.get(BASES_KEY)
     outcome = run_client_round(
         job, profile, msg.content["arrays"].to_torch_state_dict(), client=client,
         data=client_data(job, partition_id, num_partitions),
         cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)), server_round=int(config.get("server-round", 0)),
-        bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout)
+        proximal_mu=float(config.get("proximal-mu", 0.0)), server_round=server_round,
+        bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout,
+        budget_scale=drill.budget_scale(server_round) if drill else 1.0)
+    if drill is not None and drill.active(server_round):
+        log.warning("%s: fault drill %s in round %d", client, "+".join(map(str, drill.active(server_round))),
+                    server_round)
+        drill.damage(outcome.arrays if outcome.arrays is not None else {}, outcome.metrics, server_round)
+        time.sleep(drill.delay(server_round))
     if outcome.bases:
         context.state[BASES_KEY] = ArrayRecord(torch_state_dict=outcome.bases)
     content = RecordDict({

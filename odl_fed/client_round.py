@@ -159,12 +159,13 @@ class _Deadline:
 def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mapping[str, Tensor], *, client: str,
                      data: ImageData, cache: PlanCache | None = None, proximal_mu: float = 0.0,
                      server_round: int = 1, bases: Mapping[str, Tensor] | None = None,
-                     deadline: float | None = None) -> ClientOutcome:
+                     deadline: float | None = None, budget_scale: float = 1.0) -> ClientOutcome:
     """Fine-tune the global trained layers on ``data`` within ``profile``'s memory; see the module doc.
 
     ``bases`` are the ASI bases this client kept from its last round (:attr:`ClientOutcome.bases`);
     ``deadline`` the seconds the round may take (a retreat after a breach starts only while at
-    least the last attempt's duration is left).
+    least the last attempt's duration is left); ``budget_scale`` cuts the guard's budget after
+    planning (the ``squeeze`` fault drill: memory another app took mid-round).
     """
     started = time.perf_counter()
     clock = _Deadline(deadline)
@@ -194,7 +195,8 @@ def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mappin
         attempt_started = time.perf_counter()
         try:
             trained = _train(model, job, plan, data, global_arrays, client=client, proximal_mu=proximal_mu,
-                             server_round=server_round, bases=bases or {}, train_memory=profile.train_memory)
+                             server_round=server_round, bases=bases or {},
+                             train_memory=int(profile.train_memory * budget_scale))
         except MemoryBudgetExceeded as error:
             attempts.append(_attempt(plan, "memory-exceeded", error.peak, error.budget, str(error)))
             restore_model(model)

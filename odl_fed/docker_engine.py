@@ -39,6 +39,7 @@ LOCAL_BASE = "odl-fed-base:bookworm"
 # instead of ~6 GB, but the only torchvision 0.28 here is the CUDA build: its C ops need CUDA
 # torch's libraries and `import torchvision` fails ("operator torchvision::nms does not exist").
 IMAGE_TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
+IMAGE_EXTRAS = ("server",)  # the server container writes the report and TensorBoard's files
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -192,11 +193,12 @@ def base_image(engine: Engine, *, cache: Path | None = None) -> str:
 def wheelhouse(directory: Path = ROOT / "build" / "wheelhouse") -> Path:
     """Every wheel the image installs (CPU torch included), downloaded once with this machine's pip."""
     stamp = directory / ".complete"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("pins") == list(IMAGE_TORCH_PINS):
+    wanted_stamp = {"pins": list(IMAGE_TORCH_PINS), "extras": list(IMAGE_EXTRAS)}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted_stamp:
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     done = _run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(directory), *IMAGE_TORCH_PINS,
-                 str(ROOT)], check=False, timeout=1800)
+                 f"{ROOT}[{','.join(IMAGE_EXTRAS)}]"], check=False, timeout=1800)
     if done.returncode != 0:
         raise EngineUnavailable(f"pip download of the image's wheels failed: {done.stderr.strip()[-800:]}")
     wanted = {pin.split("==")[0] + "-" + pin.split("==")[1] for pin in IMAGE_TORCH_PINS}
@@ -205,5 +207,5 @@ def wheelhouse(directory: Path = ROOT / "build" / "wheelhouse") -> Path:
             stale.unlink()
     for stray in directory.glob("odl[-_]fed*"):  # the project itself is copied into the image, not installed
         stray.unlink()
-    stamp.write_text(json.dumps({"pins": list(IMAGE_TORCH_PINS)}))
+    stamp.write_text(json.dumps(wanted_stamp))
     return directory

@@ -22,6 +22,7 @@
       server-lr: 0.01             # fedadam only
       examples-per-client: 500    # optional cap on each client's share
       eval-examples: 1000         # optional cap on the server's held-out set
+      min-clients: 1              # optional: a round with fewer clients connected is skipped
 
 Every mistake names the file and the field, with the nearest valid name where one is close.
 """
@@ -74,6 +75,7 @@ class JobSpec:
     server_lr: float = 0.0
     examples_per_client: int | None = None
     eval_examples: int | None = None
+    min_clients: int = 1  # fewer connected clients than this and a round is skipped
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ class FleetSpec:
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 _POSITIVE_INTS = ("layers", "rounds", "clients-per-round", "local-epochs", "batch-size", "image-size")
-_OPTIONAL_INTS = ("examples-per-client", "eval-examples")
+_OPTIONAL_INTS = ("examples-per-client", "eval-examples", "min-clients")
 _CHOICES = {"model": MODELS, "method": METHODS, "dataset": DATASETS}
 _STRATEGY_KEYS = {"proximal-mu": ("fedprox", 0.01), "server-lr": ("fedadam", 0.01)}
 _JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights", "strategy", *_STRATEGY_KEYS,
@@ -167,7 +169,8 @@ def _job(raw, where: str) -> JobSpec:
                    batch_size=raw["batch-size"], lr=float(raw["lr"]), image_size=raw["image-size"],
                    dataset=raw["dataset"], dirichlet_alpha=alpha, seed=seed, weights=weights, strategy=strategy,
                    proximal_mu=knobs["proximal-mu"], server_lr=knobs["server-lr"],
-                   examples_per_client=raw.get("examples-per-client"), eval_examples=raw.get("eval-examples"))
+                   examples_per_client=raw.get("examples-per-client"), eval_examples=raw.get("eval-examples"),
+                   min_clients=raw.get("min-clients", 1))
 
 
 def _positive_number(value, where: str) -> float:
@@ -214,4 +217,7 @@ def load_fleet(path: str | Path, *, device_files: tuple[str | Path, ...] = ()) -
     total = sum(g.count for g in groups)
     if job.clients_per_round > total:
         raise FleetError(f"{path}: job.clients-per-round is {job.clients_per_round}, but the fleet has {total} clients")
+    if job.min_clients > job.clients_per_round:
+        raise FleetError(f"{path}: job.min-clients is {job.min_clients}, more than job.clients-per-round "
+                         f"({job.clients_per_round})")
     return FleetSpec(path=str(path), groups=tuple(groups), job=job)

@@ -8,7 +8,8 @@ The file holds, in order:
   asked to train: its device, status (``ok``, ``refused``, ``memory-exceeded``, ``rejected``,
   ``error``), budget, plan, activation bytes, peak memory, FLOPs, bytes up/down, time, loss,
   examples, the number of ``attempts`` and their ``attempt-log`` (a breach retreats and trains
-  again within the round), and the reason when it was not aggregated;
+  again within the round), and the reason when it was not aggregated (status ``lost``: asked, no
+  reply by the round's timeout); ``skipped`` says why a round asked no one;
 - ``{"event": "end", ...}``: wall time and the final accuracy.
 
 A resumed run (:mod:`odl_fed.checkpoint`) adds ``{"event": "resume", "from-round": k}`` after
@@ -22,18 +23,25 @@ Each line is flushed when written, so a run that stops midway keeps every finish
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["RoundRecorder", "read_rounds"]
+__all__ = ["RoundRecorder", "read_rounds", "cut_back"]
+
+log = logging.getLogger("flwr.odl_fed")
 
 
 class RoundRecorder:
-    """Collects client entries during a round and writes the round's line when it is evaluated."""
+    """Collects client entries during a round and writes the round's line when it is evaluated.
 
-    def __init__(self, path: str | Path, *, on_round: Callable[[dict], None] | None = None,
+    Each line written is also handed to every one of ``listeners`` (the console view, the
+    TensorBoard log): a listener that fails is logged and dropped, never the run.
+    """
+
+    def __init__(self, path: str | Path, *, listeners: Sequence[Callable[[dict], None]] = (),
                  resume: tuple[dict, Sequence[dict]] | None = None):
         """A new round log at ``path``, or, with ``resume=(run line, round lines 0..k)`` from a
         checkpoint, the log of that run cut back to round k, to go on with round k + 1."""
@@ -41,8 +49,9 @@ class RoundRecorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clients: dict[int, list[dict]] = {}
         self._traffic: dict[int, dict[str, int]] = {}
+        self._skipped: dict[int, str] = {}
         self._started = time.time()
-        self.on_round = on_round
+        self.listeners = list(listeners)
         self.rounds: list[dict] = []
         self.run_line: dict = {}
         if resume is None:
@@ -50,13 +59,26 @@ class RoundRecorder:
         else:
             self.run_line, rounds = resume[0], list(resume[1])
             self.rounds = rounds
-            _cut_back(self.path, self.run_line, rounds)
+            cut_back(self.path, self.run_line, rounds)
+            for line in (self.run_line, *rounds):  # the views start with what the log already holds
+                self._tell(json.loads(json.dumps(line, default=_jsonable)))
             self._file = self.path.open("a")
             self._write({"event": "resume", "time": self._started, "from-round": rounds[-1]["round"]})
 
     def _write(self, line: dict) -> None:
-        self._file.write(json.dumps(line, default=_jsonable) + "\n")
+        text = json.dumps(line, default=_jsonable)
+        self._file.write(text + "\n")
         self._file.flush()
+        self._tell(json.loads(text))  # listeners see what the file holds, as a reader of it would
+
+    def _tell(self, event: dict) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event)
+            except Exception as error:  # a view must never stop the run
+                log.warning("%s failed on a %s line and is dropped: %s: %s", type(listener).__name__,
+                            event.get("event"), type(error).__name__, error)
+                self.listeners.remove(listener)
 
     def start_run(self, **info) -> None:
         self.run_line = {"event": "run", "time": self._started, **info}
@@ -66,6 +88,10 @@ class RoundRecorder:
         """The server sent ``nbytes`` of parameters (``record_bytes`` with Flower's headers) to each of ``nodes``."""
         self._traffic[server_round] = {"clients-asked": nodes, "bytes-down": nodes * nbytes,
                                        "record-bytes-down": nodes * (record_bytes or nbytes)}
+
+    def skipped(self, server_round: int, reason: str) -> None:
+        """The round trains no one (too few clients connected); its line says why."""
+        self._skipped[server_round] = reason
 
     def client(self, server_round: int, entry: dict) -> None:
         self._clients.setdefault(server_round, []).append(entry)
@@ -86,10 +112,10 @@ class RoundRecorder:
             "failed": len(clients) - len(aggregated),
             "clients": sorted(clients, key=lambda c: str(c.get("client"))),
         }
+        if server_round in self._skipped:
+            line["skipped"] = self._skipped.pop(server_round)
         self._write(line)
         self.rounds.append(line)
-        if self.on_round is not None:
-            self.on_round(line)
         return line
 
     def end_run(self, **info) -> None:
@@ -105,7 +131,7 @@ def _jsonable(value):
     return str(value)
 
 
-def _cut_back(path: Path, run_line: dict, rounds: Sequence[dict]) -> None:
+def cut_back(path: Path, run_line: dict, rounds: Sequence[dict]) -> None:
     """Rewrite the log at ``path`` (atomically) to end with ``rounds``' last round: a partial last line and
     rounds logged after it go; the run line and the rounds come from the checkpoint when the log lacks them."""
     last = rounds[-1]["round"]

@@ -7,7 +7,9 @@
 
 It starts the SuperLink (its state in ``OUT-DIR/superlink.db``), waits for it to answer, submits
 the run with ``flwr run`` through a Flower home of the run directory's own (``OUT-DIR/flwr-home``),
-and writes the same round log as the simulation (``OUT-DIR/rounds.jsonl``). The ServerApp waits for
+and writes the same round log as the simulation (``OUT-DIR/rounds.jsonl``), which this entry follows
+to show the console view (:mod:`odl_fed.console`); the SuperLink's and ``flwr run``'s own output
+goes to ``OUT-DIR/superlink.log`` and ``OUT-DIR/flwr-run.log`` unless ``--verbose``. The ServerApp waits for
 every client of the fleet to connect (``python -m odl_fed.client``), so clients may start before or
 after it. On exit, on an error and on Ctrl-C / SIGTERM it stops what it started, by PID. It holds
 ``OUT-DIR/server.lock`` (:mod:`odl_fed.checkpoint`) while it runs, so a second server there is refused.
@@ -19,18 +21,24 @@ their own working directory: run both from a checkout of the project, or give th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from odl_fed.checkpoint import SERVER_LOCK, CheckpointError, RunDirInUse, RunLock, check_run_dir, resume_config
+from odl_fed.console import ConsoleDashboard
 from odl_fed.data import DatasetUnavailableError
 from odl_fed.deploy import AddressError, Processes, flower_command, flower_env, parse_address, wait_for_port
 from odl_fed.fleet import FleetError, load_fleet
 from odl_fed.job import held_out_data, train_size
 from odl_fed.preflight import check_fleet
+from odl_fed.recorder import cut_back
+from odl_fed.report import REPORT_NAME
 from odl_fed.run_config import DEFAULTS
+from odl_fed.run_log import LogFollower
 
 __all__ = ["main", "serve", "DEFAULT_LISTEN", "ServerError"]
 
@@ -65,9 +73,11 @@ def _toml(value) -> str:
 
 def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_file: Path | None = None,
           plan_cache: str = DEFAULTS["plan-cache"], round_timeout: float = float(DEFAULTS["round-timeout"]),
-          start_timeout: float = 60.0, resume: bool = False) -> Path:
+          start_timeout: float = 60.0, verbose: bool = False, console: ConsoleDashboard | None = None,
+          resume: bool = False) -> Path:
     """Run the fleet's job on a SuperLink at ``listen``; returns the round log when the job ended.
 
+    ``console`` gets each line of the round log as it lands (default: a view on standard output).
     With ``resume``, go on with the run in ``out_dir`` from its checkpoint (the fleet must be its own).
     """
     host, port = parse_address(listen, what="--listen")
@@ -76,23 +86,36 @@ def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_f
     check_fleet(spec, train_examples=train_size(spec.job))  # files, layers, image size, data shares
     out_dir = out_dir.absolute()
     with RunLock(out_dir, SERVER_LOCK):
-        check_run_dir(out_dir, spec, resume=resume)  # a refused run changes nothing in out_dir
+        resumed = check_run_dir(out_dir, spec, resume=resume)  # a refused run changes nothing in out_dir
         log = out_dir / "rounds.jsonl"
-        if not resume:
+        if resumed is None:
             log.unlink(missing_ok=True)
+        else:  # as the ServerApp will: the console then shows the rounds done, once
+            cut_back(log, resumed.run, resumed.records)
         run_config = {"fleet": str(fleet), "devices-file": str(devices_file or ""), "out-dir": str(out_dir),
                       "plan-cache": plan_cache, "round-timeout": round_timeout, "resume": resume}
-        return _serve(spec, log, run_config, host=host, port=port, listen=listen, start_timeout=start_timeout)
+        return _serve(spec, log, run_config, host=host, port=port, listen=listen, start_timeout=start_timeout,
+                      verbose=verbose, console=console)
 
 
-def _serve(spec, log: Path, run_config: dict, *, host: str, port: int, listen: str, start_timeout: float) -> Path:
+def _serve(spec, log: Path, run_config: dict, *, host: str, port: int, listen: str, start_timeout: float,
+           verbose: bool, console: ConsoleDashboard | None) -> Path:
     out_dir = log.parent
     home = _flower_home(out_dir, port)
     env = flower_env({"FLWR_HOME": str(home)})
-    with Processes() as processes:
+    console = console if console is not None else ConsoleDashboard()
+    follower = LogFollower(log)
+    with Processes() as processes, contextlib.ExitStack() as files:
+        def output(name: str) -> dict:
+            if verbose:
+                return {}
+            return {"stdout": files.enter_context((out_dir / name).open("ab")), "stderr": subprocess.STDOUT}
+
+        files.callback(console.close)
         superlink = processes.start([flower_command("flower-superlink"), "--insecure", "--database",
                                      str(out_dir / "superlink.db"), "--host", host, "--port", str(port),
-                                     "--disable-runtime-dependency-installation"], env=env)
+                                     "--disable-runtime-dependency-installation"], env=env,
+                                    **output("superlink.log"))
         if not wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout=start_timeout,
                              process=superlink):
             raise ServerError(f"the SuperLink did not start on {listen} within {start_timeout:g} s "
@@ -101,16 +124,21 @@ def _serve(spec, log: Path, run_config: dict, *, host: str, port: int, listen: s
               f"{spec.num_clients} clients; round log {log}", file=sys.stderr, flush=True)
         submit = processes.start([flower_command("flwr"), "run", str(_app_dir()), FEDERATION, "--stream",
                                   "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())],
-                                 env=env)
+                                 env=env, **output("flwr-run.log"))
         while submit.poll() is None:
+            for event in follower.poll():
+                console(event)
             if superlink.poll() is not None:
                 raise ServerError(f"the SuperLink stopped (status {superlink.returncode}) during the run")
             time.sleep(0.5)
+        for event in follower.poll():
+            console(event)
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     if not lines or lines[-1].get("event") != "end":
         raise ServerError(f"the run did not finish the job of {spec.path} (round log {log}: "
                           f"{sum(1 for line in lines if line.get('event') == 'round')} round line(s)); "
-                          f"flwr run exited with {submit.returncode}")
+                          f"flwr run exited with {submit.returncode}"
+                          + ("" if verbose else f"; its output is in {out_dir / 'flwr-run.log'}"))
     return log
 
 
@@ -128,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan-cache", help=f"where clients keep their plans (default: {DEFAULTS['plan-cache']})")
     parser.add_argument("--round-timeout", type=float,
                         help=f"seconds to wait for a round's replies (default: {DEFAULTS['round-timeout']})")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the SuperLink's and flwr run's own output (default: OUT-DIR/*.log)")
     return parser
 
 
@@ -155,7 +185,7 @@ def _arguments(args) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        log = serve(listen=args.listen, **_arguments(args))
+        log = serve(listen=args.listen, verbose=args.verbose, **_arguments(args))
     except (AddressError, FleetError, DatasetUnavailableError, FileNotFoundError, CheckpointError,
             RunDirInUse) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -167,6 +197,8 @@ def main(argv=None) -> int:
         print(f"{PROG}: stopped (interrupted); what it started is stopped", file=sys.stderr)
         return 130
     print(f"round log: {log}")
+    if (log.parent / REPORT_NAME).exists():
+        print(f"report: {log.parent / REPORT_NAME}")
     return 0
 
 

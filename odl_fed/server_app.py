@@ -2,7 +2,9 @@
 
 Only the trained layers (the last convs and the head) travel, both ways. Each round the global
 model is evaluated on the held-out split and the round is written to ``OUT-DIR/rounds.jsonl``
-(:mod:`odl_fed.recorder`); the final trained layers go to ``OUT-DIR/trained_layers.pt``.
+(:mod:`odl_fed.recorder`), TensorBoard's event files to ``OUT-DIR/tensorboard/`` as rounds land,
+and the final trained layers to ``OUT-DIR/trained_layers.pt``; at the end, the report
+``OUT-DIR/report.html`` (:mod:`odl_fed.report`).
 
 After each round the run's state goes to ``OUT-DIR/checkpoint.pt`` (:mod:`odl_fed.checkpoint`); with
 ``resume`` in the run config the server goes on from it, with the same fleet, at the next round.
@@ -12,7 +14,7 @@ The server holds ``OUT-DIR/writer.lock`` while it writes there.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 
 import torch
@@ -21,11 +23,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.checkpoint import (CHECKPOINT, WRITER_LOCK, Checkpoint, RunLock, check_run_dir, fleet_identity,
                                 save_checkpoint)
-from odl_fed.job import global_model, held_out_data, trained_state
+from odl_fed.job import global_model, held_out_data, train_size, trained_state
 from odl_fed.recorder import RoundRecorder
+from odl_fed.report import write_report
 from odl_fed.run_config import RunSettings
 from odl_fed.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
 from odl_fed.task import evaluate
+from odl_fed.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog
 from odl_fed.validation import expected_layout
 
 __all__ = ["app", "run_server"]
@@ -38,14 +42,17 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, context.run_config)
 
 
-def run_server(grid: Grid, run_config: Mapping, *, on_round: Callable[[dict], None] | None = None) -> dict:
-    """The whole federated job of the run config's fleet; returns the last round's record."""
+def run_server(grid: Grid, run_config: Mapping, *, listeners: Sequence[Callable[[dict], None]] = ()) -> dict:
+    """The whole federated job of the run config's fleet; returns the last round's record.
+
+    ``listeners`` get each line of the round log as it is written (the simulation's console view).
+    """
     settings = RunSettings.from_config(run_config)
     with RunLock(settings.out_dir, WRITER_LOCK):
-        return _run(grid, settings, dict(run_config), on_round=on_round)
+        return _run(grid, settings, dict(run_config), listeners=listeners)
 
 
-def _run(grid: Grid, settings: RunSettings, given: dict, *, on_round: Callable[[dict], None] | None) -> dict:
+def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[Callable[[dict], None]]) -> dict:
     fleet = settings.fleet()
     job = fleet.job
     identity = fleet_identity(fleet)
@@ -58,7 +65,8 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, on_round: Callable[[
     if resumed is not None:
         initial = ArrayRecord(torch_state_dict=resumed.arrays)
 
-    recorder = RoundRecorder(settings.out_dir / "rounds.jsonl", on_round=on_round,
+    recorder = RoundRecorder(settings.out_dir / "rounds.jsonl",
+                             listeners=[TensorBoardLog(settings.out_dir / TENSORBOARD_DIR), *listeners],
                              resume=None if resumed is None else (resumed.run, resumed.records))
     if resumed is None:
         recorder.start_run(fleet=fleet.path, job=asdict(job), clients=fleet.num_clients,
@@ -70,7 +78,8 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, on_round: Callable[[
     log.info("fleet %s: %d clients, %s on %s, %d rounds%s; round log %s", fleet.path, fleet.num_clients, job.method,
              job.model, job.rounds, f", resumed after round {done}" if resumed else "", recorder.path)
 
-    strategy = make_strategy(job, num_clients=fleet.num_clients, recorder=recorder, expected=expected)
+    strategy = make_strategy(job, num_clients=fleet.num_clients, recorder=recorder, expected=expected,
+                             node_wait=settings.round_timeout, max_examples=train_size(job) * job.local_epochs)
     strategy.round_offset = done
     if resumed is not None:
         load_strategy_state(strategy, {name: {k: t.numpy() for k, t in arrays.items()}
@@ -105,6 +114,12 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, on_round: Callable[[
     last = recorder.rounds[-1]
     recorder.end_run(final_accuracy=last["global"]["accuracy"], rounds=job.rounds)
     checkpoint(job.rounds, finished=True)
+    try:
+        report = write_report([settings.out_dir])
+        log.info("report: %s", report)
+    except Exception as error:  # the run is done and recorded; a report can be made again with odl-fed report
+        log.warning("the report was not written (%s: %s); make it with: odl-fed report %s", type(error).__name__,
+                    error, settings.out_dir)
     log.info("done: global accuracy %.3f after %d rounds; round log %s", last["global"]["accuracy"], job.rounds,
              recorder.path)
     return last

@@ -1,17 +1,18 @@
 """Simulate a fleet on this machine with Flower's simulation engine (Ray), one process for the lot.
 
 Each simulated node is a fleet client: its partition id picks its device profile and its share of
-the data. ``flwr run .`` runs the same apps from ``pyproject.toml``; this entry point adds a
-progress bar over rounds and needs no Flower home directory.
+the data. ``flwr run .`` runs the same apps from ``pyproject.toml``; this entry point adds the
+console view of the rounds and needs no Flower home directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.checkpoint import SERVER_LOCK, RunLock, check_run_dir
 from odl_fed.client_app import handle_train
+from odl_fed.console import FLOWER_LOG, ConsoleDashboard, flower_log_file
 from odl_fed.deploy import OFFLINE_ENV
 from odl_fed.job import held_out_data, train_size
 from odl_fed.preflight import check_fleet
@@ -42,14 +44,14 @@ class _KnownNotices(logging.Filter):
 TrainHandler = Callable[[Message, Context, Mapping], Message]
 
 
-def build_apps(run_config: Mapping, *, on_round: Callable[[dict], None] | None = None,
+def build_apps(run_config: Mapping, *, listeners: Sequence[Callable[[dict], None]] = (),
                train: TrainHandler = handle_train) -> tuple[ServerApp, ClientApp]:
     """A ServerApp and a ClientApp bound to ``run_config`` (the simulation API passes them none)."""
     server, client = ServerApp(), ClientApp()
 
     @server.main()
     def _server(grid: Grid, context: Context) -> None:
-        run_server(grid, run_config, on_round=on_round)
+        run_server(grid, run_config, listeners=listeners)
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -58,62 +60,43 @@ def build_apps(run_config: Mapping, *, on_round: Callable[[dict], None] | None =
     return server, client
 
 
-def _progress(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with flwr-datasets; without it, log lines only
-        return None
-    return tqdm(total=total, desc="rounds", unit="round", file=sys.stderr)
-
-
 def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: float = 1.0,
-             progress: bool = True, verbose: bool = False, train: TrainHandler = handle_train) -> Path:
+             progress: bool | TextIO = True, verbose: bool = False, train: TrainHandler = handle_train) -> Path:
     """Run the fleet of ``run_config`` in simulation; returns the round log's path.
 
+    ``progress`` shows the console view (:mod:`odl_fed.console`) on standard output, or on the
+    stream given; Flower's and Ray's own lines go to ``OUT-DIR/flower.log`` unless ``verbose``.
     ``train`` handles each train message (default: :func:`~odl_fed.client_app.handle_train`); a
     wrapper around it can log, or inject the faults a test needs. With ``resume`` in the run config
     it goes on from ``out-dir``'s checkpoint. It holds ``out-dir/server.lock`` while it runs.
     """
     os.environ.update(OFFLINE_ENV)
+    from flwr.simulation import run_simulation
+
     settings = RunSettings.from_config(run_config)
     fleet = settings.fleet()  # a bad fleet file or a missing file or dataset fails here, before Ray starts
     cpus = cpus or os.cpu_count() or 1
     held_out_data(fleet.job)
     check_fleet(fleet, train_examples=train_size(fleet.job), simulated_cpus=max(1, int(cpus / cpus_per_client)))
     with RunLock(settings.out_dir, SERVER_LOCK):
-        resumed = check_run_dir(settings.out_dir, fleet, resume=settings.resume)  # before Ray starts
-        done = 0 if resumed is None else resumed.round + 1
-        _run(settings, total=fleet.job.rounds + 1, done=done, cpus=cpus, cpus_per_client=cpus_per_client,
-             num_clients=fleet.num_clients, progress=progress, verbose=verbose, train=train)
+        check_run_dir(settings.out_dir, fleet, resume=settings.resume)  # before Ray starts; changes nothing
+        config = settings.as_config()
+        console = None
+        if progress is not False:
+            console = ConsoleDashboard(None if progress is True else progress)
+
+        if not verbose:
+            logging.getLogger("flwr").addFilter(_KnownNotices())
+        server, client = build_apps(config, listeners=[console] if console else [], train=train)
+        backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                   "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.WARNING,
+                                 "log_to_driver": verbose}}
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            if not verbose:
+                stack.enter_context(flower_log_file(settings.out_dir / FLOWER_LOG))
+            if console is not None:
+                stack.callback(console.close)
+            run_simulation(server_app=server, client_app=client, num_supernodes=fleet.num_clients,
+                           backend_config=backend, verbose_logging=verbose)
     return settings.out_dir / "rounds.jsonl"
-
-
-def _run(settings: RunSettings, *, total: int, done: int, cpus: int, cpus_per_client: float, num_clients: int,
-         progress: bool, verbose: bool, train: TrainHandler) -> None:
-    from flwr.simulation import run_simulation
-
-    config = settings.as_config()
-    bar = _progress(total) if progress else None
-    if bar is not None and done:
-        bar.update(done)
-
-    def on_round(line: dict) -> None:
-        if bar is not None:
-            bar.set_postfix(accuracy=f"{line['global']['accuracy']:.3f}", ok=line["aggregated"],
-                            failed=line["failed"], refresh=False)
-            bar.update(1)
-
-    if not verbose:
-        logging.getLogger("flwr").addFilter(_KnownNotices())
-    if progress and not verbose:  # the bar and the warnings say what matters; Flower's INFO lines bury it
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    server, client = build_apps(config, on_round=on_round, train=train)
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.WARNING,
-                             "log_to_driver": verbose}}
-    try:
-        run_simulation(server_app=server, client_app=client, num_supernodes=num_clients,
-                       backend_config=backend, verbose_logging=verbose)
-    finally:
-        if bar is not None:
-            bar.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -46,26 +47,67 @@ STATE_ATTRIBUTES = ("m_t", "v_t")
 
 
 class ValidatedUpdates:
-    """Mixin before a Flower strategy: validate, record, then aggregate only the valid replies."""
+    """Mixin before a Flower strategy: validate, record, then aggregate only the valid replies.
 
-    def __init__(self, *args, recorder: RoundRecorder, expected: dict, **kwargs):
+    Who is asked: a round waits (up to ``node_wait`` s) until the clients it wants are connected
+    (round 1: the whole fleet, as it starts up; later: ``clients-per-round``), then samples among
+    those connected; with fewer than
+    ``min_clients`` it is skipped (logged, recorded) and the run goes on. A client asked that does
+    not answer by the round's timeout is recorded as ``lost``, by name when it answered before.
+    """
+
+    def __init__(self, *args, recorder: RoundRecorder, expected: dict, min_clients: int = 1,
+                 node_wait: float = 60.0, max_examples: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.recorder = recorder
         self.expected = expected
+        self.min_clients = min_clients
+        self.node_wait = node_wait
+        self.max_examples = max_examples
         self._bytes_down = 0
+        self._asked: set[int] = set()
+        self._names: dict[int, str] = {}  # node id -> client name, from its replies
         self.round_offset = 0  # rounds done before this process started (a resumed run)
+
+    def _connected(self, grid: Grid, wanted: int) -> list[int]:
+        deadline = time.monotonic() + self.node_wait
+        while len(nodes := list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+            time.sleep(1)
+        return nodes
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = list(super().configure_train(server_round, arrays, config, grid))
         self._bytes_down = parameter_bytes(arrays)
+        fleet = self.min_available_nodes  # every client of the fleet
+        # the first round (of a run, or of a resumed run) waits for the whole fleet to start up; later
+        # rounds for the clients they sample
+        first = server_round == self.round_offset + 1
+        connected = len(self._connected(grid, fleet if first else max(self.min_train_nodes, self.min_clients)))
+        if connected < self.min_clients:
+            reason = (f"{connected} client(s) connected, the job needs at least {self.min_clients} "
+                      f"(min-clients; waited {self.node_wait:.0f} s)")
+            log.warning("round %d skipped: %s; the global model is unchanged", server_round, reason)
+            self.recorder.skipped(server_round, reason)
+            self._asked = set()
+            self.recorder.sent(server_round, 0, self._bytes_down, arrays.count_bytes())
+            return []
+        # Flower samples among the connected clients and would wait for the whole fleet: ask it for
+        # what is connected now (its fraction of them, at least what the job wants when it can).
+        wanted_nodes = self.min_train_nodes
+        self.min_available_nodes, self.min_train_nodes = connected, min(wanted_nodes, connected)
+        try:
+            messages = list(super().configure_train(server_round, arrays, config, grid))
+        finally:
+            self.min_available_nodes, self.min_train_nodes = fleet, wanted_nodes
+        self._asked = {m.metadata.dst_node_id for m in messages}
         self.recorder.sent(server_round, len(messages), self._bytes_down, arrays.count_bytes())
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         valid = []
+        replies = list(replies)
         for message in replies:
             entry = self._inspect(message)
             self.recorder.client(server_round, entry)
@@ -74,6 +116,12 @@ class ValidatedUpdates:
             else:
                 log.warning("round %d: %s (%s) not aggregated: %s: %s", server_round, entry["client"],
                             entry.get("device", "?"), entry["status"], entry.get("reason", ""))
+        for node in sorted(self._asked - {m.metadata.src_node_id for m in replies}):
+            name = self._names.get(node, f"node-{node}")
+            self.recorder.client(server_round, {"client": name, "node": node, "status": "lost",
+                                                "bytes-down": self._bytes_down,
+                                                "reason": "no reply within the round's timeout"})
+            log.warning("round %d: %s lost: no reply within the round's timeout", server_round, name)
         if not valid:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
@@ -88,6 +136,7 @@ class ValidatedUpdates:
         content = message.content
         info = dict(content.config_records.get("client", ConfigRecord()))
         client = str(info.get("client", f"node-{node}"))
+        self._names[node] = client
         metrics_record = content.metric_records.get("metrics")
         metrics = dict(metrics_record) if metrics_record is not None else {}
         entry = {"client": client, "node": node, "device": info.get("device"), "status": info.get("status", "ok"),
@@ -106,7 +155,8 @@ class ValidatedUpdates:
             if set(content.array_records) - {"arrays"} or set(content.metric_records) - {"metrics"}:
                 raise UpdateRejected(f"client {client}: unexpected records "
                                      f"{sorted(set(content.array_records) | set(content.metric_records))}")
-            check_update(client, None if arrays is None else _numpy(arrays), metrics, self.expected)
+            check_update(client, None if arrays is None else _numpy(arrays), metrics, self.expected,
+                         max_examples=self.max_examples)
             lacking = [k for k in AGGREGATED_METRICS if not isinstance(metrics.get(k), (int, float))]
             if lacking:
                 raise UpdateRejected(f"client {client}: its metrics lack {lacking}")
@@ -142,7 +192,8 @@ def load_strategy_state(strategy, state: dict[str, dict[str, np.ndarray]]) -> No
         setattr(strategy, name, {k: np.array(v) for k, v in arrays.items()})
 
 
-def make_strategy(job: JobSpec, *, num_clients: int, recorder: RoundRecorder, expected: dict):
+def make_strategy(job: JobSpec, *, num_clients: int, recorder: RoundRecorder, expected: dict,
+                  node_wait: float = 60.0, max_examples: int | None = None):
     """The job's strategy (FedAvg, FedProx or FedAdam), weighted by examples, validating every reply.
 
     ``clients-per-round`` of the ``num_clients`` nodes train each round; the server evaluates the
@@ -157,4 +208,5 @@ def make_strategy(job: JobSpec, *, num_clients: int, recorder: RoundRecorder, ex
     if job.strategy == "fedadam":
         kwargs["eta"] = job.server_lr
     cls = type(f"Validated{base.__name__}", (ValidatedUpdates, base), {})
-    return cls(recorder=recorder, expected=expected, **kwargs)
+    return cls(recorder=recorder, expected=expected, min_clients=job.min_clients, node_wait=node_wait,
+               max_examples=max_examples, **kwargs)

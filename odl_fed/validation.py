@@ -2,7 +2,8 @@
 
 Flower's strategies end the run on inconsistent replies; a fleet must instead drop the one bad
 client and go on. So every reply is checked here first, against what the server sent: the same
-layer names, shapes and dtypes, finite values, and a positive whole number of examples.
+layer names, shapes and dtypes, finite values, and a positive whole number of examples no larger
+than the training set allows.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ def expected_layout(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[i
 
 
 def check_update(client: str, arrays: Mapping[str, np.ndarray] | None, metrics: Mapping | None,
-                 expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], *, weight_key: str = "num-examples") -> None:
-    """Raise :class:`UpdateRejected` naming ``client`` unless the update can be averaged in."""
+                 expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], *, weight_key: str = "num-examples",
+                 max_examples: int | None = None) -> None:
+    """Raise :class:`UpdateRejected` naming ``client`` unless the update can be averaged in.
+
+    ``max_examples``: the most examples a client can have trained on (the whole training set
+    times the local epochs); a larger count would let one reply outweigh the fleet.
+    """
     if arrays is None:
         raise UpdateRejected(f"client {client}: no arrays in its reply")
     missing = sorted(set(expected) - set(arrays))
@@ -48,3 +54,6 @@ def check_update(client: str, arrays: Mapping[str, np.ndarray] | None, metrics: 
     if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) \
             or count <= 0 or count != int(count):
         raise UpdateRejected(f"client {client}: {weight_key} must be a positive whole number, but got {count!r}")
+    if max_examples is not None and count > max_examples:
+        raise UpdateRejected(f"client {client}: {weight_key} is {int(count)}, more than the {max_examples} "
+                             f"a client can train on (the training set times the local epochs)")

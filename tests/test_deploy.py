@@ -98,6 +98,15 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
         log = (tmp_path / "server.log").read_text()
         assert server.returncode == 0, log[-4000:]
         assert f"round log: {out / 'rounds.jsonl'}" in log
+        # The console view, followed from the round log: one plain line per round off a terminal,
+        # Flower's own lines in the run directory; the ServerApp wrote the report and TensorBoard's files.
+        assert "\x1b[" not in log
+        assert [line.split(" |")[0] for line in log.splitlines() if line.startswith("round ")] == \
+            ["round 0/2", "round 1/2", "round 2/2"], log[-4000:]
+        assert "trained 3/3 refused 0 failed 0 lost 0" in log
+        assert "INFO" not in log and "[RUN" not in (tmp_path / "server.log").read_text()
+        assert (out / "superlink.log").stat().st_size > 0 and (out / "flwr-run.log").stat().st_size > 0
+        assert (out / "report.html").stat().st_size > 0 and list((out / "tensorboard").glob("events.out.*"))
 
         rounds = read_rounds(out / "rounds.jsonl")
         assert [r["round"] for r in rounds] == [0, 1, 2]

@@ -145,6 +145,12 @@ def test_docker_compose_up_runs_the_fleet_to_the_end(engine, tmp_path):
     rounds = read_rounds(log)
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(0 <= r["global"]["accuracy"] <= 1 for r in rounds)
+    # `docker compose logs server`: the console view as plain lines (no terminal), and the report.
+    server_lines = [line for line in output.splitlines() if line.startswith("server")]
+    assert not any("\x1b[" in line for line in server_lines)
+    assert [line.split("| round ")[1].split(" |")[0] for line in server_lines if "| round " in line] == \
+        ["0/2", "1/2", "2/2"], "\n".join(server_lines[-40:])
+    assert (log.parent / "report.html").stat().st_size > 0
 
     # Limits read back inside the containers: each profile's ram, the squeezed board's included.
     for service in ("rpi4-0", "phone-1", "squeezed-2"):

@@ -23,6 +23,7 @@ from odl_fed.checkpoint import (CHECKPOINT, SERVER_LOCK, Checkpoint, CheckpointE
 from odl_fed.cli import main
 from odl_fed.fleet import load_fleet
 from odl_fed.recorder import RoundRecorder
+from odl_fed.run_log import load_run
 from odl_fed.strategy import load_strategy_state, strategy_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,13 +141,17 @@ def test_the_round_log_is_cut_back_to_the_checkpoint_and_goes_on(tmp_path):
         recorder.end_round(r, {"accuracy": 0.1 * r})
     with log.open("a") as file:
         file.write('{"event": "round", "round": 4, "glo')  # and while writing round 4's line
-    resumed = RoundRecorder(log, resume=(recorder.run_line, recorder.rounds[:3]))
+    seen = []  # a view (the console, TensorBoard) of the resumed server
+    resumed = RoundRecorder(log, listeners=[seen.append], resume=(recorder.run_line, recorder.rounds[:3]))
     resumed.end_round(3, {"accuracy": 0.5})
     resumed.end_run(final_accuracy=0.5)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(line["event"], line.get("round", line.get("from-round"))) for line in lines] == [
-        ("run", None), ("round", 0), ("round", 1), ("round", 2), ("resume", 2), ("round", 3), ("end", None)]
+    expected = [("run", None), ("round", 0), ("round", 1), ("round", 2), ("resume", 2), ("round", 3), ("end", None)]
+    assert [(line["event"], line.get("round", line.get("from-round"))) for line in lines] == expected
     assert lines[5]["global"]["accuracy"] == 0.5
+    assert seen == lines  # the rounds done before the resume too
+    run = load_run(tmp_path)  # what the dashboard and the report read
+    assert [r["round"] for r in run.rounds] == [0, 1, 2, 3] and run.finished and not run.warnings
 
 
 def test_a_lost_round_log_is_rebuilt_from_the_checkpoint(tmp_path):

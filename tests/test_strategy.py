@@ -72,6 +72,12 @@ def test_malformed_updates_are_rejected_naming_the_client(arrays, metrics, match
         check_update("phone-3", arrays, metrics, EXPECTED)
 
 
+def test_an_absurd_example_count_is_rejected_before_it_can_outweigh_the_fleet():
+    with pytest.raises(UpdateRejected, match="client phone-3: num-examples is 1000000000000, more than the 600"):
+        check_update("phone-3", GLOBAL, {"num-examples": 10**12}, EXPECTED, max_examples=600)
+    check_update("phone-3", GLOBAL, {"num-examples": 600}, EXPECTED, max_examples=600)
+
+
 def test_a_good_update_passes():
     check_update("rpi4-0", {k: v + 1 for k, v in GLOBAL.items()}, {"num-examples": 12}, EXPECTED)
 

@@ -1,0 +1,137 @@
+"""Fault drills: a client that misbehaves on purpose, so an operator can see a fleet survive it.
+
+A deployed client takes drills (``python -m odl_fed.client ... --fault KIND[:ARG][@ROUNDS]``,
+several joined by ``+``: ``nan@2+slow:60@3``); they travel in the node config (``fault``) and the
+ClientApp applies each to the rounds it names (all rounds without ``@``):
+
+- ``nan`` / ``inf``: the reply's first trained tensor holds a NaN / an infinity;
+- ``wrong-shape``: the first trained tensor has one row too many;
+- ``wrong-name``: the first trained tensor is sent under another layer's name;
+- ``absurd-examples``: the reply claims 10^12 training examples;
+- ``slow:SECONDS``: the reply waits SECONDS first (a straggler past the round's timeout);
+- ``crash``: the ClientApp raises (an error reply);
+- ``squeeze:FRACTION``: after planning, the memory guard gets only FRACTION of the device's
+  train-memory (another app took the rest mid-round): a real breach, read with psutil.
+
+The server must reject every bad reply before aggregation and close every round on time; these
+are the drills the fault tests and the README's fault table run. Pure Python and torch: the
+ClientApp turns records into tensors and back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["FAULTS", "FaultDrill", "FaultDrills", "FaultError", "parse_fault", "node_fault", "FAULT_KEY",
+           "ABSURD_EXAMPLES"]
+
+FAULTS = ("nan", "inf", "wrong-shape", "wrong-name", "absurd-examples", "slow", "crash", "squeeze")
+NEEDS_ARGUMENT = {"slow": "seconds", "squeeze": "a fraction in (0, 1]"}
+ABSURD_EXAMPLES = 10**12
+_SYNTAX = re.compile(r"^(?P<kind>[a-z-]+)(:(?P<arg>[0-9.]+))?(@(?P<rounds>\d+(,\d+)*))?$")
+
+
+class FaultError(ValueError):
+    """A fault drill this project does not know."""
+
+
+class DrilledCrash(RuntimeError):
+    """The ``crash`` drill: the ClientApp fails on purpose."""
+
+
+@dataclass(frozen=True)
+class FaultDrill:
+    kind: str
+    argument: float | None = None
+    rounds: frozenset[int] | None = None  # None: every round
+
+    def active(self, server_round: int) -> bool:
+        return self.rounds is None or server_round in self.rounds
+
+    def __str__(self) -> str:
+        text = self.kind + ("" if self.argument is None else f":{self.argument:g}")
+        return text + ("" if self.rounds is None else "@" + ",".join(str(r) for r in sorted(self.rounds)))
+
+    def budget_scale(self, server_round: int) -> float:
+        """What the guard keeps of the train-memory this round (``squeeze``), else 1."""
+        return self.argument if self.kind == "squeeze" and self.active(server_round) else 1.0
+
+    def delay(self, server_round: int) -> float:
+        return self.argument if self.kind == "slow" and self.active(server_round) else 0.0
+
+    def damage(self, arrays: dict[str, Tensor], metrics: dict, server_round: int) -> None:
+        """Apply a reply drill to the trained layers and metrics about to be sent (in place)."""
+        if not self.active(server_round):
+            return
+        if self.kind == "crash":
+            raise DrilledCrash(f"fault drill {self}: the client fails on purpose in round {server_round}")
+        if not arrays and self.kind in ("nan", "inf", "wrong-shape", "wrong-name"):
+            return
+        first = next(iter(arrays), None)
+        if self.kind in ("nan", "inf"):
+            arrays[first] = arrays[first].clone()
+            arrays[first].view(-1)[0] = float(self.kind)
+        elif self.kind == "wrong-shape":
+            arrays[first] = arrays[first].new_zeros((arrays[first].shape[0] + 1, *arrays[first].shape[1:]))
+        elif self.kind == "wrong-name":
+            arrays[f"{first}.renamed"] = arrays.pop(first)
+        elif self.kind == "absurd-examples":
+            metrics["num-examples"] = ABSURD_EXAMPLES
+
+
+@dataclass(frozen=True)
+class FaultDrills:
+    """A client's drills, each for its own rounds."""
+
+    drills: tuple[FaultDrill, ...]
+
+    def __str__(self) -> str:
+        return "+".join(str(d) for d in self.drills)
+
+    def active(self, server_round: int) -> list[FaultDrill]:
+        return [d for d in self.drills if d.active(server_round)]
+
+    def budget_scale(self, server_round: int) -> float:
+        return min((d.budget_scale(server_round) for d in self.drills), default=1.0)
+
+    def delay(self, server_round: int) -> float:
+        return sum(d.delay(server_round) for d in self.drills)
+
+    def damage(self, arrays: dict[str, Tensor], metrics: dict, server_round: int) -> None:
+        for drill in self.drills:
+            drill.damage(arrays, metrics, server_round)
+
+
+def _parse_one(text: str, what: str) -> FaultDrill:
+    match = _SYNTAX.match(text.strip())
+    if match is None or match["kind"] not in FAULTS:
+        raise FaultError(f"{what} must be KIND[:ARG][@ROUNDS] (several joined by +) with KIND one of "
+                         f"{', '.join(FAULTS)} (e.g. nan@2, slow:30, squeeze:0.3), but got {text!r}")
+    kind, arg = match["kind"], match["arg"]
+    if (kind in NEEDS_ARGUMENT) != (arg is not None):
+        need = NEEDS_ARGUMENT.get(kind)
+        raise FaultError(f"{what} {text!r}: {kind} " + (f"needs :ARG ({need})" if need else "takes no :ARG"))
+    argument = None if arg is None else float(arg)
+    if kind == "squeeze" and not 0 < argument <= 1:
+        raise FaultError(f"{what} {text!r}: squeeze needs a fraction in (0, 1]")
+    rounds = None if match["rounds"] is None else frozenset(int(r) for r in match["rounds"].split(","))
+    return FaultDrill(kind, argument, rounds)
+
+
+def parse_fault(text: str | None, *, what: str = "--fault") -> FaultDrills | None:
+    """``"nan@2"``, ``"slow:30"``, ``"nan@2+squeeze:0.3@3"`` -> drills; ``""``/None -> None."""
+    if not text:
+        return None
+    return FaultDrills(tuple(_parse_one(part, what) for part in str(text).split("+")))
+
+
+def node_fault(node_config: Mapping) -> FaultDrills | None:
+    """The drills a node config carries (``fault``), if any."""
+    return parse_fault(node_config.get(FAULT_KEY), what=f"node config {FAULT_KEY}")
+
+
+FAULT_KEY = "fault"

@@ -1,0 +1,162 @@
+"""What a round of the round log says, in the terms a dashboard shows (pure: dicts in, numbers out).
+
+The console view, the TensorBoard log and the report all summarise a round with
+:func:`summarise_round`, so the three agree with each other and with the log: nothing is measured
+twice, only counted and grouped here.
+
+A client the server asked is, in a round: ``trained`` (status ``ok``: its update was aggregated),
+``refused`` (its plan found no setting that fits its budget), ``failed`` (it trained but broke its
+budget, errored, or its reply was rejected) or ``lost`` (no reply by the round's timeout). A round
+with too few clients connected is ``skipped``: it asks no one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from statistics import fmean
+
+__all__ = ["DeviceRound", "RoundSummary", "summarise_round", "summarise_rounds", "plan_text", "format_bytes",
+           "FAILED_STATUSES"]
+
+FAILED_STATUSES = ("memory-exceeded", "rejected", "error")
+
+
+@dataclass(frozen=True)
+class DeviceRound:
+    """One device type's clients in one round."""
+
+    device: str
+    asked: int
+    trained: int
+    plan: str  # the plan(s) its clients trained with; "" when none trained
+    peak_ratio: tuple[float, float, float] | None  # min / mean / max of peak memory over budget
+    peak_bytes: int  # the largest peak among its clients
+    budget_bytes: int  # the smallest budget among its clients
+    activation_bytes: int  # largest saved activation bytes of a step
+    train_flops: float  # summed over its clients
+    bytes_down: int
+    bytes_up: int
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One round of the log."""
+
+    round: int
+    accuracy: float
+    loss: float
+    accuracy_change: float | None  # against the previous round
+    asked: int
+    trained: int
+    refused: int
+    failed: int
+    lost: int
+    seconds: float  # since the previous round's line (round 0: the starting model's evaluation)
+    bytes_down: int
+    bytes_up: int
+    whole_model_bytes: int  # what sending the whole model down to each asked client and back would cost
+    activation_bytes: int
+    train_flops: float
+    devices: list[DeviceRound] = field(default_factory=list)
+    reasons: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (status, reason) -> clients
+    skipped: str = ""  # why the round asked no one, when it did not
+
+    @property
+    def statuses(self) -> Counter:
+        return Counter({"trained": self.trained, "refused": self.refused, "failed": self.failed, "lost": self.lost})
+
+
+def format_bytes(value: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, as the device profiles write them)."""
+    value = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _rank_text(ranks) -> str:
+    if ranks is None:
+        return "exact"
+    if isinstance(ranks, (list, tuple)):
+        return "x".join(str(r) for r in ranks)
+    return str(ranks)
+
+
+def plan_text(plan: dict | None) -> str:
+    """A plan in one short line: ``2 layers, batch 32, exact x2`` or ``... ranks 32x8x3x3, exact``."""
+    if not plan:
+        return ""
+    ranks = [_rank_text(r) for r in (plan.get("ranks") or {}).values()]
+    grouped = []
+    for text in ranks:  # consecutive equal ranks collapse: "exact x2"
+        if grouped and grouped[-1][0] == text:
+            grouped[-1][1] += 1
+        else:
+            grouped.append([text, 1])
+    rank_part = ", ".join(t if n == 1 else f"{t} x{n}" for t, n in grouped)
+    text = f"{len(plan.get('layers') or ranks)} layers, batch {plan.get('batch_size')}"
+    if rank_part:
+        text += f", ranks {rank_part}"
+    scale = plan.get("activation_scale")
+    if isinstance(scale, (int, float)) and scale != 1.0:
+        text += f", activation budget x{scale:g}"
+    return text
+
+
+def _number(value, default=0):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _device_round(device: str, clients: list[dict]) -> DeviceRound:
+    trained = [c for c in clients if c.get("status") == "ok"]
+    ratios = [c["peak-memory"] / c["memory-budget"] for c in clients
+              if _number(c.get("peak-memory")) > 0 and _number(c.get("memory-budget")) > 0]
+    plans = list(dict.fromkeys(plan_text(c.get("plan")) for c in trained if c.get("plan")))
+    budgets = [_number(c.get("memory-budget")) for c in clients if _number(c.get("memory-budget")) > 0]
+    return DeviceRound(
+        device=device, asked=len(clients), trained=len(trained), plan=" / ".join(plans),
+        peak_ratio=(min(ratios), fmean(ratios), max(ratios)) if ratios else None,
+        peak_bytes=int(max((_number(c.get("peak-memory")) for c in clients), default=0)),
+        budget_bytes=int(min(budgets, default=0)),
+        activation_bytes=int(max((_number(c.get("activation-bytes")) for c in trained), default=0)),
+        train_flops=float(sum(_number(c.get("train-flops")) for c in trained)),
+        bytes_down=int(sum(_number(c.get("bytes-down")) for c in clients)),
+        bytes_up=int(sum(_number(c.get("bytes-up")) for c in trained)))
+
+
+def summarise_round(line: dict, *, previous: dict | None = None, run: dict | None = None) -> RoundSummary:
+    """The summary of one round line (``previous``: the round line before it; ``run``: the run line)."""
+    clients = [c for c in line.get("clients", []) if isinstance(c, dict)]
+    statuses = Counter(str(c.get("status")) for c in clients)
+    by_device: dict[str, list[dict]] = defaultdict(list)
+    for client in clients:
+        by_device[str(client.get("device") or "unknown")].append(client)
+    reasons: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for client in clients:
+        if client.get("status") != "ok":
+            reasons[(str(client.get("status")), str(client.get("reason") or ""))].append(str(client.get("client")))
+    asked = int(_number(line.get("clients-asked"), len(clients)))
+    accuracy = float(line["global"].get("accuracy", float("nan")))
+    before = previous["global"].get("accuracy") if previous else None
+    model_bytes = int(_number((run or {}).get("model_bytes")))
+    devices = [_device_round(name, members) for name, members in sorted(by_device.items())]
+    return RoundSummary(
+        round=int(line["round"]), accuracy=accuracy, loss=float(line["global"].get("loss", float("nan"))),
+        accuracy_change=accuracy - before if isinstance(before, (int, float)) else None,
+        asked=asked, trained=statuses["ok"], refused=statuses["refused"],
+        failed=sum(n for status, n in statuses.items() if status not in ("ok", "refused", "lost")),
+        lost=statuses["lost"] + max(asked - len(clients), 0),
+        seconds=float(_number(line.get("elapsed")) - (_number(previous.get("elapsed")) if previous else 0.0)),
+        bytes_down=int(_number(line.get("bytes-down"))), bytes_up=int(_number(line.get("bytes-up"))),
+        whole_model_bytes=model_bytes * (asked + statuses["ok"]),
+        activation_bytes=max((d.activation_bytes for d in devices), default=0),
+        train_flops=sum(d.train_flops for d in devices), devices=devices, reasons=dict(reasons),
+        skipped=str(line.get("skipped") or ""))
+
+
+def summarise_rounds(rounds: list[dict], run: dict | None = None) -> list[RoundSummary]:
+    """Every round of a log, each against the one before it."""
+    return [summarise_round(line, previous=rounds[i - 1] if i else None, run=run) for i, line in enumerate(rounds)]

@@ -1,0 +1,146 @@
+"""Faults on a real deployed fleet (server entry + client entries on loopback, separate processes):
+a round with too few clients is skipped, clients join late, bad replies (NaN, inf, wrong names,
+wrong shapes, absurd counts) are rejected, a straggler is lost and the round closes on time, a
+crash is an error reply, a squeezed budget is a real breach, and a client SIGKILLed mid-round is
+lost while the others go on. The global model never takes a bad update.
+
+The deployed run takes about 4 minutes here: `make test-slow` (and CI) runs it; the fault drills'
+parsing and the validation are in the default suite.
+"""
+
+import json
+import subprocess
+import time
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from odl_fed.deploy import free_port, stop_tree
+from odl_fed.faults import FaultError, parse_fault
+from odl_fed.recorder import read_rounds
+from test_deploy import JOB, _alive, _start, _tree
+
+TIMEOUT = 40  # the round timeout: also how long a round waits for clients to connect
+
+
+def _clientapps(process: subprocess.Popen) -> list[psutil.Process]:
+    found = []
+    for pid in _tree(process):
+        try:
+            child = psutil.Process(pid)
+            if "flwr-clientapp" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_deployed_fleet_survives_its_faults(tmp_path):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 3}],
+                                     "job": JOB | {"rounds": 5, "clients-per-round": 3, "min-clients": 2}}))
+    port, out = free_port(), tmp_path / "out"
+    log = out / "rounds.jsonl"
+    link = ["--superlink", f"127.0.0.1:{port}", "--num-partitions", "3", "--reconnect-timeout", "5"]
+    started: list[subprocess.Popen] = []
+    pids: set[int] = set()
+    killed_at = None
+    try:
+        server = _start(["odl_fed.server", "--fleet", str(fleet), "--out-dir", str(out), "--listen",
+                         f"127.0.0.1:{port}", "--plan-cache", str(tmp_path / "plans"), "--round-timeout",
+                         str(TIMEOUT)], tmp_path / "server.log")
+        first = _start(["odl_fed.client", "--device", "rpi4", "--partition-id", "0", *link], tmp_path / "c0.log")
+        started += [server, first]
+        late = [(["--partition-id", "1", "--fault", "nan@2+wrong-name@3+absurd-examples@4+wrong-shape@5"], "c1"),
+                (["--partition-id", "2", "--fault", "slow:60@3+crash@4+squeeze:0.01@5"], "c2")]
+        deadline = time.monotonic() + 900
+        while server.poll() is None and time.monotonic() < deadline:
+            for process in started:
+                pids |= _tree(process)
+            done = read_rounds(log) if log.exists() else []
+            if len(started) == 2 and len(done) >= 2:  # round 1 was skipped: the others join late
+                for extra, name in late:
+                    started.append(_start(["odl_fed.client", "--device", "rpi4", *extra, *link],
+                                          tmp_path / f"{name}.log"))
+            if killed_at is None and len(done) == 5 and _clientapps(first):  # round 5 has begun for c0
+                killed_at = time.monotonic()
+                for pid in _tree(first):
+                    try:
+                        psutil.Process(pid).kill()  # SIGKILL, the SuperNode and its ClientApp
+                    except psutil.NoSuchProcess:
+                        pass
+            time.sleep(0.5)
+        text = (tmp_path / "server.log").read_text()
+        assert server.returncode == 0, text[-4000:]
+    finally:
+        for process in started:
+            pids |= _tree(process)
+            stop_tree(process.pid)
+        for process in started:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+    assert _alive(pids) == []
+
+    rounds = read_rounds(log)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]  # no finished round lost
+    status = [{c["client"]: c["status"] for c in r["clients"]} for r in rounds]
+    reason = [{c["client"]: c.get("reason", "") for c in r["clients"]} for r in rounds]
+
+    # 1: one client connected, the job needs two: skipped, said so, the run went on
+    assert "1 client(s) connected, the job needs at least 2" in rounds[1]["skipped"]
+    assert rounds[1]["clients-asked"] == 0 and status[1] == {}
+    assert "round 1/5 | SKIPPED" in text
+    # 2: the late joiners train; the NaN is rejected before aggregation
+    assert status[2] == {"rpi4-0": "ok", "rpi4-1": "rejected", "rpi4-2": "ok"}
+    assert "NaN or infinite" in reason[2]["rpi4-1"]
+    # 3: wrong layer names rejected; the straggler is lost, by name, and the round closed on time
+    assert status[3] == {"rpi4-0": "ok", "rpi4-1": "rejected", "rpi4-2": "lost"}
+    assert "unexpected" in reason[3]["rpi4-1"] and "timeout" in reason[3]["rpi4-2"]
+    assert rounds[3]["elapsed"] - rounds[2]["elapsed"] < TIMEOUT + 20
+    assert "rpi4-2 lost" in (out / "flwr-run.log").read_text()
+    # 4: an absurd example count rejected; a crash is an error reply
+    assert status[4]["rpi4-0"] == "ok" and status[4]["rpi4-1"] == "rejected"
+    assert "more than the" in reason[4]["rpi4-1"]
+    assert any(s == "error" for c, s in status[4].items() if c != "rpi4-0" and c != "rpi4-1")
+    # 5: c0 killed mid-round: lost (or unavailable); a wrong shape rejected; a squeezed budget breached
+    assert killed_at is not None
+    assert status[5].get("rpi4-1") == "rejected" and "shape" in reason[5]["rpi4-1"]
+    assert status[5].get("rpi4-2") == "memory-exceeded"
+    assert any(s in ("lost", "error") for c, s in status[5].items() if c not in ("rpi4-1", "rpi4-2"))
+    assert rounds[5]["aggregated"] == 0
+    assert rounds[5]["global"]["accuracy"] == rounds[4]["global"]["accuracy"]  # the global model did not move
+    assert [r["aggregated"] for r in rounds[1:]] == [0, 2, 1, 1, 0]
+    final = torch.load(out / "trained_layers.pt")
+    assert all(torch.isfinite(t).all() for t in final.values())
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "end"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("boom", "KIND one of nan, inf"), ("slow", "slow needs :ARG (seconds)"), ("nan:3", "nan takes no :ARG"),
+    ("squeeze:2", "squeeze needs a fraction in (0, 1]"), ("nan@x", "but got 'nan@x'"),
+])
+def test_a_bad_fault_drill_is_one_clear_error(text, expected):
+    with pytest.raises(FaultError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        parse_fault(text)
+
+
+def test_fault_drills_damage_only_their_rounds():
+    drills = parse_fault("nan@1+wrong-name@2+absurd-examples@3+slow:2@2+squeeze:0.5@4")
+    assert str(drills) == "nan@1+wrong-name@2+absurd-examples@3+slow:2@2+squeeze:0.5@4"
+    assert [drills.budget_scale(r) for r in (1, 4)] == [1.0, 0.5] and drills.delay(2) == 2.0
+    arrays, metrics = {"w": torch.ones(2, 2)}, {"num-examples": 5}
+    drills.damage(arrays, metrics, 1)
+    assert torch.isnan(arrays["w"][0, 0]) and torch.isfinite(arrays["w"]).sum() == 3
+    arrays = {"w": torch.ones(2, 2)}
+    drills.damage(arrays, metrics, 2)
+    assert list(arrays) == ["w.renamed"]
+    drills.damage(arrays, metrics, 3)
+    assert metrics["num-examples"] == 10**12
+    clean = {"w": torch.ones(2, 2)}
+    drills.damage(clean, metrics, 4)
+    assert torch.equal(clean["w"], torch.ones(2, 2))

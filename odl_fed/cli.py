@@ -8,6 +8,7 @@
 - ``odl-fed compose``: write the Docker Compose file of a fleet (server + one container per client);
 - ``odl-fed report``: a run's report (HTML with plots, or Markdown), or several runs compared;
 - ``odl-fed watch``: the console view of a run, followed from its round log.
+- ``odl-fed certs``: make a throwaway CA, the SuperLink's certificate and node keys for a dev fleet.
 
 A user's mistake (a wrong name, a budget too small, a missing file) ends in one ``error:`` line
 and exit status 2, not a traceback.
@@ -123,7 +124,8 @@ def simulate(args) -> Path:
     from odl_fed.simulate import simulate as run
 
     config = _simulate_config(args)
-    path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose)
+    path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose,
+               ray_address=args.ray_address)
     print(f"round log: {path}")
     report = path.parent / REPORT_NAME
     if report.exists():
@@ -158,7 +160,8 @@ def compose(args) -> str:
 
     text = render(compose_file(args.fleet, out_dir=args.out_dir, context=args.context, devices_file=args.devices,
                                memory_floor=parse_bytes(args.memory_floor, what="--memory-floor"),
-                               max_cpus=args.max_cpus, round_timeout=args.round_timeout),
+                               max_cpus=args.max_cpus, round_timeout=args.round_timeout, certs=args.certs,
+                               insecure=args.insecure),
                   command=" ".join(["odl-fed compose", *args.given]))
     sys.stdout.write(text)
     return text
@@ -200,6 +203,21 @@ def watch(args) -> None:
         pass
     finally:
         console.close()
+
+
+def certs(args) -> list[Path]:
+    from odl_fed.certs import CA_CERT, make_certs, node_names
+
+    names = node_names(args.nodes, args.node or ())
+    written = make_certs(args.dir, nodes=names, hosts=args.host or (), days=args.days, force=args.force)
+    print(f"wrote in {args.dir} (valid {args.days} days; keep ca.key and server.key off the boards):")
+    for path in written:
+        print(f"  {path.name}")
+    first = names[0] if names else "NAME"
+    print(f"next:\n  python -m odl_fed.server --fleet FLEET --certs {args.dir}   # TLS; registers every *.pub there\n"
+          f"  python -m odl_fed.client --device DEVICE --superlink HOST:9092 --root-certificates "
+          f"{args.dir / CA_CERT} --auth-key {args.dir / f'node-{first}.key'}   # each node its own key")
+    return written
 
 
 def _budget(text: str) -> str:
@@ -260,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--round-timeout", type=float,
                      help=f"seconds to wait for a round's replies (default: {DEFAULTS['round-timeout']})")
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
+    sim.add_argument("--ray-address", help="run on a Ray cluster already started, e.g. 127.0.0.1:6379 "
+                                           "(ray start --head; ray start --address on each other host)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(run=simulate)
@@ -273,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the smallest mem_limit: a device with less RAM gets this, so Python and torch start")
     comp.add_argument("--round-timeout", type=float, help="seconds the server waits for a round's replies")
     comp.add_argument("--max-cpus", type=float, help="cap on each container's cpus (default: this machine's CPUs)")
+    comp.add_argument("--certs", default="certs", help="the directory of `odl-fed certs DIR --nodes N --host server` "
+                                                       "(TLS and node keys), under this directory")
+    comp.add_argument("--insecure", action="store_true", help="a plaintext fleet: no TLS, any node may join")
     comp.set_defaults(run=compose)
 
     rep = commands.add_parser("report", help="write the report of a run (or compare runs): HTML or Markdown")
@@ -289,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     wat.add_argument("--once", action="store_true", help="show what the log holds now and exit")
     wat.add_argument("--interval", type=float, default=0.5, help="seconds between reads of the log")
     wat.set_defaults(run=watch)
+    cert = commands.add_parser("certs", help="make a throwaway CA, server certificate and node keys (dev only)")
+    cert.add_argument("dir", type=Path, help="where to write them, e.g. certs")
+    cert.add_argument("--nodes", type=int, help="node keys node-0 .. node-(N-1) (a compose fleet's partition ids)")
+    cert.add_argument("--node", action="append", help="a node key with this name (repeatable)")
+    cert.add_argument("--host", action="append", help="a name or address the server certificate is also valid "
+                                                      "for (repeatable; localhost and 127.0.0.1 always are)")
+    cert.add_argument("--days", type=int, default=30, help="how long the certificates are valid")
+    cert.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+    cert.set_defaults(run=certs)
     return parser
 
 

@@ -2,9 +2,20 @@
 
 ::
 
-    python -m odl_fed.client --device rpi4 --superlink 192.168.1.10:9092 --partition-id 0 --num-partitions 4
-    python -m odl_fed.client --device auto --superlink 127.0.0.1:9092     # the nearest profile
+    python -m odl_fed.client --device rpi4 --superlink 192.168.1.10:9092 --partition-id 0 --num-partitions 4 \
+        --root-certificates certs/ca.crt --auth-key certs/node-0.key
+    python -m odl_fed.client --device auto --superlink 127.0.0.1:9092 --insecure  # nearest profile, plaintext
     python -m odl_fed.client --device my-board --devices my-devices.yaml --superlink ...
+
+``--root-certificates CA --auth-key KEY`` (files of ``odl-fed certs``, :mod:`odl_fed.certs`): TLS,
+checking the SuperLink's certificate against the CA, and the node's key for SuperNode
+authentication (its ``.pub`` must be registered on the server: ``python -m odl_fed.server --certs``
+registers every ``.pub`` in its directory). Before the SuperNode starts, the files are checked
+and a TLS handshake with the SuperLink is tried, so an expired certificate or one from another CA
+is one error saying which. A node the SuperLink refuses (its key is not registered) is tried
+again until ``--connect-timeout`` (the server registers keys just after its SuperLink starts),
+then ends in one error. ``--insecure`` (plaintext, no authentication) only when asked for, with a
+warning; one of the two is required.
 
 The node config carries the whole device profile and the client's share of the data
 (:mod:`odl_fed.node_config`); Flower starts a fresh ClientApp process per message, which reads them.
@@ -14,22 +25,27 @@ the MemoryGuard stop training before the kernel would kill it. ``--hard-limit`` 
 SuperNode and each ClientApp (RLIMIT_AS: ``runtime-memory + train-memory`` plus the floor torch
 needs to import at all).
 
-Exit status: 0 after Ctrl-C / SIGTERM, 1 when the SuperLink does not answer or is lost, 2 for bad
-input (one ``error:`` line). Whatever it started is stopped by PID on the way out.
+Exit status: 0 after Ctrl-C / SIGTERM, 1 when the SuperLink does not answer, refuses the node or
+is lost, 2 for bad input (one ``error:`` line), a certificate that does not verify included.
+Whatever it started is stopped by PID on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+from odl_fed.certs import CertError, check_ca, check_node_key
 from odl_fed.deploy import TORCH_ADDRESS_FLOOR, AddressError, Processes, flower_command, flower_env, free_port, \
-    parse_address, port_answers
+    parse_address, port_answers, speaks_tls, tls_problem
 from odl_fed.device_detect import closest_profile, read_machine
 from odl_fed.faults import FAULT_KEY, FAULTS, FaultError, parse_fault
 from odl_fed.node_config import NodeConfigError, build_node_config, format_node_config
@@ -74,14 +90,53 @@ def _wait_for_link(host: str, port: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
+# Flower's Fleet API errors when a SuperNode is refused: 2001 (no key while authentication is on),
+# 2004 (activation failed: the key is not registered).
+_REFUSED = re.compile(r"\[code: 200[14]\]")
+INSECURE_WARNING = ("WARNING: --insecure: plaintext, and the SuperLink cannot tell this node from another; use "
+                    "--root-certificates CA --auth-key KEY (odl-fed certs) outside a trusted dev network")
+
+
+class _Output(threading.Thread):
+    """Passes the SuperNode's output on to stderr, and notes whether Flower said it was refused."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.refused = stream, False
+
+    def run(self) -> None:
+        for line in self.stream:
+            self.refused = self.refused or bool(_REFUSED.search(line))
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def _security(args) -> list[str]:
+    if args.insecure:
+        return ["--insecure"]
+    return ["--root-certificates", str(args.root_certificates.absolute()),
+            "--auth-supernode-private-key", str(args.auth_key.absolute())]
+
+
 def _supernode_command(args, node_config: str, io_port: int) -> list[str]:
-    return [flower_command("flower-supernode"), "--insecure", "--superlink", args.superlink,
+    return [flower_command("flower-supernode"), *_security(args), "--superlink", args.superlink,
             "--node-config", node_config, "--port", str(io_port), "--isolation", "subprocess",
             "--max-wait-time", str(args.reconnect_timeout)]
 
 
+def _check_tls(args, host: str, port: int) -> None:
+    """A TLS handshake with the SuperLink: a wrong CA or an expired certificate is one error here,
+    not a SuperNode that Flower ends with its own words."""
+    problem = tls_problem(host, port, ca=args.root_certificates)
+    if problem is not None:
+        raise CertError(f"the SuperLink at {host}:{port}: {problem}")
+
+
 def run(args) -> int:
     host, port = parse_address(args.superlink)
+    if not args.insecure:  # the files first: a wrong one is an error before anything else
+        check_ca(args.root_certificates)
+        check_node_key(args.auth_key)
     profile, origin = resolve_profile(args.device, devices_file=args.devices)
     _say(origin)
     machine = read_machine()
@@ -100,34 +155,68 @@ def run(args) -> int:
     if args.data_root is not None:
         extra["ODL_FED_DATA"] = str(args.data_root.absolute())
     limit = hard_limit(profile) if args.hard_limit else None
+    deadline = time.monotonic() + args.connect_timeout
     _wait_for_link(host, port, args.connect_timeout)
+    if not args.insecure:
+        _check_tls(args, host, port)
+    elif speaks_tls(host, port):
+        raise CertError(f"the SuperLink at {host}:{port} speaks TLS: give --root-certificates CA and --auth-key KEY "
+                        f"instead of --insecure")
 
     def cap() -> None:  # runs in the SuperNode before exec; its ClientApp processes inherit it
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     # A Flower home of its own (the app Flower installs per run goes there), removed at exit.
     with tempfile.TemporaryDirectory(prefix="odl-fed-client-") as home, Processes() as processes:
-        try:
+        def start() -> subprocess.Popen:
             supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
-                                        env=flower_env(extra | {"FLWR_HOME": home}),
-                                        preexec_fn=cap if limit else None)
-            _say(f"SuperNode {supernode.pid} connected to {host}:{port} as partition {args.partition_id} of "
-                 f"{args.num_partitions}" + (f", address space capped at {limit / 2**30:.2f} GiB" if limit else ""))
-            last_seen = time.monotonic()
-            while supernode.poll() is None:
-                time.sleep(1.0)
-                if port_answers(host, port):
-                    last_seen = time.monotonic()
-                elif time.monotonic() - last_seen > args.reconnect_timeout:
-                    raise LinkError(f"lost the SuperLink at {host}:{port} (no answer for "
-                                    f"{args.reconnect_timeout:g} s); stopping the SuperNode")
-            if not port_answers(host, port):
-                raise LinkError(f"lost the SuperLink at {host}:{port}: the SuperNode exited "
-                                f"({supernode.returncode}) after it stopped answering")
-            raise LinkError(f"the SuperNode exited with status {supernode.returncode}")
+                                        env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            _say(f"SuperNode {supernode.pid} connecting to {host}:{port} as partition {args.partition_id} of "
+                 f"{args.num_partitions}" + (", TLS" if not args.insecure else ", plaintext") +
+                 (f", address space capped at {limit / 2**30:.2f} GiB" if limit else ""))
+            return supernode
+
+        try:
+            _run_node(start, args, host, port, deadline)
         except KeyboardInterrupt:
             _say("stopping (interrupted)")
             return 0
+
+
+def _run_node(start, args, host: str, port: int, deadline: float) -> None:
+    """Run SuperNodes (``start()``) until one ends: raise why. One the SuperLink refused (its key not
+    registered, or not yet: the server registers keys just after its SuperLink starts) is started
+    again until ``deadline``."""
+    while True:
+        supernode = start()
+        output = _Output(supernode.stdout)
+        output.start()
+        _watch(supernode, host, port, args.reconnect_timeout)
+        output.join(timeout=5)  # its last lines (a SuperExec it left may hold the pipe a while)
+        if not output.refused:
+            raise LinkError(f"the SuperNode exited with status {supernode.returncode}")
+        if time.monotonic() >= deadline:
+            raise LinkError(f"the SuperLink at {host}:{port} refused this node: its key {args.auth_key} is not "
+                            f"registered there (the server registers the .pub files in its --certs directory; "
+                            f"tried for {args.connect_timeout:g} s)")
+        _say("the SuperLink refused this node (its key is not registered, or not yet); trying again")
+        time.sleep(2.0)
+
+
+def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float) -> None:
+    """Return when the SuperNode exits while the SuperLink answers; raise when the link is lost."""
+    last_seen = time.monotonic()
+    while supernode.poll() is None:
+        time.sleep(1.0)
+        if port_answers(host, port):
+            last_seen = time.monotonic()
+        elif time.monotonic() - last_seen > reconnect_timeout:
+            raise LinkError(f"lost the SuperLink at {host}:{port} (no answer for {reconnect_timeout:g} s); "
+                            f"stopping the SuperNode")
+    if not port_answers(host, port):
+        raise LinkError(f"lost the SuperLink at {host}:{port}: the SuperNode exited ({supernode.returncode}) "
+                        f"after it stopped answering")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,14 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault", metavar="KIND[:ARG][@ROUNDS]",
                         help=f"a fault drill: this client misbehaves on purpose ({', '.join(FAULTS)}; "
                              f"see odl_fed/faults.py), e.g. nan@2 or slow:60")
+    parser.add_argument("--root-certificates", type=Path, metavar="CA",
+                        help="TLS: the CA certificate that signed the SuperLink's (ca.crt of odl-fed certs)")
+    parser.add_argument("--auth-key", type=Path, metavar="KEY",
+                        help="this node's private key for SuperNode authentication (node-NAME.key of odl-fed certs)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext, no node authentication (a trusted dev network only)")
     return parser
 
 
+def _check_security_flags(parser: argparse.ArgumentParser, args) -> None:
+    tls = args.root_certificates is not None or args.auth_key is not None
+    if args.insecure and tls:
+        parser.error("--insecure cannot go with --root-certificates / --auth-key")
+    if not args.insecure and (args.root_certificates is None or args.auth_key is None):
+        parser.error("give --root-certificates CA and --auth-key KEY (TLS and node authentication; "
+                     "odl-fed certs makes them), or --insecure")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_security_flags(parser, args)
+    if args.insecure:
+        _say(INSECURE_WARNING)
     try:
         return run(args)
-    except (AddressError, ProfileError, NodeConfigError, FaultError, FileNotFoundError) as error:
+    except (AddressError, ProfileError, NodeConfigError, FaultError, FileNotFoundError, CertError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except LinkError as error:

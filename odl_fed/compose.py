@@ -17,6 +17,11 @@
   (``--max-cpus``; Docker refuses more).
 - The run directory (``./runs``) and the fleet file's directory are volumes: the round log lands
   on the host, and the job's weights (under ``runs/``) reach every container.
+- TLS and SuperNode authentication with the files of ``odl-fed certs certs --nodes N --host server``
+  (``--certs``, default ``certs``): each file is its own read-only volume, so the server sees
+  ``ca.crt``, ``server.crt``, ``server.key`` and every node's ``.pub`` (it registers them), and
+  client ``i`` sees ``ca.crt`` and ``node-i.key`` only; no container sees ``ca.key``.
+  ``--insecure`` writes a plaintext fleet instead (both entries then warn).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from odl_fed.deploy import READY, SERVER_HOME
 from odl_fed.fleet import FleetSpec, load_fleet
 
-__all__ = ["ComposeError", "compose_file", "render", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT", "IMAGE"]
+__all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT",
+           "IMAGE"]
 
 IMAGE = "odl-fed:latest"
 SERVER_PORT = 9092
@@ -61,7 +68,8 @@ def _memory(value: int) -> str:
 
 def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: str = ".",
                  devices_file: Path | None = None, memory_floor: int = MEMORY_FLOOR,
-                 max_cpus: float | None = None, round_timeout: float | None = None) -> dict:
+                 max_cpus: float | None = None, round_timeout: float | None = None, certs: str = "certs",
+                 insecure: bool = False) -> dict:
     """The compose file of ``fleet_path`` as a mapping (see the module doc for what it holds)."""
     fleet: FleetSpec = load_fleet(fleet_path, device_files=() if devices_file is None else (devices_file,))
     if memory_floor < DOCKER_MIN_MEMORY:
@@ -89,8 +97,14 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
     volumes = [f"./{source}:{APP_DIR / target}" + ("" if source == "runs" else ":ro")
                for source, target in mounts.items()]
 
+    certs_rel = None if insecure else _relative(Path(certs), "--certs")
+
+    def mount(*names: str) -> list[str]:  # one read-only volume per certificate or key file
+        return [] if certs_rel is None else [f"./{certs_rel / n}:{APP_DIR / certs_rel / n}:ro" for n in names]
+
     server_command = ["python", "-m", "odl_fed.server", "--fleet", str(fleet_rel), "--out-dir", str(out),
                       "--listen", f"0.0.0.0:{SERVER_PORT}"]
+    server_command += ["--insecure"] if certs_rel is None else ["--certs", str(certs_rel)]
     if devices_rel is not None:
         server_command += ["--devices", str(devices_rel)]
     if round_timeout is not None:
@@ -100,10 +114,13 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                   "args": {"BASE": "${ODL_FED_BASE:-python:3.11-slim}"}},
         "image": IMAGE,
         "command": server_command,
-        "volumes": volumes,
+        "volumes": volumes + mount("ca.crt", "server.crt", "server.key",
+                                   *(f"node-{i}.pub" for i in range(fleet.num_clients))),
         "networks": ["fleet"],
-        "healthcheck": {"test": ["CMD", "python", "-c", f"import socket; socket.create_connection(('127.0.0.1', "
-                                                        f"{SERVER_PORT}), 2)"],
+        # ready: the SuperLink answers and every node key is registered (a node that came earlier is refused)
+        "healthcheck": {"test": ["CMD", "python", "-c", f"import os, socket, sys; socket.create_connection(("
+                                                        f"'127.0.0.1', {SERVER_PORT}), 2); "
+                                                        f"sys.exit(not os.path.exists('{out / SERVER_HOME / READY}'))"],
                         "interval": "3s", "timeout": "5s", "retries": 100, "start_period": "5s"},
         "labels": {"odl-fed.role": "server"},
     }}
@@ -121,6 +138,8 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                        "--num-partitions", str(fleet.num_clients)]
             if devices_rel is not None:
                 command += ["--devices", str(devices_rel)]
+            command += ["--insecure"] if certs_rel is None else ["--root-certificates", str(certs_rel / "ca.crt"),
+                                                                 "--auth-key", str(certs_rel / f"node-{partition_id}.key")]
             services[f"{profile.name}-{partition_id}"] = {
                 "image": IMAGE,
                 "pull_policy": "never",
@@ -129,7 +148,7 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                 "mem_limit": _memory(memory),
                 "cpus": cpus,
                 "environment": {"OMP_NUM_THREADS": str(max(1, int(cpus)))},  # torch's threads: its cpus
-                "volumes": volumes,
+                "volumes": volumes + mount("ca.crt", f"node-{partition_id}.key"),
                 "networks": ["fleet"],
                 "healthcheck": {"test": ["CMD", "python", "-c", "import psutil, sys; sys.exit(not any("
                                          "'flower-supernode' in ' '.join(p.cmdline()) for p in psutil.process_iter()))"],
@@ -143,9 +162,21 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
     return {"services": services, "networks": {"fleet": {"driver": "bridge"}}}
 
 
+def certs_command(compose: dict) -> str | None:
+    """The ``odl-fed certs`` command that makes the files a compose file mounts (None: plaintext)."""
+    server = compose.get("services", {}).get("server", {}).get("command", [])
+    if "--certs" not in server:
+        return None
+    return (f"odl-fed certs {server[server.index('--certs') + 1]} --nodes {len(compose['services']) - 1} "
+            f"--host server")
+
+
 def render(compose: dict, *, command: str) -> str:
     """The compose file's text, with a header saying how it was made."""
+    make = certs_command(compose)
     header = (f"# Generated by `{command}`: regenerate it rather than edit it.\n"
+              + ("# Plaintext, any node may join (--insecure): a trusted dev network only.\n" if make is None else
+                 f"# TLS and node keys: run `{make}` first (throwaway dev certificates).\n") +
               "# `docker compose up` runs the fleet to the end (server + one container per client, each limited\n"
               "# to its device's RAM and cores); the round log lands in ./runs. See README: 'A containerised fleet'.\n")
     return header + yaml.dump(compose, Dumper=_Dumper, sort_keys=False, width=120, default_flow_style=None)

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +24,8 @@ from pathlib import Path
 import psutil
 
 __all__ = ["OFFLINE_ENV", "AddressError", "parse_address", "flower_command", "flower_env", "port_answers",
-           "wait_for_port", "free_port", "stop_tree", "Processes", "TORCH_ADDRESS_FLOOR"]
+           "wait_for_port", "tls_problem", "speaks_tls", "free_port", "stop_tree", "Processes", "TORCH_ADDRESS_FLOOR", "SERVER_HOME",
+           "READY"]
 
 # Flower's settings for a machine without network (see Flower's docs on offline runs).
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -33,6 +35,11 @@ OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 # Address space a process needs to import torch at all (measured: ~3.1 GiB of mappings before any
 # tensor exists); a hard RLIMIT_AS cap is the memory budget plus this, never the budget alone.
 TORCH_ADDRESS_FLOOR = int(3.5 * 2**30)
+
+# The server's Flower home, under its run directory, and the file in it that says the SuperLink
+# answers and every node key is registered (what a compose healthcheck waits for).
+SERVER_HOME = "flwr-home"
+READY = "ready"
 
 _HOST = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
 
@@ -88,6 +95,40 @@ def wait_for_port(host: str, port: int, *, timeout: float, process: subprocess.P
             return False
         time.sleep(0.2)
     return False
+
+
+# OpenSSL's verify codes, and what they usually mean for a fleet's files.
+_VERIFY_HINTS = {20: " (it was signed by another CA: give the ca.crt of the same `odl-fed certs` run)",
+                 10: " (make new ones: odl-fed certs DIR --force)",
+                 62: " (the server certificate does not name this host: odl-fed certs DIR --host HOST)"}
+
+
+def tls_problem(host: str, port: int, *, ca: Path, timeout: float = 5.0) -> str | None:
+    """Why a TLS connection to ``host:port`` checked against the CA certificate ``ca`` fails (the
+    words of OpenSSL's verdict: "certificate has expired", ...), or None when it succeeds."""
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, \
+                context.wrap_socket(sock, server_hostname=host):
+            return None
+    except ssl.SSLCertVerificationError as error:
+        hint = _VERIFY_HINTS.get(error.verify_code, "")
+        return f"its certificate does not verify against {ca}: {error.verify_message}{hint}"
+    except ssl.SSLError as error:
+        return f"no TLS there ({error.reason or error}; was it started with --insecure?)"
+    except OSError as error:
+        return f"no TLS connection ({error})"
+
+
+def speaks_tls(host: str, port: int, *, timeout: float = 5.0) -> bool:
+    """True when ``host:port`` completes a TLS handshake (whatever its certificate)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock, context.wrap_socket(sock):
+            return True
+    except OSError:  # ssl.SSLError included
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -2,8 +2,16 @@
 
 ::
 
-    python -m odl_fed.server --fleet configs/fleets/demo.yaml --out-dir runs/deployed [--listen 0.0.0.0:9092]
-    python -m odl_fed.server --resume runs/deployed     # after a crash: go on from the last finished round
+    python -m odl_fed.server --fleet configs/fleets/demo.yaml --certs certs [--listen 0.0.0.0:9092]
+    python -m odl_fed.server --fleet configs/fleets/demo.yaml --insecure     # plaintext, any node: dev only
+    python -m odl_fed.server --resume runs/deployed --certs certs   # after a crash: on from the last finished round
+
+``--certs DIR`` (``odl-fed certs DIR --nodes N``, :mod:`odl_fed.certs`) runs the SuperLink with TLS
+(``server.crt``/``server.key``, signed by ``ca.crt``) and SuperNode authentication, and registers
+every node public key (``*.pub``) in ``DIR``: only those nodes may join. The files are checked
+before anything starts, so an expired, mismatched or foreign certificate is one error naming it.
+``--insecure`` is plaintext and lets any SuperNode join; it is only used when asked for, with a
+warning. One of the two is required.
 
 It starts the SuperLink (its state in ``OUT-DIR/superlink.db``), waits for it to answer, submits
 the run with ``flwr run`` through a Flower home of the run directory's own (``OUT-DIR/flwr-home``),
@@ -28,10 +36,13 @@ import sys
 import time
 from pathlib import Path
 
-from odl_fed.checkpoint import SERVER_LOCK, CheckpointError, RunDirInUse, RunLock, check_run_dir, resume_config
+from odl_fed.certs import CertError, ServerCerts, server_certs
+from odl_fed.checkpoint import (SERVER_LOCK, Checkpoint, CheckpointError, RunDirInUse, RunLock, check_run_dir,
+                                resume_config)
 from odl_fed.console import ConsoleDashboard
 from odl_fed.data import DatasetUnavailableError
-from odl_fed.deploy import AddressError, Processes, flower_command, flower_env, parse_address, wait_for_port
+from odl_fed.deploy import READY, SERVER_HOME, AddressError, Processes, flower_command, flower_env, parse_address, \
+    wait_for_port
 from odl_fed.fleet import FleetError, load_fleet
 from odl_fed.job import held_out_data, train_size
 from odl_fed.preflight import check_fleet
@@ -59,12 +70,39 @@ def _app_dir() -> Path:
     raise FileNotFoundError("no pyproject.toml with the Flower app next to odl_fed or in the current directory")
 
 
-def _flower_home(out_dir: Path, port: int) -> Path:
-    home = out_dir / "flwr-home"
+def _flower_home(out_dir: Path, port: int, certs: ServerCerts | None) -> Path:
+    home = out_dir / SERVER_HOME
     home.mkdir(parents=True, exist_ok=True)
+    security = "insecure = true" if certs is None else f"root-certificates = {json.dumps(str(certs.ca.absolute()))}"
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+                                      f'address = "127.0.0.1:{port}"\n{security}\n')
     return home
+
+
+def _superlink_security(certs: ServerCerts | None) -> list[str]:
+    if certs is None:
+        return ["--insecure"]
+    return ["--ssl-ca-certfile", str(certs.ca.absolute()), "--ssl-certfile", str(certs.cert.absolute()),
+            "--ssl-keyfile", str(certs.key.absolute()), "--enable-supernode-auth"]
+
+
+def _register_nodes(certs: ServerCerts, env: dict) -> None:
+    """``flwr supernode register`` for each node public key; a key the SuperLink's database already
+    holds (a restart with the same ``--out-dir``) counts as registered."""
+    for key in certs.node_keys:
+        try:
+            done = subprocess.run([flower_command("flwr"), "supernode", "register", str(key.absolute()), FEDERATION,
+                                   "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            raise ServerError(f"registering the node key {key} took over 120 s; is the SuperLink stuck?") from None
+        try:
+            reply = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            reply = {"success": False, "error-message": (done.stdout + done.stderr).strip()}
+        message = str(reply.get("error-message", ""))
+        if not reply.get("success") and "already in use" not in message:
+            raise ServerError(f"could not register the node key {key} with the SuperLink: "
+                              f"{' '.join(message.split()) or f'flwr exited with {done.returncode}'}")
 
 
 def _toml(value) -> str:
@@ -73,35 +111,46 @@ def _toml(value) -> str:
 
 def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_file: Path | None = None,
           plan_cache: str = DEFAULTS["plan-cache"], round_timeout: float = float(DEFAULTS["round-timeout"]),
-          start_timeout: float = 60.0, verbose: bool = False, console: ConsoleDashboard | None = None,
-          resume: bool = False) -> Path:
-    """Run the fleet's job on a SuperLink at ``listen``; returns the round log when the job ended.
+          start_timeout: float = 60.0, certs: Path | None = None, insecure: bool = False, verbose: bool = False,
+          console: ConsoleDashboard | None = None, resume: bool = False) -> Path:
+    """Run the fleet's job on a SuperLink at ``listen``, with TLS and node authentication from the
+    directory ``certs``, or plaintext when ``insecure``; returns the round log when the job ended.
 
     ``console`` gets each line of the round log as it lands (default: a view on standard output).
     With ``resume``, go on with the run in ``out_dir`` from its checkpoint (the fleet must be its own).
     """
+    if (certs is None) == (not insecure):
+        raise ValueError("give exactly one of certs (TLS and node authentication) or insecure=True")
     host, port = parse_address(listen, what="--listen")
+    # The flwr CLI reaches the SuperLink at 127.0.0.1: the certificate must name it.
+    checked = None if certs is None else server_certs(certs, host="127.0.0.1")
     spec = load_fleet(fleet, device_files=() if devices_file is None else (devices_file,))
+    if checked is not None and len(checked.node_keys) < spec.num_clients:
+        raise CertError(f"--certs {certs} holds {len(checked.node_keys)} node public key(s) but the fleet {fleet} has "
+                        f"{spec.num_clients} clients, each needing its own (odl-fed certs DIR --nodes "
+                        f"{spec.num_clients})")
     held_out_data(spec.job)
     check_fleet(spec, train_examples=train_size(spec.job))  # files, layers, image size, data shares
     out_dir = out_dir.absolute()
+    run_config = {"fleet": str(fleet), "devices-file": str(devices_file or ""), "out-dir": str(out_dir),
+                  "plan-cache": plan_cache, "round-timeout": round_timeout, "resume": resume}
     with RunLock(out_dir, SERVER_LOCK):
         resumed = check_run_dir(out_dir, spec, resume=resume)  # a refused run changes nothing in out_dir
-        log = out_dir / "rounds.jsonl"
-        if resumed is None:
-            log.unlink(missing_ok=True)
-        else:  # as the ServerApp will: the console then shows the rounds done, once
-            cut_back(log, resumed.run, resumed.records)
-        run_config = {"fleet": str(fleet), "devices-file": str(devices_file or ""), "out-dir": str(out_dir),
-                      "plan-cache": plan_cache, "round-timeout": round_timeout, "resume": resume}
-        return _serve(spec, log, run_config, host=host, port=port, listen=listen, start_timeout=start_timeout,
-                      verbose=verbose, console=console)
+        return _serve(spec, out_dir, run_config, resumed, checked=checked, certs=certs, host=host, port=port,
+                      listen=listen, start_timeout=start_timeout, verbose=verbose, console=console)
 
 
-def _serve(spec, log: Path, run_config: dict, *, host: str, port: int, listen: str, start_timeout: float,
-           verbose: bool, console: ConsoleDashboard | None) -> Path:
-    out_dir = log.parent
-    home = _flower_home(out_dir, port)
+def _serve(spec, out_dir: Path, run_config: dict, resumed: Checkpoint | None, *, checked: ServerCerts | None,
+           certs: Path | None, host: str, port: int, listen: str, start_timeout: float, verbose: bool,
+           console: ConsoleDashboard | None) -> Path:
+    log = out_dir / "rounds.jsonl"
+    if resumed is None:
+        log.unlink(missing_ok=True)
+    else:  # as the ServerApp will: the console then shows the rounds done, once
+        cut_back(log, resumed.run, resumed.records)
+    home = _flower_home(out_dir, port, checked)
+    ready = home / READY
+    ready.unlink(missing_ok=True)
     env = flower_env({"FLWR_HOME": str(home)})
     console = console if console is not None else ConsoleDashboard()
     follower = LogFollower(log)
@@ -112,7 +161,7 @@ def _serve(spec, log: Path, run_config: dict, *, host: str, port: int, listen: s
             return {"stdout": files.enter_context((out_dir / name).open("ab")), "stderr": subprocess.STDOUT}
 
         files.callback(console.close)
-        superlink = processes.start([flower_command("flower-superlink"), "--insecure", "--database",
+        superlink = processes.start([flower_command("flower-superlink"), *_superlink_security(checked), "--database",
                                      str(out_dir / "superlink.db"), "--host", host, "--port", str(port),
                                      "--disable-runtime-dependency-installation"], env=env,
                                     **output("superlink.log"))
@@ -120,8 +169,12 @@ def _serve(spec, log: Path, run_config: dict, *, host: str, port: int, listen: s
                              process=superlink):
             raise ServerError(f"the SuperLink did not start on {listen} within {start_timeout:g} s "
                               f"(status {superlink.poll()}); is the port taken?")
-        print(f"odl-fed server: SuperLink {superlink.pid} on {listen}; waiting for the fleet's "
-              f"{spec.num_clients} clients; round log {log}", file=sys.stderr, flush=True)
+        if checked is not None:
+            _register_nodes(checked, env)
+            _say(f"TLS on, {len(checked.node_keys)} node key(s) registered from {certs}: only those nodes may join")
+        ready.write_text(f"{superlink.pid}\n")  # a compose healthcheck waits for this, not only the port
+        _say(f"SuperLink {superlink.pid} on {listen}; waiting for the fleet's {spec.num_clients} clients; "
+             f"round log {log}")
         submit = processes.start([flower_command("flwr"), "run", str(_app_dir()), FEDERATION, "--stream",
                                   "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())],
                                  env=env, **output("flwr-run.log"))
@@ -142,6 +195,14 @@ def _serve(spec, log: Path, run_config: dict, *, host: str, port: int, listen: s
     return log
 
 
+def _say(text: str) -> None:
+    print(f"odl-fed server: {text}", file=sys.stderr, flush=True)
+
+
+INSECURE_WARNING = ("WARNING: --insecure: the SuperLink speaks plaintext and lets any SuperNode join; use it on a "
+                    "trusted dev network only (TLS and node keys: odl-fed certs DIR, then --certs DIR)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--fleet", type=Path, help="a fleet file, e.g. configs/fleets/demo.yaml (with --resume: "
@@ -153,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="go on with the run in RUN_DIR from its last finished round (its checkpoint.pt)")
     parser.add_argument("--listen", default=DEFAULT_LISTEN, help="the SuperLink's address, HOST:PORT")
     parser.add_argument("--devices", type=Path, help="extra device profiles (YAML) the fleet names")
+    security = parser.add_mutually_exclusive_group(required=True)
+    security.add_argument("--certs", type=Path, help="TLS and SuperNode authentication with the files of "
+                                                     "`odl-fed certs DIR`: ca.crt, server.crt/.key, node *.pub")
+    security.add_argument("--insecure", action="store_true",
+                          help="plaintext, and any SuperNode may join (a trusted dev network only)")
     parser.add_argument("--plan-cache", help=f"where clients keep their plans (default: {DEFAULTS['plan-cache']})")
     parser.add_argument("--round-timeout", type=float,
                         help=f"seconds to wait for a round's replies (default: {DEFAULTS['round-timeout']})")
@@ -184,9 +250,12 @@ def _arguments(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.insecure:
+        _say(INSECURE_WARNING)
     try:
-        log = serve(listen=args.listen, verbose=args.verbose, **_arguments(args))
-    except (AddressError, FleetError, DatasetUnavailableError, FileNotFoundError, CheckpointError,
+        log = serve(listen=args.listen, certs=args.certs, insecure=args.insecure, verbose=args.verbose,
+                    **_arguments(args))
+    except (AddressError, FleetError, DatasetUnavailableError, FileNotFoundError, CertError, CheckpointError,
             RunDirInUse) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

@@ -61,14 +61,18 @@ def build_apps(run_config: Mapping, *, listeners: Sequence[Callable[[dict], None
 
 
 def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: float = 1.0,
-             progress: bool | TextIO = True, verbose: bool = False, train: TrainHandler = handle_train) -> Path:
+             progress: bool | TextIO = True, verbose: bool = False, train: TrainHandler = handle_train,
+             ray_address: str | None = None) -> Path:
     """Run the fleet of ``run_config`` in simulation; returns the round log's path.
 
     ``progress`` shows the console view (:mod:`odl_fed.console`) on standard output, or on the
     stream given; Flower's and Ray's own lines go to ``OUT-DIR/flower.log`` unless ``verbose``.
     ``train`` handles each train message (default: :func:`~odl_fed.client_app.handle_train`); a
-    wrapper around it can log, or inject the faults a test needs. With ``resume`` in the run config
-    it goes on from ``out-dir``'s checkpoint. It holds ``out-dir/server.lock`` while it runs.
+    wrapper around it can log, or inject the faults a test needs. ``ray_address`` runs the clients
+    on a Ray cluster already started (``ray start --head`` on one host, ``ray start --address`` on
+    the others): its actors spread over every node's CPUs, and ``cpus`` is then the cluster's.
+    With ``resume`` in the run config it goes on from ``out-dir``'s checkpoint. It holds
+    ``out-dir/server.lock`` while it runs.
     """
     os.environ.update(OFFLINE_ENV)
     from flwr.simulation import run_simulation
@@ -77,7 +81,9 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     fleet = settings.fleet()  # a bad fleet file or a missing file or dataset fails here, before Ray starts
     cpus = cpus or os.cpu_count() or 1
     held_out_data(fleet.job)
-    check_fleet(fleet, train_examples=train_size(fleet.job), simulated_cpus=max(1, int(cpus / cpus_per_client)))
+    # on a cluster, this machine's free memory says nothing of the other hosts'
+    check_fleet(fleet, train_examples=train_size(fleet.job),
+                simulated_cpus=None if ray_address else max(1, int(cpus / cpus_per_client)))
     with RunLock(settings.out_dir, SERVER_LOCK):
         check_run_dir(settings.out_dir, fleet, resume=settings.resume)  # before Ray starts; changes nothing
         config = settings.as_config()
@@ -88,9 +94,9 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
         if not verbose:
             logging.getLogger("flwr").addFilter(_KnownNotices())
         server, client = build_apps(config, listeners=[console] if console else [], train=train)
-        backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                   "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.WARNING,
-                                 "log_to_driver": verbose}}
+        init_args = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose}
+        init_args |= {"address": ray_address} if ray_address else {"num_cpus": cpus}
+        backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
         settings.out_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             if not verbose:

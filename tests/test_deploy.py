@@ -70,7 +70,7 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
     started: list[subprocess.Popen] = []
     pids: set[int] = set()
     try:
-        server = _start(["odl_fed.server", "--fleet", str(fleet), "--out-dir", str(out), "--listen",
+        server = _start(["odl_fed.server", "--insecure", "--fleet", str(fleet), "--out-dir", str(out), "--listen",
                          f"127.0.0.1:{port}", "--plan-cache", str(tmp_path / "plans")], tmp_path / "server.log")
         started.append(server)
         clients = [
@@ -79,9 +79,10 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
             (["--device", "phone"], 2),
         ]
         for extra, partition in clients:
-            started.append(_start(["odl_fed.client", *extra, "--superlink", f"127.0.0.1:{port}", "--partition-id",
-                                   str(partition), "--num-partitions", "3", "--reconnect-timeout", "5"],
-                                  tmp_path / f"client-{partition}.log"))
+            # --connect-timeout: under load the server's SuperLink took 37 s to answer here (default 30 s)
+            started.append(_start(["odl_fed.client", "--insecure", *extra, "--superlink", f"127.0.0.1:{port}",
+                                   "--partition-id", str(partition), "--num-partitions", "3", "--reconnect-timeout", "5",
+                                   "--connect-timeout", "300"], tmp_path / f"client-{partition}.log"))
         capped = None
         deadline = time.monotonic() + 900
         while server.poll() is None and time.monotonic() < deadline:
@@ -155,7 +156,7 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
      "partition-id must be in [0, num-partitions=4), but got 4"),
 ])
 def test_client_bad_input_is_one_clear_error(args, expected):
-    done = _run_quick(["odl_fed.client", *args])
+    done = _run_quick(["odl_fed.client", "--insecure", *args])
     assert done.returncode == 2
     assert expected in _one_error_line(done)
 
@@ -163,7 +164,8 @@ def test_client_bad_input_is_one_clear_error(args, expected):
 def test_client_bad_profile_file_names_the_field(tmp_path):
     bad = tmp_path / "devices.yaml"
     bad.write_text("board:\n  ram: 4GiB\n  train-memroy: 1GiB\n")
-    done = _run_quick(["odl_fed.client", "--device", "board", "--devices", str(bad), "--superlink", "127.0.0.1:9"])
+    done = _run_quick(["odl_fed.client", "--insecure", "--device", "board", "--devices", str(bad), "--superlink",
+                       "127.0.0.1:9"])
     assert done.returncode == 2
     assert "train-memroy" in _one_error_line(done) and str(bad) in done.stderr
 
@@ -171,7 +173,7 @@ def test_client_bad_profile_file_names_the_field(tmp_path):
 def test_client_says_when_the_superlink_does_not_answer_and_exits_in_bounded_time():
     port = free_port()
     before = time.monotonic()
-    done = _run_quick(["odl_fed.client", "--device", "rpi4", "--superlink", f"127.0.0.1:{port}",
+    done = _run_quick(["odl_fed.client", "--insecure", "--device", "rpi4", "--superlink", f"127.0.0.1:{port}",
                        "--connect-timeout", "3"])
     assert done.returncode == 1
     assert f"the SuperLink at 127.0.0.1:{port} does not answer (tried for 3 s)" in _one_error_line(done)
@@ -180,7 +182,7 @@ def test_client_says_when_the_superlink_does_not_answer_and_exits_in_bounded_tim
 
 def test_device_auto_says_which_profile_and_why():
     port = free_port()
-    done = _run_quick(["odl_fed.client", "--device", "auto", "--superlink", f"127.0.0.1:{port}",
+    done = _run_quick(["odl_fed.client", "--insecure", "--device", "auto", "--superlink", f"127.0.0.1:{port}",
                        "--connect-timeout", "1"])
     assert "--device auto: picked " in done.stderr and "this machine has" in done.stderr
     assert f"{psutil.cpu_count()} core(s)" in done.stderr or "core(s)" in done.stderr
@@ -191,7 +193,7 @@ def test_device_auto_says_which_profile_and_why():
     (["--fleet", "configs/fleets/mixed.yaml", "--listen", "0.0.0.0"], "--listen must be HOST:PORT"),
 ])
 def test_server_bad_input_is_one_clear_error_and_starts_nothing(args, expected):
-    done = _run_quick(["odl_fed.server", *args, "--out-dir", "/tmp/odl-fed-never-made"])
+    done = _run_quick(["odl_fed.server", "--insecure", *args, "--out-dir", "/tmp/odl-fed-never-made"])
     assert done.returncode == 2
     assert expected in _one_error_line(done)
     assert not Path("/tmp/odl-fed-never-made").exists()

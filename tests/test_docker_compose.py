@@ -28,6 +28,7 @@ import psutil
 import pytest
 import yaml
 
+from odl_fed.certs import make_certs
 from odl_fed.docker_engine import EngineUnavailable, base_image, start_engine, wheelhouse
 from odl_fed.recorder import read_rounds
 
@@ -93,6 +94,7 @@ def test_docker_compose_up_runs_the_fleet_to_the_end(engine, tmp_path):
     (fleets / "test.yaml").write_text(yaml.safe_dump({
         "devices": [{"device": "rpi4", "count": 1}, {"device": "phone", "count": 1}, {"device": "squeezed", "count": 1}],
         "job": JOB}))
+    make_certs(project / "certs", nodes=["0", "1", "2"], hosts=["server"])  # TLS and node keys, as compose mounts them
     generate = subprocess.run([sys.executable, "-m", "odl_fed.cli", "compose", "--fleet", "configs/fleets/test.yaml",
                                "--devices", "configs/fleets/devices.yaml", "--context", str(ROOT), "--out-dir",
                                "runs/fleet", "--round-timeout", "300", "--memory-floor", "512MiB"], cwd=project, capture_output=True, text=True,

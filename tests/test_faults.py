@@ -44,12 +44,13 @@ def test_a_deployed_fleet_survives_its_faults(tmp_path):
                                      "job": JOB | {"rounds": 5, "clients-per-round": 3, "min-clients": 2}}))
     port, out = free_port(), tmp_path / "out"
     log = out / "rounds.jsonl"
-    link = ["--superlink", f"127.0.0.1:{port}", "--num-partitions", "3", "--reconnect-timeout", "5"]
+    link = ["--superlink", f"127.0.0.1:{port}", "--insecure", "--num-partitions", "3", "--reconnect-timeout", "5",
+            "--connect-timeout", "300"]
     started: list[subprocess.Popen] = []
     pids: set[int] = set()
     killed_at = None
     try:
-        server = _start(["odl_fed.server", "--fleet", str(fleet), "--out-dir", str(out), "--listen",
+        server = _start(["odl_fed.server", "--insecure", "--fleet", str(fleet), "--out-dir", str(out), "--listen",
                          f"127.0.0.1:{port}", "--plan-cache", str(tmp_path / "plans"), "--round-timeout",
                          str(TIMEOUT)], tmp_path / "server.log")
         first = _start(["odl_fed.client", "--device", "rpi4", "--partition-id", "0", *link], tmp_path / "c0.log")

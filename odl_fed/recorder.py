@@ -15,7 +15,7 @@ The file holds, in order:
 A resumed run (:mod:`odl_fed.checkpoint`) adds ``{"event": "resume", "from-round": k}`` after
 round k, its last checkpointed round, and goes on with round k + 1: a round that was logged but not
 checkpointed before the server stopped is dropped (and run again), so every round is there once.
-The lines written after a resume count ``elapsed`` from the resume.
+``elapsed`` goes on from the last checkpointed round's: the time the server was down is left out.
 
 Each line is flushed when written, so a run that stops midway keeps every finished round.
 """
@@ -59,11 +59,12 @@ class RoundRecorder:
         else:
             self.run_line, rounds = resume[0], list(resume[1])
             self.rounds = rounds
+            self._started -= float(rounds[-1].get("elapsed", 0.0))  # the time the server was down is left out
             cut_back(self.path, self.run_line, rounds)
             for line in (self.run_line, *rounds):  # the views start with what the log already holds
                 self._tell(json.loads(json.dumps(line, default=_jsonable)))
             self._file = self.path.open("a")
-            self._write({"event": "resume", "time": self._started, "from-round": rounds[-1]["round"]})
+            self._write({"event": "resume", "time": time.time(), "from-round": rounds[-1]["round"]})
 
     def _write(self, line: dict) -> None:
         text = json.dumps(line, default=_jsonable)

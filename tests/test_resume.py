@@ -149,6 +149,7 @@ def test_the_round_log_is_cut_back_to_the_checkpoint_and_goes_on(tmp_path):
     expected = [("run", None), ("round", 0), ("round", 1), ("round", 2), ("resume", 2), ("round", 3), ("end", None)]
     assert [(line["event"], line.get("round", line.get("from-round"))) for line in lines] == expected
     assert lines[5]["global"]["accuracy"] == 0.5
+    assert lines[3]["elapsed"] <= lines[5]["elapsed"] < lines[3]["elapsed"] + 60  # the run's time, not the resume's
     assert seen == lines  # the rounds done before the resume too
     run = load_run(tmp_path)  # what the dashboard and the report read
     assert [r["round"] for r in run.rounds] == [0, 1, 2, 3] and run.finished and not run.warnings

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from odl_fed.checkpoint import RunDirInUse
 from odl_fed.compose import ComposeError
 from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
 from odl_fed.methods import get_method
@@ -34,7 +35,8 @@ from odl_fed.run_config import DEFAULTS
 from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
 from odl_fed.units import parse_bytes
 
-USER_ERRORS = (ComposeError, ValueError, KeyError, FileNotFoundError, DatasetUnavailableError, BudgetTooSmallError, ImportError)
+USER_ERRORS = (ComposeError, RunDirInUse, ValueError, KeyError, FileNotFoundError,
+               DatasetUnavailableError, BudgetTooSmallError, ImportError)
 
 
 def _data(args, split: str) -> ImageData:
@@ -121,8 +123,7 @@ def pretrain(args) -> dict:
 def simulate(args) -> Path:
     from odl_fed.simulate import simulate as run
 
-    config = {"fleet": str(args.fleet), "devices-file": str(args.devices or ""), "out-dir": str(args.out_dir),
-              "plan-cache": str(args.plan_cache or ""), "round-timeout": args.round_timeout}
+    config = _simulate_config(args)
     path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose,
                ray_address=args.ray_address)
     print(f"round log: {path}")
@@ -130,6 +131,28 @@ def simulate(args) -> Path:
     if report.exists():
         print(f"report: {report}  (TensorBoard: tensorboard --logdir {path.parent.parent})")
     return path
+
+
+def _simulate_config(args) -> dict:
+    """The run config of ``odl-fed simulate``; with ``--resume RUN_DIR``, what was not given comes
+    from the run's checkpoint (and a fleet given is checked against it when the run starts)."""
+    stored = {}
+    if args.resume is not None:
+        from odl_fed.checkpoint import resume_config
+
+        if args.out_dir is not None and args.out_dir.absolute() != args.resume.absolute():
+            raise ValueError(f"--resume {args.resume} is the run directory; --out-dir {args.out_dir} names another")
+        stored = resume_config(args.resume)
+    elif args.fleet is None:
+        raise ValueError("--fleet is needed to start a run (or --resume RUN_DIR to go on with one)")
+
+    def given(value, key):
+        return str(value) if value is not None else stored.get(key, DEFAULTS[key])
+
+    return {"fleet": given(args.fleet, "fleet"), "devices-file": given(args.devices, "devices-file"),
+            "out-dir": given(args.resume or args.out_dir, "out-dir"),
+            "plan-cache": given(args.plan_cache, "plan-cache"),
+            "round-timeout": float(given(args.round_timeout, "round-timeout")), "resume": args.resume is not None}
 
 
 def compose(args) -> str:
@@ -244,13 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(run=pretrain)
 
     sim = commands.add_parser("simulate", help="run a fleet file's federated job in simulation on this machine")
-    sim.add_argument("--fleet", type=Path, required=True, help="a fleet file, e.g. configs/fleets/demo.yaml")
+    sim.add_argument("--fleet", type=Path, help="a fleet file, e.g. configs/fleets/demo.yaml (with --resume: "
+                                                "the run's own, read from its checkpoint)")
     sim.add_argument("--devices", type=Path, help="extra device profiles (YAML) that override the built-in ones")
-    sim.add_argument("--out-dir", type=Path, default=Path(DEFAULTS["out-dir"]), help="where rounds.jsonl goes")
-    sim.add_argument("--plan-cache", type=Path, default=Path(DEFAULTS["plan-cache"]),
-                     help="where client plans are kept")
-    sim.add_argument("--round-timeout", type=float, default=float(DEFAULTS["round-timeout"]),
-                     help="seconds to wait for a round's replies")
+    sim.add_argument("--out-dir", type=Path, help=f"where rounds.jsonl and checkpoint.pt go "
+                                                  f"(default: {DEFAULTS['out-dir']})")
+    sim.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="go on with the run in RUN_DIR from its last finished round (its checkpoint.pt)")
+    sim.add_argument("--plan-cache", type=Path, help=f"where client plans are kept (default: {DEFAULTS['plan-cache']})")
+    sim.add_argument("--round-timeout", type=float,
+                     help=f"seconds to wait for a round's replies (default: {DEFAULTS['round-timeout']})")
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
     sim.add_argument("--ray-address", help="run on a Ray cluster already started, e.g. 127.0.0.1:6379 "
                                            "(ray start --head; ray start --address on each other host)")

@@ -12,6 +12,11 @@ The file holds, in order:
   reply by the round's timeout); ``skipped`` says why a round asked no one;
 - ``{"event": "end", ...}``: wall time and the final accuracy.
 
+A resumed run (:mod:`odl_fed.checkpoint`) adds ``{"event": "resume", "from-round": k}`` after
+round k, its last checkpointed round, and goes on with round k + 1: a round that was logged but not
+checkpointed before the server stopped is dropped (and run again), so every round is there once.
+``elapsed`` goes on from the last checkpointed round's: the time the server was down is left out.
+
 Each line is flushed when written, so a run that stops midway keeps every finished round.
 """
 
@@ -19,11 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["RoundRecorder", "read_rounds"]
+__all__ = ["RoundRecorder", "read_rounds", "cut_back"]
 
 log = logging.getLogger("flwr.odl_fed")
 
@@ -35,22 +41,38 @@ class RoundRecorder:
     TensorBoard log): a listener that fails is logged and dropped, never the run.
     """
 
-    def __init__(self, path: str | Path, *, listeners: Sequence[Callable[[dict], None]] = ()):
+    def __init__(self, path: str | Path, *, listeners: Sequence[Callable[[dict], None]] = (),
+                 resume: tuple[dict, Sequence[dict]] | None = None):
+        """A new round log at ``path``, or, with ``resume=(run line, round lines 0..k)`` from a
+        checkpoint, the log of that run cut back to round k, to go on with round k + 1."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w")
         self._clients: dict[int, list[dict]] = {}
         self._traffic: dict[int, dict[str, int]] = {}
         self._skipped: dict[int, str] = {}
         self._started = time.time()
         self.listeners = list(listeners)
         self.rounds: list[dict] = []
+        self.run_line: dict = {}
+        if resume is None:
+            self._file = self.path.open("w")
+        else:
+            self.run_line, rounds = resume[0], list(resume[1])
+            self.rounds = rounds
+            self._started -= float(rounds[-1].get("elapsed", 0.0))  # the time the server was down is left out
+            cut_back(self.path, self.run_line, rounds)
+            for line in (self.run_line, *rounds):  # the views start with what the log already holds
+                self._tell(json.loads(json.dumps(line, default=_jsonable)))
+            self._file = self.path.open("a")
+            self._write({"event": "resume", "time": time.time(), "from-round": rounds[-1]["round"]})
 
     def _write(self, line: dict) -> None:
         text = json.dumps(line, default=_jsonable)
         self._file.write(text + "\n")
         self._file.flush()
-        event = json.loads(text)  # listeners see what the file holds, as a reader of it would
+        self._tell(json.loads(text))  # listeners see what the file holds, as a reader of it would
+
+    def _tell(self, event: dict) -> None:
         for listener in list(self.listeners):
             try:
                 listener(event)
@@ -60,7 +82,8 @@ class RoundRecorder:
                 self.listeners.remove(listener)
 
     def start_run(self, **info) -> None:
-        self._write({"event": "run", "time": self._started, **info})
+        self.run_line = {"event": "run", "time": self._started, **info}
+        self._write(self.run_line)
 
     def sent(self, server_round: int, nodes: int, nbytes: int, record_bytes: int | None = None) -> None:
         """The server sent ``nbytes`` of parameters (``record_bytes`` with Flower's headers) to each of ``nodes``."""
@@ -107,6 +130,34 @@ def _jsonable(value):
     if isinstance(value, (set, tuple)):
         return list(value)
     return str(value)
+
+
+def cut_back(path: Path, run_line: dict, rounds: Sequence[dict]) -> None:
+    """Rewrite the log at ``path`` (atomically) to end with ``rounds``' last round: a partial last line and
+    rounds logged after it go; the run line and the rounds come from the checkpoint when the log lacks them."""
+    last = rounds[-1]["round"]
+    kept, seen = [], set()
+    for text in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            break  # the line the server was writing when it stopped
+        if line.get("event") == "round":
+            if line.get("round") in seen or line.get("round", last + 1) > last:
+                continue
+            seen.add(line["round"])
+        elif line.get("event") == "end":
+            continue
+        kept.append(line)
+    if seen != set(range(last + 1)) or not kept or kept[0].get("event") != "run":
+        others = [line for line in kept if line.get("event") not in ("run", "round")]
+        kept = [dict(run_line), *rounds, *others]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as file:
+        file.writelines(json.dumps(line, default=_jsonable) + "\n" for line in kept)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
 
 
 def read_rounds(path: str | Path) -> list[dict]:

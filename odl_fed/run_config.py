@@ -7,6 +7,7 @@ devices-file    extra device profiles (YAML), or ``""``
 out-dir         where the server writes ``rounds.jsonl`` and the final trained layers
 plan-cache      where clients keep their plans, or ``""`` for memory only
 round-timeout   seconds the server waits for a round's replies
+resume          go on from ``out-dir``'s checkpoint (:mod:`odl_fed.checkpoint`) instead of starting anew
 ==============  =====================================================================
 
 Relative paths are taken from the directory the command runs in.
@@ -30,6 +31,7 @@ DEFAULTS = {
     "out-dir": "runs/latest",
     "plan-cache": ".odl-fed/plans",
     "round-timeout": 600,
+    "resume": False,
 }
 
 
@@ -40,6 +42,7 @@ class RunSettings:
     out_dir: Path
     plan_cache: Path | None
     round_timeout: float
+    resume: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping) -> RunSettings:
@@ -59,8 +62,11 @@ class RunSettings:
         timeout = merged["round-timeout"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"run config: 'round-timeout' must be a positive number, but got {timeout!r}")
+        resume = merged["resume"]
+        if not isinstance(resume, bool):
+            raise ValueError(f"run config: 'resume' must be true or false, but got {resume!r}")
         return cls(fleet_path=fleet, devices_file=path("devices-file"), out_dir=path("out-dir") or Path.cwd(),
-                   plan_cache=path("plan-cache"), round_timeout=float(timeout))
+                   plan_cache=path("plan-cache"), round_timeout=float(timeout), resume=resume)
 
     def fleet(self) -> FleetSpec:
         return _load_fleet(str(self.fleet_path), None if self.devices_file is None else str(self.devices_file),
@@ -69,7 +75,7 @@ class RunSettings:
     def as_config(self) -> dict:
         return {"fleet": str(self.fleet_path), "devices-file": str(self.devices_file or ""),
                 "out-dir": str(self.out_dir), "plan-cache": str(self.plan_cache or ""),
-                "round-timeout": self.round_timeout}
+                "round-timeout": self.round_timeout, "resume": self.resume}
 
 
 def _mtime(path: Path | None) -> int:

@@ -4,6 +4,7 @@
 
     python -m odl_fed.server --fleet configs/fleets/demo.yaml --certs certs [--listen 0.0.0.0:9092]
     python -m odl_fed.server --fleet configs/fleets/demo.yaml --insecure     # plaintext, any node: dev only
+    python -m odl_fed.server --resume runs/deployed --certs certs   # after a crash: on from the last finished round
 
 ``--certs DIR`` (``odl-fed certs DIR --nodes N``, :mod:`odl_fed.certs`) runs the SuperLink with TLS
 (``server.crt``/``server.key``, signed by ``ca.crt``) and SuperNode authentication, and registers
@@ -18,7 +19,8 @@ and writes the same round log as the simulation (``OUT-DIR/rounds.jsonl``), whic
 to show the console view (:mod:`odl_fed.console`); the SuperLink's and ``flwr run``'s own output
 goes to ``OUT-DIR/superlink.log`` and ``OUT-DIR/flwr-run.log`` unless ``--verbose``. The ServerApp waits for
 every client of the fleet to connect (``python -m odl_fed.client``), so clients may start before or
-after it. On exit, on an error and on Ctrl-C / SIGTERM it stops what it started, by PID.
+after it. On exit, on an error and on Ctrl-C / SIGTERM it stops what it started, by PID. It holds
+``OUT-DIR/server.lock`` (:mod:`odl_fed.checkpoint`) while it runs, so a second server there is refused.
 
 Clients read the fleet file (the job) and its weights at the same path as given here, relative to
 their own working directory: run both from a checkout of the project, or give the same mounts.
@@ -35,6 +37,8 @@ import time
 from pathlib import Path
 
 from odl_fed.certs import CertError, ServerCerts, server_certs
+from odl_fed.checkpoint import (SERVER_LOCK, Checkpoint, CheckpointError, RunDirInUse, RunLock, check_run_dir,
+                                resume_config)
 from odl_fed.console import ConsoleDashboard
 from odl_fed.data import DatasetUnavailableError
 from odl_fed.deploy import READY, SERVER_HOME, AddressError, Processes, flower_command, flower_env, parse_address, \
@@ -42,6 +46,7 @@ from odl_fed.deploy import READY, SERVER_HOME, AddressError, Processes, flower_c
 from odl_fed.fleet import FleetError, load_fleet
 from odl_fed.job import held_out_data, train_size
 from odl_fed.preflight import check_fleet
+from odl_fed.recorder import cut_back
 from odl_fed.report import REPORT_NAME
 from odl_fed.run_config import DEFAULTS
 from odl_fed.run_log import LogFollower
@@ -107,11 +112,12 @@ def _toml(value) -> str:
 def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_file: Path | None = None,
           plan_cache: str = DEFAULTS["plan-cache"], round_timeout: float = float(DEFAULTS["round-timeout"]),
           start_timeout: float = 60.0, certs: Path | None = None, insecure: bool = False, verbose: bool = False,
-          console: ConsoleDashboard | None = None) -> Path:
+          console: ConsoleDashboard | None = None, resume: bool = False) -> Path:
     """Run the fleet's job on a SuperLink at ``listen``, with TLS and node authentication from the
     directory ``certs``, or plaintext when ``insecure``; returns the round log when the job ended.
 
     ``console`` gets each line of the round log as it lands (default: a view on standard output).
+    With ``resume``, go on with the run in ``out_dir`` from its checkpoint (the fleet must be its own).
     """
     if (certs is None) == (not insecure):
         raise ValueError("give exactly one of certs (TLS and node authentication) or insecure=True")
@@ -126,15 +132,26 @@ def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_f
     held_out_data(spec.job)
     check_fleet(spec, train_examples=train_size(spec.job))  # files, layers, image size, data shares
     out_dir = out_dir.absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {"fleet": str(fleet), "devices-file": str(devices_file or ""), "out-dir": str(out_dir),
+                  "plan-cache": plan_cache, "round-timeout": round_timeout, "resume": resume}
+    with RunLock(out_dir, SERVER_LOCK):
+        resumed = check_run_dir(out_dir, spec, resume=resume)  # a refused run changes nothing in out_dir
+        return _serve(spec, out_dir, run_config, resumed, checked=checked, certs=certs, host=host, port=port,
+                      listen=listen, start_timeout=start_timeout, verbose=verbose, console=console)
+
+
+def _serve(spec, out_dir: Path, run_config: dict, resumed: Checkpoint | None, *, checked: ServerCerts | None,
+           certs: Path | None, host: str, port: int, listen: str, start_timeout: float, verbose: bool,
+           console: ConsoleDashboard | None) -> Path:
     log = out_dir / "rounds.jsonl"
-    log.unlink(missing_ok=True)
+    if resumed is None:
+        log.unlink(missing_ok=True)
+    else:  # as the ServerApp will: the console then shows the rounds done, once
+        cut_back(log, resumed.run, resumed.records)
     home = _flower_home(out_dir, port, checked)
     ready = home / READY
     ready.unlink(missing_ok=True)
     env = flower_env({"FLWR_HOME": str(home)})
-    run_config = {"fleet": str(fleet), "devices-file": str(devices_file or ""), "out-dir": str(out_dir),
-                  "plan-cache": plan_cache, "round-timeout": round_timeout}
     console = console if console is not None else ConsoleDashboard()
     follower = LogFollower(log)
     with Processes() as processes, contextlib.ExitStack() as files:
@@ -171,7 +188,7 @@ def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_f
             console(event)
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     if not lines or lines[-1].get("event") != "end":
-        raise ServerError(f"the run did not finish the job of {fleet} (round log {log}: "
+        raise ServerError(f"the run did not finish the job of {spec.path} (round log {log}: "
                           f"{sum(1 for line in lines if line.get('event') == 'round')} round line(s)); "
                           f"flwr run exited with {submit.returncode}"
                           + ("" if verbose else f"; its output is in {out_dir / 'flwr-run.log'}"))
@@ -188,9 +205,13 @@ INSECURE_WARNING = ("WARNING: --insecure: the SuperLink speaks plaintext and let
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fleet", type=Path, required=True, help="a fleet file, e.g. configs/fleets/demo.yaml")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/deployed"),
-                        help="the run directory: rounds.jsonl, trained_layers.pt, superlink.db")
+    parser.add_argument("--fleet", type=Path, help="a fleet file, e.g. configs/fleets/demo.yaml (with --resume: "
+                                                   "the run's own, read from its checkpoint)")
+    parser.add_argument("--out-dir", type=Path,
+                        help="the run directory: rounds.jsonl, checkpoint.pt, trained_layers.pt, superlink.db "
+                             "(default: runs/deployed)")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="go on with the run in RUN_DIR from its last finished round (its checkpoint.pt)")
     parser.add_argument("--listen", default=DEFAULT_LISTEN, help="the SuperLink's address, HOST:PORT")
     parser.add_argument("--devices", type=Path, help="extra device profiles (YAML) the fleet names")
     security = parser.add_mutually_exclusive_group(required=True)
@@ -198,12 +219,33 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "`odl-fed certs DIR`: ca.crt, server.crt/.key, node *.pub")
     security.add_argument("--insecure", action="store_true",
                           help="plaintext, and any SuperNode may join (a trusted dev network only)")
-    parser.add_argument("--plan-cache", default=DEFAULTS["plan-cache"], help="where clients keep their plans")
-    parser.add_argument("--round-timeout", type=float, default=float(DEFAULTS["round-timeout"]),
-                        help="seconds to wait for a round's replies")
+    parser.add_argument("--plan-cache", help=f"where clients keep their plans (default: {DEFAULTS['plan-cache']})")
+    parser.add_argument("--round-timeout", type=float,
+                        help=f"seconds to wait for a round's replies (default: {DEFAULTS['round-timeout']})")
     parser.add_argument("--verbose", action="store_true",
                         help="show the SuperLink's and flwr run's own output (default: OUT-DIR/*.log)")
     return parser
+
+
+def _arguments(args) -> dict:
+    """serve()'s arguments; with ``--resume RUN_DIR``, what was not given comes from the run's checkpoint."""
+    stored = {}
+    if args.resume is not None:
+        if args.out_dir is not None and args.out_dir.absolute() != args.resume.absolute():
+            raise CheckpointError(f"--resume {args.resume} is the run directory; --out-dir {args.out_dir} "
+                                  f"names another")
+        stored = resume_config(args.resume)
+    elif args.fleet is None:
+        raise FleetError("--fleet is needed to start a run (or --resume RUN_DIR to go on with one)")
+
+    def given(value, key, default=None):
+        return value if value is not None else stored.get(key, DEFAULTS[key] if default is None else default)
+
+    devices = given(args.devices, "devices-file")
+    return {"fleet": Path(given(args.fleet, "fleet")), "out_dir": Path(given(args.resume or args.out_dir, "out-dir",
+                                                                             "runs/deployed")),
+            "devices_file": Path(devices) if devices else None, "plan_cache": str(given(args.plan_cache, "plan-cache")),
+            "round_timeout": float(given(args.round_timeout, "round-timeout")), "resume": args.resume is not None}
 
 
 def main(argv=None) -> int:
@@ -211,10 +253,10 @@ def main(argv=None) -> int:
     if args.insecure:
         _say(INSECURE_WARNING)
     try:
-        log = serve(args.fleet, out_dir=args.out_dir, listen=args.listen, devices_file=args.devices,
-                    plan_cache=args.plan_cache, round_timeout=args.round_timeout, certs=args.certs,
-                    insecure=args.insecure, verbose=args.verbose)
-    except (AddressError, FleetError, DatasetUnavailableError, FileNotFoundError, CertError) as error:
+        log = serve(listen=args.listen, certs=args.certs, insecure=args.insecure, verbose=args.verbose,
+                    **_arguments(args))
+    except (AddressError, FleetError, DatasetUnavailableError, FileNotFoundError, CertError, CheckpointError,
+            RunDirInUse) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except ServerError as error:

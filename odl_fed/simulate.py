@@ -18,6 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from odl_fed.checkpoint import SERVER_LOCK, RunLock, check_run_dir
 from odl_fed.client_app import handle_train
 from odl_fed.console import FLOWER_LOG, ConsoleDashboard, flower_log_file
 from odl_fed.deploy import OFFLINE_ENV
@@ -70,6 +71,8 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     wrapper around it can log, or inject the faults a test needs. ``ray_address`` runs the clients
     on a Ray cluster already started (``ray start --head`` on one host, ``ray start --address`` on
     the others): its actors spread over every node's CPUs, and ``cpus`` is then the cluster's.
+    With ``resume`` in the run config it goes on from ``out-dir``'s checkpoint. It holds
+    ``out-dir/server.lock`` while it runs.
     """
     os.environ.update(OFFLINE_ENV)
     from flwr.simulation import run_simulation
@@ -81,23 +84,25 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     # on a cluster, this machine's free memory says nothing of the other hosts'
     check_fleet(fleet, train_examples=train_size(fleet.job),
                 simulated_cpus=None if ray_address else max(1, int(cpus / cpus_per_client)))
-    config = settings.as_config()
-    console = None
-    if progress is not False:
-        console = ConsoleDashboard(None if progress is True else progress)
+    with RunLock(settings.out_dir, SERVER_LOCK):
+        check_run_dir(settings.out_dir, fleet, resume=settings.resume)  # before Ray starts; changes nothing
+        config = settings.as_config()
+        console = None
+        if progress is not False:
+            console = ConsoleDashboard(None if progress is True else progress)
 
-    if not verbose:
-        logging.getLogger("flwr").addFilter(_KnownNotices())
-    server, client = build_apps(config, listeners=[console] if console else [], train=train)
-    init_args = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose}
-    init_args |= {"address": ray_address} if ray_address else {"num_cpus": cpus}
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
         if not verbose:
-            stack.enter_context(flower_log_file(settings.out_dir / FLOWER_LOG))
-        if console is not None:
-            stack.callback(console.close)
-        run_simulation(server_app=server, client_app=client, num_supernodes=fleet.num_clients,
-                       backend_config=backend, verbose_logging=verbose)
+            logging.getLogger("flwr").addFilter(_KnownNotices())
+        server, client = build_apps(config, listeners=[console] if console else [], train=train)
+        init_args = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose}
+        init_args |= {"address": ray_address} if ray_address else {"num_cpus": cpus}
+        backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}, "init_args": init_args}
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            if not verbose:
+                stack.enter_context(flower_log_file(settings.out_dir / FLOWER_LOG))
+            if console is not None:
+                stack.callback(console.close)
+            run_simulation(server_app=server, client_app=client, num_supernodes=fleet.num_clients,
+                           backend_config=backend, verbose_logging=verbose)
     return settings.out_dir / "rounds.jsonl"

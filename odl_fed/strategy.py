@@ -6,6 +6,13 @@ fixed set of metrics every valid reply has, so one odd reply can never end the r
 ``InconsistentMessageReplies``. Everything else (a refused plan, a breached memory budget, a NaN,
 a wrong shape, a missing count, a client that crashed) is logged with the client's name and
 recorded, and the round aggregates the rest.
+
+The valid replies are aggregated in the order of their clients' names, not in the order they
+arrived, so the same updates always give the same global model to the bit (float sums depend on
+their order). A resumed run (:mod:`odl_fed.checkpoint`) sets ``round_offset`` to the rounds done:
+Flower's ``start`` counts its rounds from 1, the strategy and the clients see the run's own numbers
+(FedAdam's bias correction depends on them), and :func:`strategy_state` / :func:`load_strategy_state`
+carry FedAdam's moments across.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from odl_fed.fleet import JobSpec
 from odl_fed.recorder import RoundRecorder
 from odl_fed.validation import UpdateRejected, check_update
 
-__all__ = ["make_strategy", "parameter_bytes", "STRATEGY_CLASSES", "AGGREGATED_METRICS", "log"]
+__all__ = ["make_strategy", "parameter_bytes", "strategy_state", "load_strategy_state", "STRATEGY_CLASSES",
+           "AGGREGATED_METRICS", "STATE_ATTRIBUTES", "log"]
 
 # A child of Flower's logger: printed by its handler, in its format, beside its own lines.
 log = logging.getLogger("flwr.odl_fed")
@@ -33,6 +41,9 @@ log = logging.getLogger("flwr.odl_fed")
 STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 # What every valid reply carries, and all that is averaged across clients.
 AGGREGATED_METRICS = ("num-examples", "train-loss", "train-time", "activation-bytes", "peak-memory", "train-flops")
+# What a strategy carries from round to round (Flower's FedOpt family: first and second moments);
+# ``current_arrays`` is not among them: ``configure_train`` sets it from the arrays it sends.
+STATE_ATTRIBUTES = ("m_t", "v_t")
 
 
 class ValidatedUpdates:
@@ -57,6 +68,7 @@ class ValidatedUpdates:
         self._asked: set[int] = set()
         self._instructions: list[Message] = []
         self._names: dict[int, str] = {}  # node id -> client name, from its replies
+        self.round_offset = 0  # rounds done before this process started (a resumed run)
 
     def _connected(self, grid: Grid, wanted: int) -> list[int]:
         deadline = time.monotonic() + self.node_wait
@@ -66,11 +78,13 @@ class ValidatedUpdates:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._bytes_down = parameter_bytes(arrays)
         fleet = self.min_available_nodes  # every client of the fleet
-        # round 1 waits for the whole fleet to start up; later rounds for the clients they sample
-        connected = len(self._connected(grid, fleet if server_round == 1 else max(self.min_train_nodes,
-                                                                                  self.min_clients)))
+        # the first round (of a run, or of a resumed run) waits for the whole fleet to start up; later
+        # rounds for the clients they sample
+        first = server_round == self.round_offset + 1
+        connected = len(self._connected(grid, fleet if first else max(self.min_train_nodes, self.min_clients)))
         if connected < self.min_clients:
             reason = (f"{connected} client(s) connected, the job needs at least {self.min_clients} "
                       f"(min-clients; waited {self.node_wait:.0f} s)")
@@ -100,13 +114,14 @@ class ValidatedUpdates:
         return sent_to.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
         valid = []
         replies = list(replies)
         for message in replies:
             entry = self._inspect(message, self._node(message))
             self.recorder.client(server_round, entry)
             if entry["status"] == "ok":
-                valid.append(message)
+                valid.append((entry["client"], message))
             else:
                 log.warning("round %d: %s (%s) not aggregated: %s: %s", server_round, entry["client"],
                             entry.get("device", "?"), entry["status"], entry.get("reason", ""))
@@ -119,7 +134,7 @@ class ValidatedUpdates:
         if not valid:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        arrays, metrics = super().aggregate_train(server_round, valid)
+        arrays, metrics = super().aggregate_train(server_round, [m for _, m in sorted(valid, key=lambda v: v[0])])
         return (None if arrays is None else _as_sent(arrays, self.expected)), metrics
 
     def _inspect(self, message: Message, node: int) -> dict:
@@ -179,6 +194,20 @@ def _as_sent(arrays: ArrayRecord, expected: dict) -> ArrayRecord:
 
 def _numpy(arrays: ArrayRecord) -> dict:
     return {name: array.numpy() for name, array in arrays.items()}
+
+
+def strategy_state(strategy) -> dict[str, dict[str, np.ndarray]]:
+    """The state a strategy carries between rounds (:data:`STATE_ATTRIBUTES` it has and has set)."""
+    return {name: {k: np.array(v) for k, v in getattr(strategy, name).items()}
+            for name in STATE_ATTRIBUTES if getattr(strategy, name, None)}
+
+
+def load_strategy_state(strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put back what :func:`strategy_state` took; a state the strategy has no place for is an error."""
+    for name, arrays in state.items():
+        if name not in STATE_ATTRIBUTES or not hasattr(strategy, name):
+            raise ValueError(f"{type(strategy).__name__} keeps no {name!r}; the saved state has {sorted(state)}")
+        setattr(strategy, name, {k: np.array(v) for k, v in arrays.items()})
 
 
 def make_strategy(job: JobSpec, *, num_clients: int, recorder: RoundRecorder, expected: dict,

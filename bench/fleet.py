@@ -91,6 +91,20 @@ def guard_overhead(fleet, *, repeats: int = 3) -> dict:
             "guard_samples_per_step": statistics.median(samples) / steps}
 
 
+def where_time_goes(rounds: list[dict], wall: float) -> dict:
+    """Wall time against the 2-core floor, and what the clients and the server spent it on."""
+    cpus = psutil.cpu_count()
+    ok = [c for r in rounds for c in r["clients"] if c["status"] == "ok"]
+    done = [c for r in rounds for c in r["clients"] if "client-time" in c or c["status"] == "refused"]
+    train = sum(c.get("train-time", 0) for c in ok)
+    plan = sum(c.get("plan-time", 0) for c in done)
+    client = sum(c.get("client-time", 0) for c in done)
+    evaluation = sum(r["global"].get("eval-time", 0) for r in rounds)
+    return {"cpus": cpus, "train_seconds": train, "floor_seconds": train / cpus, "wall_over_floor": wall / (train / cpus),
+            "plan_seconds": plan, "setup_seconds": max(client - train - plan, 0), "eval_seconds": evaluation,
+            "rest_seconds": wall - client / cpus - evaluation}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fleet", type=Path, default=Path("configs/fleets/mixed.yaml"))
@@ -120,6 +134,7 @@ def main(argv=None) -> dict:
         "round_0_accuracy": rounds[0]["global"]["accuracy"], "traffic": traffic, "guard": overhead,
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
     }
+    result["where"] = where_time_goes(rounds, wall)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -135,6 +150,13 @@ def main(argv=None) -> dict:
           f"{overhead['step_seconds_with'] * 1e3:.2f} ms/step with "
           f"({overhead['overhead_seconds_per_step'] * 1e6:+.0f} us, x{overhead['overhead_ratio']:.3f}), "
           f"{overhead['guard_samples_per_step']:.1f} psutil samples per step")
+    w = result["where"]
+    print(f"  2-core floor (summed training / {w['cpus']} CPUs) {w['floor_seconds']:.1f} s: wall is "
+          f"x{w['wall_over_floor']:.2f} of it (target x1.3); peak RSS {memory.peak / 2**30:.2f} GiB (target 4 GiB)")
+    print(f"  where the wall time goes, in CPU-seconds over {w['cpus']} CPUs: training {w['train_seconds']:.0f}, "
+          f"planning {w['plan_seconds']:.0f}, model build + data + warm-up {w['setup_seconds']:.0f}; the server's "
+          f"evaluation {w['eval_seconds']:.0f} s (wall); the rest (Ray, Flower, messages, waits) "
+          f"{w['rest_seconds']:.0f} s of wall")
     print(f"wrote {args.out}")
     return result
 

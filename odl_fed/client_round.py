@@ -221,7 +221,8 @@ def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mappin
         break
     metrics, arrays, kept = trained
     attempts.append(_attempt(plan, OK, metrics["peak-memory"], metrics["memory-budget"]))
-    metrics = base | metrics | {"plan-time": plan_seconds, "plan-cached": int(cached), "attempts": len(attempts)}
+    metrics = base | metrics | {"plan-time": plan_seconds, "plan-cached": int(cached), "attempts": len(attempts),
+                                "client-time": time.perf_counter() - started}
     return ClientOutcome(client, profile.name, OK, metrics, plan=plan.to_dict(), arrays=arrays, bases=kept,
                          attempts=attempts)
 

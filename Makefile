@@ -54,7 +54,8 @@ wheelhouse: setup
 test-compose: setup
 	$(PY) -m pytest -q -m compose tests/test_docker_compose.py
 
-# A deployed fleet's fault drills (minutes long; its own stage in .ci/run).
+# Runs of real processes that take minutes: the deployed fleet, its fault drills, TLS with node
+# authentication, a killed and resumed run (its own stage in .ci/run).
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 

@@ -56,6 +56,7 @@ def _one_error_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # minutes of real processes: make test-slow (its own CI stage)
 def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
     """Server entry + 3 client entries (2 devices, one from a user file, one with a hard cap), 2 rounds."""
     fleet = tmp_path / "fleet.yaml"

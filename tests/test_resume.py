@@ -255,6 +255,7 @@ def _events(run_dir: Path) -> list[tuple]:
     return [(line["event"], line.get("round", line.get("from-round"))) for line in lines]
 
 
+@pytest.mark.slow  # minutes of real processes: make test-slow (its own CI stage)
 def test_a_killed_server_resumes_and_ends_with_the_uninterrupted_model(tmp_path):
     fleet = str(_fleet(tmp_path / "fleet.yaml"))
     whole, cut = tmp_path / "whole", tmp_path / "cut"

@@ -218,6 +218,7 @@ def test_client_with_a_bad_file_is_one_error_naming_it(certs, tmp_path, capsys, 
 
 # --- on loopback ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # minutes of real processes: make test-slow (its own CI stage)
 def test_registered_node_trains_unregistered_and_foreign_ones_are_refused(certs, tmp_path):
     """One TLS SuperLink with node authentication (the server entry), four nodes at once: the
     registered one trains; a node with an unregistered key is refused and trains nothing; a client

@@ -26,7 +26,7 @@ import yaml
 from odl_fed.recorder import read_rounds
 from odl_fed.simulate import simulate
 
-JOB = {"model": "mobilenet_v2", "layers": 2, "method": "asi", "clients-per-round": 4, "local-epochs": 1,
+JOB = {"model": "resnet18", "layers": 2, "method": "asi", "clients-per-round": 4, "local-epochs": 1,
        "batch-size": 16, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits", "partition": "iid", "seed": 0,
        "examples-per-client": 64, "eval-examples": 200}
 DEVICES = [{"device": "rpi4", "count": 2}, {"device": "phone", "count": 1}, {"device": "jetson-nano", "count": 1}]

@@ -78,13 +78,22 @@ def _container(engine, service: str) -> str:
                          f"label=com.docker.compose.service={service}").stdout.strip()
 
 
+def _prune(engine) -> None:
+    """Stopped containers and untagged images (6-7 GB each): the engine's cache persists between
+    runs, and a disk that fills up fails the next build ("no space left on device")."""
+    engine.docker("container", "prune", "-f", check=False)
+    engine.docker("image", "prune", "-f", check=False)
+
+
 def test_docker_compose_up_runs_the_fleet_to_the_end(engine, tmp_path):
     started = time.monotonic()
     base = base_image(engine, cache=CACHE)
     wheelhouse()
+    _prune(engine)  # leftovers of an earlier run (a failed build's container and layers)
     build = engine.docker("build", "-q", "-f", "clients/Dockerfile", "--build-arg", f"BASE={base}", "-t",
                           "odl-fed:latest", str(ROOT), timeout=1800, check=False, cwd=ROOT)
     assert build.returncode == 0, build.stderr[-3000:]
+    _prune(engine)  # the image this build replaced
     print(f"\nimage built from {base} in {time.monotonic() - started:.0f} s (base and wheelhouse included)")
 
     project = tmp_path / "project"

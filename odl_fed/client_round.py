@@ -23,10 +23,12 @@ and aggregates the others.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,12 +73,33 @@ PLANNER_VERSION = 3
 
 class PlanCache:
     """Client plans by (model, weights, layers, method, batch, image size, profile, planner version): in
-    memory, and in ``directory`` as JSON files when one is given (so a board plans once, not every round)."""
+    memory, and in ``directory`` as JSON files when one is given (so a board plans once, not every round,
+    and simulated clients of one device type plan once, not once per actor).
+
+    In memory only, it also keeps each plan's FLOPs per training step (counted on the first round a
+    process trains that plan): a later round with the same plan skips the counted warm-up step.
+    """
 
     def __init__(self, directory: str | Path | None = None):
         self.directory = None if directory is None else Path(directory)
         self._plans: dict[str, ClientPlan] = {}
+        self.step_flops: dict[tuple, int] = {}
         self.hits = 0
+
+    @contextlib.contextmanager
+    def planning(self, key: str) -> Iterator[None]:
+        """Held while a plan for ``key`` is looked up and made: another process that needs the same
+        plan waits for it and then reads it, instead of planning it a second time."""
+        if self.directory is None:
+            yield
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / f".{key}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     @staticmethod
     def key(job: JobSpec, profile: DeviceProfile) -> str:
@@ -180,14 +203,15 @@ def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mappin
                            batch_size=job.batch_size, data=data, image_size=job.image_size, lr=job.lr,
                            start=start, proximal=proximal_mu > 0, seed=job.seed)
 
-    plan, cached = cache.get(key), True
-    if plan is None:
-        cached = False
-        try:
-            plan = make_plan()
-        except PlanRefused as error:
-            return ClientOutcome(client, profile.name, REFUSED, base, error=str(error))
-        cache.put(key, plan)
+    with cache.planning(key):
+        plan, cached = cache.get(key), True
+        if plan is None:
+            cached = False
+            try:
+                plan = make_plan()
+            except PlanRefused as error:
+                return ClientOutcome(client, profile.name, REFUSED, base, error=str(error))
+            cache.put(key, plan)
     plan_seconds = time.perf_counter() - started
 
     attempts: list[dict] = []
@@ -196,7 +220,8 @@ def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mappin
         try:
             trained = _train(model, job, plan, data, global_arrays, client=client, proximal_mu=proximal_mu,
                              server_round=server_round, bases=bases or {},
-                             train_memory=int(profile.train_memory * budget_scale))
+                             train_memory=int(profile.train_memory * budget_scale),
+                             step_flops=cache.step_flops, plan_key=key)
         except MemoryBudgetExceeded as error:
             attempts.append(_attempt(plan, "memory-exceeded", error.peak, error.budget, str(error)))
             restore_model(model)
@@ -234,15 +259,22 @@ def _attempt(plan: ClientPlan, status: str, peak: int, budget: int, error: str =
 
 
 def _train(model: nn.Module, job: JobSpec, plan: ClientPlan, data: ImageData, global_arrays, *, client: str,
-           proximal_mu: float, server_round: int, bases: Mapping[str, Tensor], train_memory: int):
-    """One attempt: the plan's layers from the global values, trained under the guard (raises on a breach)."""
+           proximal_mu: float, server_round: int, bases: Mapping[str, Tensor], train_memory: int,
+           step_flops: dict[tuple, int], plan_key: str):
+    """One attempt: the plan's layers from the global values, trained under the guard (raises on a breach).
+
+    The warm-up step (FLOPs counted, kernels set up outside the guard) runs once per plan and batch
+    shape in a process; ``step_flops`` keeps its count for the rounds after."""
     prepare_finetune(model, layers=len(plan.layers))  # a plan with fewer layers leaves the others at the global values
     travelling, params = _load_global_subset(model, global_arrays)
     apply_method(model, job.method, plan.ranks)
     warm = _load_bases(model, bases)
     optimizer = make_optimizer(list(params.values()), lr=job.lr)
     x, y = next(batches(data, batch_size=plan.batch_size, image_size=job.image_size))
-    flops_per_step = warm_up(model, x, y)
+    warmed = (plan_key, json.dumps(plan.to_dict(), sort_keys=True), tuple(x.shape))
+    if warmed not in step_flops:
+        step_flops[warmed] = warm_up(model, x, y)
+    flops_per_step = step_flops[warmed]
     del x, y
     resident = nbytes(model.parameters()) + nbytes(model.buffers())
     guard = MemoryGuard(max(train_memory - resident, 1), client=client)

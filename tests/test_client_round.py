@@ -69,6 +69,36 @@ def test_a_plan_is_made_once_per_device_and_kept_on_disk(start, tmp_path):
     assert PlanCache.key(JOB, other) != PlanCache.key(JOB, get_profile("phone"))
 
 
+def _plan_in_process(directory: str) -> tuple[int, float, dict]:
+    data = client_data(JOB, 1, 4)
+    model, _ = global_model(JOB, num_classes=data.num_classes)
+    outcome = run_client_round(JOB, get_profile("rpi5"), trained_state(model), client="rpi5-1", data=data,
+                               cache=PlanCache(directory))
+    return outcome.metrics["plan-cached"], outcome.metrics["plan-time"], outcome.plan
+
+
+def test_two_processes_needing_one_plan_make_it_once(tmp_path):
+    """Simulated actors share the on-disk cache: the second waits for the first's plan and reads it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.map(_plan_in_process, [str(tmp_path)] * 2)
+    assert sorted(cached for cached, _, _ in results) == [0, 1]
+    assert results[0][2] == results[1][2] and len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_a_plan_counts_its_step_flops_once_per_process(start, monkeypatch):
+    data, state, _ = start
+    warm_ups = []
+    real = client_round.warm_up
+    monkeypatch.setattr(client_round, "warm_up", lambda *a, **k: warm_ups.append(1) or real(*a, **k))
+    cache = PlanCache()
+    first = run_client_round(JOB, get_profile("rpi4"), state, client="rpi4-0", data=data, cache=cache)
+    second = run_client_round(JOB, get_profile("rpi4"), state, client="rpi4-1", data=data, cache=cache)
+    assert len(warm_ups) == 1 and len(cache.step_flops) == 1
+    assert second.metrics["flops-per-step"] == first.metrics["flops-per-step"] > 0
+
+
 def test_the_server_sending_other_layers_is_a_clear_error(start):
     data, state, _ = start
     with pytest.raises(ValueError, match="client rpi4-0: the server sent layers"):
@@ -149,3 +179,24 @@ def test_the_baselines_run_a_round(start, method):
                                client="rpi4-0", data=data)
     assert outcome.status == OK and outcome.plan["method"] == method
     assert 0 < outcome.metrics["activation-bytes"] < outcome.metrics["step-saved-bytes"]
+
+
+def test_the_model_is_built_once_per_process_and_each_client_gets_its_own_copy():
+    from odl_fed.job import _model_template
+    from odl_fed.models import build_model
+
+    _model_template.cache_clear()
+    first, _ = global_model(JOB, num_classes=10)
+    after_first = torch.random.get_rng_state()
+    with torch.no_grad():
+        next(first.parameters()).add_(1.0)  # a client's changes stay in its copy
+    second, convs = global_model(JOB, num_classes=10)
+    assert _model_template.cache_info().misses == 1 and _model_template.cache_info().hits == 1
+    assert torch.equal(torch.random.get_rng_state(), after_first)  # dropout draws as after a build
+    torch.manual_seed(JOB.seed)
+    built = build_model(JOB.model, num_classes=10)
+    assert torch.equal(torch.random.get_rng_state(), after_first)
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), built.state_dict().values()))
+    assert not torch.equal(next(first.parameters()), next(second.parameters()))
+    assert {n for n, p in second.named_parameters() if p.requires_grad} == \
+        {f"{c}.weight" for c in convs} | {"classifier.1.weight", "classifier.1.bias"}

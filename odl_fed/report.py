@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from odl_fed.round_summary import RoundSummary, format_bytes, plan_text, summarise_rounds
+from odl_fed.round_summary import RoundSummary, format_bytes, summarise_rounds
 from odl_fed.run_log import RunLog, find_runs, load_run
 
 __all__ = ["RunReport", "html_report", "markdown_report", "render", "save", "default_path", "write_report",

@@ -5,7 +5,6 @@ Every process a test starts is stopped by its PID at the end, and the test check
 (psutil) that none of them, nor anything they started, is left.
 """
 
-import os
 import subprocess
 import sys
 import time
@@ -15,38 +14,21 @@ import psutil
 import pytest
 import yaml
 
-from odl_fed.deploy import free_port, stop_tree
+from odl_fed.deploy import free_port
 from odl_fed.recorder import read_rounds
+from processes import ROOT, env, start, stop_all, tree
 
-ROOT = Path(__file__).resolve().parent.parent
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "rounds": 2, "clients-per-round": 3,
        "local-epochs": 1, "batch-size": 16, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits",
        "partition": "iid", "seed": 0, "examples-per-client": 64, "eval-examples": 200}
 
 
-def _env() -> dict:
-    # This checkout's package in every process (the venv may hold another checkout in editable mode).
-    return os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=_env(), stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
-
-
-def _tree(process: subprocess.Popen) -> set[int]:
-    try:
-        return {process.pid, *(c.pid for c in psutil.Process(process.pid).children(recursive=True))}
-    except psutil.NoSuchProcess:
-        return set()
-
-
-def _alive(pids: set[int]) -> list[int]:
-    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    return start([sys.executable, "-m", *args], log)
 
 
 def _run_quick(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -88,8 +70,8 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
         deadline = time.monotonic() + 900
         while server.poll() is None and time.monotonic() < deadline:
             for process in started:
-                pids |= _tree(process)
-            for pid in _tree(started[1]):  # the hard-capped client: read its ClientApp's limit from outside
+                pids |= tree(process)
+            for pid in tree(started[1]):  # the hard-capped client: read its ClientApp's limit from outside
                 try:
                     child = psutil.Process(pid)
                     if "flwr-clientapp" in " ".join(child.cmdline()):
@@ -134,15 +116,7 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
             text = (tmp_path / f"client-{partition}.log").read_text()
             assert process.returncode == 1 and "lost the SuperLink" in text, text[-2000:]
     finally:
-        for process in started:
-            pids |= _tree(process)
-            stop_tree(process.pid)
-        for process in started:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-    assert _alive(pids) == []
+        stop_all(started, pids)
     assert not any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
                    for p in psutil.process_iter(["cmdline"]))
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 import yaml
 
-from odl_fed.deploy import free_port, stop_tree
+from odl_fed.deploy import free_port
 from odl_fed.faults import FaultError, parse_fault
 from odl_fed.recorder import read_rounds
-from test_deploy import JOB, _alive, _start, _tree
+from processes import stop_all, tree
+from test_deploy import JOB, _start
 
 # The round timeout, also how long a round waits for its clients to connect. A deployed client's
 # round here is 20-50 s (a fresh ClientApp process imports torch each round); the straggler's
@@ -30,7 +31,7 @@ TIMEOUT = 90
 
 def _clientapps(process: subprocess.Popen) -> list[psutil.Process]:
     found = []
-    for pid in _tree(process):
+    for pid in tree(process):
         try:
             child = psutil.Process(pid)
             if "flwr-clientapp" in " ".join(child.cmdline()):
@@ -64,7 +65,7 @@ def test_a_deployed_fleet_survives_its_faults(tmp_path):
         deadline = time.monotonic() + 900
         while server.poll() is None and time.monotonic() < deadline:
             for process in started:
-                pids |= _tree(process)
+                pids |= tree(process)
             done = read_rounds(log) if log.exists() else []
             if len(started) == 2 and len(done) >= 2:  # round 1 was skipped: the others join late
                 for extra, name in late:
@@ -72,7 +73,7 @@ def test_a_deployed_fleet_survives_its_faults(tmp_path):
                                           tmp_path / f"{name}.log"))
             if killed_at is None and len(done) == 5 and _clientapps(first):  # round 5 has begun for c0
                 killed_at = time.monotonic()
-                for pid in _tree(first):
+                for pid in tree(first):
                     try:
                         psutil.Process(pid).kill()  # SIGKILL, the SuperNode and its ClientApp
                     except psutil.NoSuchProcess:
@@ -81,15 +82,7 @@ def test_a_deployed_fleet_survives_its_faults(tmp_path):
         text = (tmp_path / "server.log").read_text()
         assert server.returncode == 0, text[-4000:]
     finally:
-        for process in started:
-            pids |= _tree(process)
-            stop_tree(process.pid)
-        for process in started:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-    assert _alive(pids) == []
+        stop_all(started, pids)
 
     rounds = read_rounds(log)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4, 5]  # no finished round lost

@@ -9,7 +9,7 @@ import yaml
 from odl_fed.client_app import node_identity
 from odl_fed.device_detect import MachineReadings, cgroup_memory_limit, cgroup_memory_usage, closest_profile, \
     fit_to_memory_limit
-from odl_fed.node_config import NodeConfigError, build_node_config, format_node_config
+from odl_fed.node_config import build_node_config, format_node_config
 from odl_fed.profile import get_profile, load_profiles
 from odl_fed.run_config import RunSettings
 

@@ -21,63 +21,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from odl_fed import client, server
-from odl_fed.certs import CertError, check_certificate, check_node_key, make_certs, server_certs
+from odl_fed.certs import check_certificate, check_node_key, make_certs, server_certs
 from odl_fed.cli import main as cli_main
-from odl_fed.deploy import flower_command, flower_env, free_port, stop_tree, wait_for_port
+from odl_fed.deploy import flower_command, free_port, wait_for_port
 from odl_fed.recorder import read_rounds
+from processes import ROOT, env, start, stop_all, tree
 
-ROOT = Path(__file__).resolve().parent.parent
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "rounds": 1, "clients-per-round": 1,
        "local-epochs": 1, "batch-size": 16, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits",
        "partition": "iid", "seed": 0, "examples-per-client": 32, "eval-examples": 100}
 NOW = dt.datetime.now(dt.timezone.utc)
 
 
-def _env() -> dict:
-    # This checkout's package, offline, the venv's bin on PATH (Flower starts flower-superexec by name).
-    return flower_env({"OMP_NUM_THREADS": "1"})
-
-
-def _start(command: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
 def _entry(args: list[str], log: Path) -> subprocess.Popen:
-    return _start([sys.executable, "-m", *args], log)
-
-
-def _tree(process: subprocess.Popen) -> set[int]:
-    try:
-        return {process.pid, *(c.pid for c in psutil.Process(process.pid).children(recursive=True))}
-    except psutil.NoSuchProcess:
-        return set()
-
-
-def _alive(pids: set[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def _stop_all(started: list[subprocess.Popen], pids: set[int]) -> None:
-    for process in started:
-        pids |= _tree(process)
-        stop_tree(process.pid)
-    for process in started:
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    # A SuperNode that Flower ended leaves its SuperExec to notice the parent is gone (it does, in seconds).
-    deadline = time.monotonic() + 15
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _alive(pids) == []
+    return start([sys.executable, "-m", *args], log)
 
 
 def _error_lines(text: str) -> list[str]:
@@ -249,14 +206,14 @@ def test_registered_node_trains_unregistered_and_foreign_ones_are_refused(certs,
         assert wait_for_port("127.0.0.1", port, timeout=300, process=srv)
         stranger = node("stranger", certs / "ca.crt", tmp_path / "stranger" / "node-stranger.key", "phone", "15")
         foreign = node("foreign", tmp_path / "other" / "ca.crt", certs / "node-0.key", "phone", "60")
-        bare = _start([flower_command("flower-supernode"), "--root-certificates", str(tmp_path / "other" / "ca.crt"),
+        bare = start([flower_command("flower-supernode"), "--root-certificates", str(tmp_path / "other" / "ca.crt"),
                        "--auth-supernode-private-key", str(certs / "node-0.key"), "--superlink", link,
                        "--port", str(free_port()), "--max-wait-time", "10"], tmp_path / "bare.log")
         started.append(bare)
         deadline = time.monotonic() + 600
         while srv.poll() is None and time.monotonic() < deadline:
             for process in started:
-                pids |= _tree(process)
+                pids |= tree(process)
             time.sleep(0.5)
         log = (tmp_path / "server.log").read_text()
         assert srv.returncode == 0, log[-4000:]
@@ -288,7 +245,7 @@ def test_registered_node_trains_unregistered_and_foreign_ones_are_refused(certs,
         assert bare.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "bare.log").read_text()
         assert "TLS" in (tmp_path / "registered.log").read_text()  # (it ends on its own: test_deploy checks that)
     finally:
-        _stop_all(started, pids)
+        stop_all(started, pids)
     assert not any(link in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
 
@@ -302,21 +259,21 @@ def test_an_expired_server_certificate_stops_the_node_with_one_clear_error(certs
     started: list[subprocess.Popen] = []
     pids: set[int] = set()
     try:
-        superlink = _start([flower_command("flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+        superlink = start([flower_command("flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
                             "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
                             "--enable-supernode-auth", "--host", "127.0.0.1",
                             "--port", str(port), "--disable-runtime-dependency-installation"],
                            tmp_path / "superlink.log")
         started.append(superlink)
         assert wait_for_port("127.0.0.1", port, timeout=60, process=superlink)
-        bare = _start([flower_command("flower-supernode"), "--root-certificates", str(certs / "ca.crt"),
+        bare = start([flower_command("flower-supernode"), "--root-certificates", str(certs / "ca.crt"),
                        "--auth-supernode-private-key", str(certs / "node-0.key"), "--superlink", link,
                        "--port", str(free_port()), "--max-wait-time", "10"], tmp_path / "bare.log")
         started.append(bare)
         before = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "odl_fed.client", "--device", "rpi4", "--superlink", link,
                                "--root-certificates", str(certs / "ca.crt"), "--auth-key", str(certs / "node-0.key"),
-                               "--connect-timeout", "10"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                               "--connect-timeout", "10"], cwd=ROOT, env=env(), capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 2, done.stderr
         (line,) = _error_lines(done.stderr)
@@ -324,14 +281,14 @@ def test_an_expired_server_certificate_stops_the_node_with_one_clear_error(certs
                f"certificate has expired" in line
         assert "SuperNode" not in done.stderr and time.monotonic() - before < 30
         plain = subprocess.run([sys.executable, "-m", "odl_fed.client", "--device", "rpi4", "--superlink", link,
-                                "--insecure", "--connect-timeout", "10"], cwd=ROOT, env=_env(), capture_output=True,
+                                "--insecure", "--connect-timeout", "10"], cwd=ROOT, env=env(), capture_output=True,
                                text=True, timeout=60)
         assert plain.returncode == 2 and f"the SuperLink at {link} speaks TLS: give --root-certificates" in \
             _error_lines(plain.stderr)[0], plain.stderr
         bare.wait(timeout=60)
-        pids |= _tree(superlink)
+        pids |= tree(superlink)
         text = (tmp_path / "bare.log").read_text()
         assert bare.returncode != 0 and "certificate has expired" in text, text[-2000:]
         assert superlink.poll() is None  # the SuperLink itself is unharmed
     finally:
-        _stop_all(started, pids)
+        stop_all(started, pids)

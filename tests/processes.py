@@ -1,0 +1,67 @@
+"""Real processes for the deployment tests: start them, know their whole tree, stop every one by PID.
+
+Shared by test_deploy, test_faults and test_security (and anything else that starts the entries):
+a test that starts a process stops it, and everything it started, and checks none is left.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from odl_fed.deploy import flower_env, stop_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env() -> dict:
+    """This checkout's package in every process (the venv may hold another checkout in editable mode),
+    offline, the venv's bin on PATH (Flower starts flower-superexec by name), one thread each."""
+    return flower_env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    """``command`` run from the repository, its output (both streams) to ``log``."""
+    return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def tree(process: subprocess.Popen) -> set[int]:
+    """The process and all its descendants now (empty when it has ended)."""
+    try:
+        return {process.pid, *(c.pid for c in psutil.Process(process.pid).children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def alive(pids: set[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie is not)."""
+    running = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def stop_all(started: list[subprocess.Popen], pids: set[int], *, grace: float = 15) -> None:
+    """Stop every started process's tree (plus ``pids`` seen earlier) and assert none is left.
+
+    A SuperNode that Flower ended leaves its SuperExec to notice the parent is gone (it does, in
+    seconds): ``grace`` is how long that may take."""
+    for process in started:
+        pids |= tree(process)
+        stop_tree(process.pid)
+    for process in started:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + grace
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive(pids) == []

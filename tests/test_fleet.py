@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from odl_fed.fleet import FleetError, load_fleet
 
@@ -46,3 +47,21 @@ def test_fleet_mistakes_name_the_file_and_field(tmp_path, change, message):
 def test_missing_fleet_file(tmp_path):
     with pytest.raises(FleetError, match=re.escape(f"fleet file {tmp_path / 'none.yaml'} does not exist")):
         load_fleet(tmp_path / "none.yaml")
+
+
+def test_a_random_model_whose_frozen_part_passes_nothing_is_warned_about(tmp_path):
+    """Random MobileNetV2 with frozen BatchNorm hands its last convs ~1e-8 at 32 px (measured by a
+    hook on the real forward); a pretrained checkpoint (demo.yaml) gets no warning."""
+    from odl_fed.models import build_model, frozen_signal
+    from odl_fed.preflight import DEAD_SIGNAL, check_signal
+
+    mixed = load_fleet(FLEETS / "mixed.yaml")
+    assert mixed.job.weights is None and mixed.job.model == "mobilenet_v2"
+    torch.manual_seed(mixed.job.seed)
+    spread = frozen_signal(build_model("mobilenet_v2"), layers=mixed.job.layers, image_size=mixed.job.image_size)
+    assert 0 <= spread < DEAD_SIGNAL
+    warning = check_signal(mixed)
+    assert warning.startswith(f"{mixed.path}: job.weights: a randomly initialised mobilenet_v2")
+    assert f"{spread:.1e}" in warning and "odl-fed pretrain" in warning
+    assert frozen_signal(build_model("resnet18"), layers=2, image_size=32) > DEAD_SIGNAL  # residuals carry it
+    assert check_signal(load_fleet(FLEETS / "demo.yaml")) is None  # job.weights given: nothing to check

@@ -20,64 +20,19 @@ import json
 import platform
 import shutil
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import torch
 
+from bench.process_tree import TreeSampler, write_result
 from odl_fed.job import client_data, global_model
 from odl_fed.fleet import load_fleet
 from odl_fed.memory_guard import MemoryGuard
 from odl_fed.recorder import read_rounds
 from odl_fed.simulate import simulate
 from odl_fed.task import train_epoch
-
-
-def process_role(process: psutil.Process) -> str:
-    """What a process of the run is: this one (the server), a client actor, or one of Ray's services."""
-    if process.pid == psutil.Process().pid:
-        return "server (this process)"
-    name = process.name()
-    if name.startswith("ray::"):
-        return "client actors" if "Actor" in name else f"ray workers ({name})"
-    return f"ray {name}" if name in ("raylet", "gcs_server") else "other (Ray's Python services)"
-
-
-class TreeMemory:
-    """Peak summed RSS of this process and all its descendants, sampled by a thread, and how that
-    peak splits by the processes' roles (:func:`process_role`)."""
-
-    def __init__(self, interval: float = 0.25):
-        self.interval, self.peak, self.roles, self._stop = interval, 0, {}, threading.Event()
-
-    def _sample(self) -> tuple[int, dict[str, int]]:
-        me = psutil.Process()
-        roles: dict[str, int] = {}
-        for process in [me, *me.children(recursive=True)]:
-            try:
-                rss, role = process.memory_info().rss, process_role(process)
-            except psutil.NoSuchProcess:
-                continue
-            roles[role] = roles.get(role, 0) + rss
-        return sum(roles.values()), roles
-
-    def _watch(self):
-        while not self._stop.wait(self.interval):
-            total, roles = self._sample()
-            if total > self.peak:
-                self.peak, self.roles = total, roles
-
-    def __enter__(self):
-        self.peak, self.roles = self._sample()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def guard_overhead(fleet, *, repeats: int = 3) -> dict:
@@ -132,7 +87,7 @@ def main(argv=None) -> dict:
     plans = args.out_dir / "plans"  # planned afresh, once per device type, as a first run does
     shutil.rmtree(plans, ignore_errors=True)
     started = time.perf_counter()
-    with TreeMemory() as memory:
+    with TreeSampler(interval=0.25) as memory:
         log = simulate({"fleet": str(args.fleet), "out-dir": str(args.out_dir), "plan-cache": str(plans)},
                        progress=True)
     wall = time.perf_counter() - started
@@ -148,14 +103,12 @@ def main(argv=None) -> dict:
     result = {
         "fleet": str(args.fleet), "clients": fleet.num_clients, "rounds": fleet.job.rounds,
         "clients_per_round": fleet.job.clients_per_round, "model": fleet.job.model, "method": fleet.job.method,
-        "wall_seconds": wall, "peak_rss_bytes": memory.peak, "peak_rss_by_role": memory.roles,
+        "wall_seconds": wall, "peak_rss_bytes": memory.peak, "peak_rss_by_role": memory.peak_roles,
         "round_log": str(log),
         "round_0_accuracy": rounds[0]["global"]["accuracy"], "traffic": traffic, "guard": overhead,
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
     }
     result["where"] = where_time_goes(rounds, wall)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\nfleet {args.fleet}: {fleet.num_clients} clients, {fleet.job.clients_per_round} per round, "
           f"{fleet.job.rounds} rounds, {fleet.job.method} on {fleet.job.model}")
@@ -176,9 +129,9 @@ def main(argv=None) -> dict:
           f"planning {w['plan_seconds']:.0f}, model build + data + warm-up {w['setup_seconds']:.0f}; the server's "
           f"evaluation {w['eval_seconds']:.0f} s (wall); the rest (Ray, Flower, messages, waits) "
           f"{w['rest_seconds']:.0f} s of wall")
-    print("  peak RSS by process: " + ", ".join(f"{role} {rss / 2**30:.2f} GiB" for role, rss in
-                                              sorted(memory.roles.items(), key=lambda item: -item[1])))
-    print(f"wrote {args.out}")
+    print("  peak RSS by role: " + ", ".join(f"{name} {rss / 2**30:.2f} GiB" for name, rss in
+                                           memory.peak_roles.items()))
+    write_result(args.out, result)
     return result
 
 

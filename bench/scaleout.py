@@ -15,7 +15,6 @@ Run: ``python -m bench.scaleout [--sizes 10 50 100 200] [--out bench/results/sca
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from bench.fleet import TreeMemory
+from bench.process_tree import TreeSampler, write_result
 from odl_fed.recorder import read_rounds
 from odl_fed.simulate import simulate
 
@@ -46,7 +45,7 @@ def fleet_file(directory: Path, clients: int) -> Path:
 def run_fleet(directory: Path, clients: int, **kwargs) -> dict:
     fleet = fleet_file(directory, clients)
     started = time.perf_counter()
-    with TreeMemory() as memory:
+    with TreeSampler(interval=0.25) as memory:
         log = simulate({"fleet": str(fleet), "out-dir": str(directory / f"run-{clients}"), "plan-cache": ""},
                        progress=False, **kwargs)
     wall = time.perf_counter() - started
@@ -111,9 +110,7 @@ def main(argv=None) -> dict:
         result["cluster"] = row
         print(f"two-node Ray cluster: {row['ray_nodes']} raylets, {row['actors']} client actors on "
               f"{row['actor_nodes']} node(s); wall {row['wall_seconds']:.1f} s, trained {row['trained']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

@@ -14,15 +14,13 @@ Run: ``python -m bench.soak [--rounds 30] [--out bench/results/soak.json]``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 
+from bench.process_tree import TreeSampler, write_result
 from odl_fed.recorder import read_rounds
 from odl_fed.simulate import simulate
 
@@ -33,52 +31,6 @@ DEVICES = [{"device": "rpi4", "count": 2}, {"device": "phone", "count": 1}, {"de
 WARM_UP = 3  # rounds before the baseline (plans made, caches filled, allocator settled)
 WINDOW = 5
 LIMIT = 0.05
-
-
-def _role(process: psutil.Process, me: int) -> str:
-    if process.pid == me:
-        return "server"
-    try:
-        command = " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return "other"
-    return "clients" if "ClientAppActor" in command else "ray"
-
-
-class TreeSampler:
-    """RSS and open file descriptors of this process tree, by role, every ``interval`` seconds."""
-
-    def __init__(self, interval: float = 1.0):
-        self.interval, self.samples, self._stop = interval, [], threading.Event()
-
-    def sample(self) -> dict:
-        me = psutil.Process()
-        totals = {role: {"rss": 0, "fds": 0, "processes": 0} for role in ("server", "clients", "ray")}
-        for process in [me, *me.children(recursive=True)]:
-            try:
-                role = _role(process, me.pid)
-                if role == "other":
-                    continue
-                totals[role]["rss"] += process.memory_info().rss
-                totals[role]["fds"] += process.num_fds()
-                totals[role]["processes"] += 1
-            except psutil.NoSuchProcess:
-                continue
-        return {"time": time.time(), **totals}
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.samples.append(self.sample())
-
-    def __enter__(self) -> TreeSampler:
-        self.samples.append(self.sample())
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def per_round(samples: list[dict], rounds: list[dict]) -> list[dict]:
@@ -129,9 +81,7 @@ def main(argv=None) -> dict:
             if value > LIMIT}
     result["over_limit"] = over
     print("  no growth above 5% after warm-up" if not over else f"  ABOVE 5%: {over}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

@@ -7,6 +7,7 @@ the first step, with :class:`~odl_fed.saved_memory.SavedTensorMeter`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -21,7 +22,8 @@ from odl_fed.memory_guard import MemoryGuard
 from odl_fed.methods import METHODS, Method, get_method
 from odl_fed.saved_memory import SavedTensorMeter
 
-__all__ = ["METHODS", "apply_method", "make_optimizer", "warm_up", "train_steps", "train_epoch", "evaluate"]
+__all__ = ["METHODS", "apply_method", "make_optimizer", "warm_up", "train_step", "train_steps", "train_epoch",
+           "evaluate"]
 
 
 def apply_method(model: nn.Module, method: str | Method, ranks: Mapping[str, Ranks | None], *,
@@ -61,6 +63,26 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+               meter: SavedTensorMeter | None = None, guard: MemoryGuard | None = None,
+               regularizer: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """One optimizer step on batch ``(x, y)``; returns its loss (detached, without the regularizer).
+
+    With a ``meter``, what the forward saves for backward is counted; with a ``guard``, its budget
+    is checked after the forward (activations are at their peak there) and after the step.
+    """
+    with meter or contextlib.nullcontext():
+        loss = F.cross_entropy(model(x), y)
+    if guard is not None:
+        guard.check()
+    optimizer.zero_grad(set_to_none=True)
+    (loss if regularizer is None else loss + regularizer()).backward()
+    optimizer.step()
+    if guard is not None:
+        guard.end_step()
+    return loss.detach()
+
+
 def train_steps(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                 optimizer: torch.optim.Optimizer, measured_layers: Sequence[str] = (),
                 guard: MemoryGuard | None = None,
@@ -81,18 +103,11 @@ def train_steps(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     start = time.perf_counter()
     for x, y in batches:
         if first is None:
-            with SavedTensorMeter(exclude=params, modules=modules) as meter:
-                loss = F.cross_entropy(model(x), y)
+            meter = SavedTensorMeter(exclude=params, modules=modules)
+            loss = train_step(model, x, y, optimizer=optimizer, meter=meter, guard=guard, regularizer=regularizer)
             first = {"activation_bytes": meter.nbytes_of(modules), "step_saved_bytes": meter.nbytes}
         else:
-            loss = F.cross_entropy(model(x), y)
-        if guard is not None:
-            guard.check()  # activations are at their peak here
-        optimizer.zero_grad(set_to_none=True)
-        (loss if regularizer is None else loss + regularizer()).backward()
-        optimizer.step()
-        if guard is not None:
-            guard.end_step()
+            loss = train_step(model, x, y, optimizer=optimizer, guard=guard, regularizer=regularizer)
         total_loss += loss.item() * y.numel()
         examples += y.numel()
     if first is None:

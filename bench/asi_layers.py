@@ -10,7 +10,8 @@ ratio to vanilla measured in the same run:
 - training FLOPs, forward + backward (``FlopCounterMode``; QR/eigh/SVD counted too);
 - median step time of the full step and of the fine-tuned part alone (frozen features computed
   once), methods interleaved step by step so they share the machine's noise;
-- where ASI's compression time goes: the subspace-iteration products, the QR, the core.
+- where ASI's compression time goes: the layer's own compression timed, split by the
+  ``odl_fed.asi`` function each operator ran in (products, QR, core: the library's names).
 
 Run: ``python -m bench.asi_layers`` (settings in ``configs/bench/asi_layers.yaml``; ``--help``).
 Weights are random (no download): memory, FLOPs and time do not depend on them.
@@ -33,8 +34,8 @@ import torchvision
 from torch import nn
 
 from bench.settings import check_keys, read_settings
+from bench.tail import Tail, block_sequence, first_block, layer_inputs, prefix_features
 from odl_fed.asi import ASIConv2d, freeze_except, inject_asi, last_conv_names, tucker_numel
-from odl_fed.asi.tucker import _mode_times_gram, mode_grams, orthonormalize, tucker_core, uses_gram
 from odl_fed.flops import count_flops
 from odl_fed.saved_memory import SavedTensorMeter
 
@@ -42,44 +43,27 @@ from odl_fed.saved_memory import SavedTensorMeter
 @dataclass(frozen=True)
 class ModelCase:
     name: str
-    layers: int
-    blocks: tuple[str, ...]  # the top-level blocks that make up the fine-tuned part
+    layers: int  # the last convs fine-tuned; the part is the model from the block holding the first of them
 
     def build(self) -> nn.Module:
         return torchvision.models.get_model(self.name, weights=None, num_classes=10)
 
-    def part(self, model: nn.Module) -> nn.Sequential:
-        """The fine-tuned part as a Sequential sharing the model's modules (blocks, pool, head)."""
-        blocks = [model.get_submodule(b) for b in self.blocks]
-        head = model.classifier if hasattr(model, "classifier") else model.fc
-        return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    def start(self, model: nn.Module) -> int:
+        """The first block of the fine-tuned part."""
+        return first_block(model, last_conv_names(model, self.layers))
+
+    def part(self, model: nn.Module) -> Tail:
+        """The fine-tuned part (blocks, pool, head), sharing the model's modules, run from its input."""
+        return Tail(model, self.start(model))
 
     def prefix(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The frozen features entering the fine-tuned part (run once, without grad)."""
-        captured = {}
-
-        def hook(module, args):
-            captured["x"] = args[0]
-            raise _Stop
-
-        handle = model.get_submodule(self.blocks[0]).register_forward_pre_hook(hook)
-        try:
-            with torch.no_grad():
-                model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured["x"]
-
-
-class _Stop(Exception):
-    pass
+        return prefix_features(model, self.start(model), x)
 
 
 CASES = {
-    "mobilenet_v2": ModelCase("mobilenet_v2", 4, ("features.17", "features.18")),
-    "resnet18": ModelCase("resnet18", 2, ("layer4.1",)),
+    "mobilenet_v2": ModelCase("mobilenet_v2", 4),  # features.17 and .18
+    "resnet18": ModelCase("resnet18", 2),  # layer4.1
 }
 
 
@@ -95,7 +79,7 @@ def _method_model(case: ModelCase, base: nn.Module, method: str, rank: int | Non
 def _part_modules(case: ModelCase, model: nn.Module) -> dict[str, nn.Module]:
     """Leaf modules of the fine-tuned blocks (convs, BatchNorm, activations), by qualified name."""
     leaves = {}
-    for block in case.blocks:
+    for block, _ in block_sequence(model)[case.start(model):]:
         for name, module in model.get_submodule(block).named_modules():
             if not list(module.children()) or isinstance(module, ASIConv2d):
                 leaves[f"{block}.{name}"] = module
@@ -148,54 +132,38 @@ def _weight_grad_errors(case, base, model, trained, features, labels):
     return errors
 
 
-MODE_NAMES = ("batch", "channel", "height", "width")
+LIBRARY = "odl_fed/asi/"  # source files whose functions a compression's time is split by
 
 
-def _time_pieces(x: torch.Tensor, ranks, bases, repeats: int) -> dict[str, float]:
-    """One warm ASI compression of ``x``, timed piece by piece (the same calls as the layer's).
+def _compression_split(layer: ASIConv2d, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """The layer's own compression of ``x`` (``layer.variant.pack``, what a training step calls), timed.
 
-    Products are timed per mode: a Gram mode's one GEMM (height and width share one joint Gram)
-    or a large mode's two multiplications ``X_(n)^T U`` and ``X_(n) V``.
+    The median time of ``repeats`` calls is split by the ``odl_fed.asi`` function each operator
+    ran in (innermost; ``torch.profiler`` with Python stacks, over ``repeats`` more calls), so the
+    pieces are named by the library's own functions and add up to the measured time. The layer's
+    state is untouched: its bases are passed in, as the layer does, and the new ones dropped.
     """
-    active = [m for m, (r, d) in enumerate(zip(ranks, x.shape)) if r < d]
-    gram = [m for m in active if uses_gram(x.shape[m], ranks[m])]
-    groups = [[m] for m in gram if m < 2] + ([[m for m in gram if m >= 2]] if any(m >= 2 for m in gram) else [])
-    pairs = [m for m in active if m not in gram]
-    times: dict[str, list[float]] = {}
-
-    def record(key, seconds):
-        times.setdefault(key, []).append(seconds)
-
+    ranks, bases = layer.effective_ranks(x.shape), layer.bases()
+    layer.variant.pack(x, ranks, bases)  # warm caches and allocator
+    times = []
     for _ in range(repeats):
-        ys = {}
-        for group in groups:
-            t0 = time.perf_counter()
-            grams = mode_grams(x, group)
-            for m in group:
-                ys[m] = grams[m] @ bases[m]
-            record("gram " + "+".join(MODE_NAMES[m] for m in group), time.perf_counter() - t0)
-        for m in pairs:
-            t0 = time.perf_counter()
-            ys[m] = _mode_times_gram(x, m, bases[m])
-            record(f"two products {MODE_NAMES[m]}", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        factors = [orthonormalize(ys[m]) if m in ys else bases[m] for m in range(x.dim())]
-        record("qr", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        tucker_core(x, factors)
-        record("core", time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _layer_inputs(case, model, trained, features):
-    inputs = {}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: inputs.__setitem__(n, a[0].detach().contiguous())) for n in trained]
-    with torch.no_grad():
-        case.part(model)(features)
-    for h in handles:
-        h.remove()
-    return inputs
+        layer.variant.pack(x, ranks, bases)
+        times.append(time.perf_counter() - t0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as prof:
+        for _ in range(repeats):
+            layer.variant.pack(x, ranks, bases)
+    spent: dict[str, float] = {}
+    for event in prof.events():
+        parent = event.cpu_parent
+        if not event.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
+            continue  # only operators called from Python, each once
+        while parent is not None and (LIBRARY not in parent.name or parent.name.endswith(">")):
+            parent = parent.cpu_parent  # up to a named library function (not a comprehension)
+        name = parent.name.rsplit(": ", 1)[-1] if parent is not None else "other"
+        spent[name] = spent.get(name, 0.0) + event.cpu_time_total
+    total, profiled = statistics.median(times), sum(spent.values())
+    return {name: total * t / profiled for name, t in spent.items()}
 
 
 def run_case(case: ModelCase, *, batch: int, size: int, ranks: list[int], hosvd_rank: int | None,
@@ -240,11 +208,10 @@ def run_case(case: ModelCase, *, batch: int, size: int, ranks: list[int], hosvd_
         row = r["row"]
         if row["method"] != "asi":
             continue
-        inputs = _layer_inputs(case, r["model"], r["trained"], features)
+        inputs = layer_inputs(r["part"], {n: r["model"].get_submodule(n) for n in r["trained"]}, features)
         split: dict[str, float] = {}
         for name, x in inputs.items():
-            layer = r["model"].get_submodule(name)
-            pieces = _time_pieces(x, layer.last_ranks, layer.bases(), repeats=max(3, steps // 2))
+            pieces = _compression_split(r["model"].get_submodule(name), x, repeats=max(3, steps // 2))
             for k, v in pieces.items():
                 split[k] = split.get(k, 0.0) + v
         row["compression_s"] = split

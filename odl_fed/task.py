@@ -7,8 +7,9 @@ the first step, with :class:`~odl_fed.saved_memory.SavedTensorMeter`.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ from odl_fed.memory_guard import MemoryGuard
 from odl_fed.methods import METHODS, Method, get_method
 from odl_fed.saved_memory import SavedTensorMeter
 
-__all__ = ["METHODS", "apply_method", "make_optimizer", "warm_up", "train_epoch", "evaluate"]
+__all__ = ["METHODS", "apply_method", "make_optimizer", "warm_up", "train_step", "train_steps", "train_epoch",
+           "evaluate"]
 
 
 def apply_method(model: nn.Module, method: str | Method, ranks: Mapping[str, Ranks | None], *,
@@ -61,41 +63,67 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Optimizer, batch_size: int,
-                image_size: int, measured_layers: Sequence[str] = (), seed: int = 0,
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, optimizer: torch.optim.Optimizer,
+               meter: SavedTensorMeter | None = None, guard: MemoryGuard | None = None,
+               regularizer: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """One optimizer step on batch ``(x, y)``; returns its loss (detached, without the regularizer).
+
+    With a ``meter``, what the forward saves for backward is counted; with a ``guard``, its budget
+    is checked after the forward (activations are at their peak there) and after the step.
+    """
+    with meter or contextlib.nullcontext():
+        loss = F.cross_entropy(model(x), y)
+    if guard is not None:
+        guard.check()
+    optimizer.zero_grad(set_to_none=True)
+    (loss if regularizer is None else loss + regularizer()).backward()
+    optimizer.step()
+    if guard is not None:
+        guard.end_step()
+    return loss.detach()
+
+
+def train_steps(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                optimizer: torch.optim.Optimizer, measured_layers: Sequence[str] = (),
                 guard: MemoryGuard | None = None,
                 regularizer: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """One pass over ``data``; returns loss, examples, seconds and the first step's saved bytes.
+    """One optimizer step per ``(x, y)`` batch of ``batches``: the training loop every caller shares.
 
-    ``activation_bytes`` counts what ``measured_layers`` (the trained convs) save for backward;
-    ``step_saved_bytes`` everything the step saves (parameters excluded). With a ``guard``,
-    its budget is checked after each forward and each step (it raises MemoryBudgetExceeded).
-    ``regularizer()`` is added to each batch's loss (FedProx's proximal term); the reported loss
-    excludes it.
+    Returns the mean loss per example (``loss``), ``examples``, ``seconds`` and the first step's
+    saved bytes: ``activation_bytes``, what ``measured_layers`` (the trained convs) save for
+    backward, and ``step_saved_bytes``, everything the step saves except the trainable
+    parameters (frozen ones a step saves, such as a frozen BatchNorm's weight, are counted).
+    With a ``guard``, its budget is checked after each forward and each step (it raises
+    MemoryBudgetExceeded). ``regularizer()`` is added to each batch's loss (FedProx's proximal
+    term); the reported loss excludes it. Raises ValueError when ``batches`` is empty.
     """
     params = _trainable(model)
     modules = {name: model.get_submodule(name) for name in measured_layers}
     total_loss, examples, first = 0.0, 0, None
     start = time.perf_counter()
-    for x, y in batches(data, batch_size=batch_size, image_size=image_size, shuffle=True, seed=seed):
+    for x, y in batches:
         if first is None:
-            with SavedTensorMeter(exclude=params, modules=modules) as meter:
-                loss = F.cross_entropy(model(x), y)
+            meter = SavedTensorMeter(exclude=params, modules=modules)
+            loss = train_step(model, x, y, optimizer=optimizer, meter=meter, guard=guard, regularizer=regularizer)
             first = {"activation_bytes": meter.nbytes_of(modules), "step_saved_bytes": meter.nbytes}
         else:
-            loss = F.cross_entropy(model(x), y)
-        if guard is not None:
-            guard.check()  # activations are at their peak here
-        optimizer.zero_grad(set_to_none=True)
-        (loss if regularizer is None else loss + regularizer()).backward()
-        optimizer.step()
-        if guard is not None:
-            guard.end_step()
+            loss = train_step(model, x, y, optimizer=optimizer, guard=guard, regularizer=regularizer)
         total_loss += loss.item() * y.numel()
         examples += y.numel()
     if first is None:
-        raise ValueError(f"{data.name}: no examples to train on")
+        raise ValueError("no batches to train on")
     return {"loss": total_loss / examples, "examples": examples, "seconds": time.perf_counter() - start, **first}
+
+
+def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Optimizer, batch_size: int,
+                image_size: int, measured_layers: Sequence[str] = (), seed: int = 0,
+                guard: MemoryGuard | None = None,
+                regularizer: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """One shuffled pass over ``data`` (order from ``seed``) through :func:`train_steps`; its keys."""
+    if len(data) == 0:
+        raise ValueError(f"{data.name}: no examples to train on")
+    return train_steps(model, batches(data, batch_size=batch_size, image_size=image_size, shuffle=True, seed=seed),
+                       optimizer=optimizer, measured_layers=measured_layers, guard=guard, regularizer=regularizer)
 
 
 @torch.no_grad()

@@ -2,29 +2,22 @@
 
 EfficientNet-Lite0 with its packaged ImageNet weights is fine-tuned on 1,024 real MNIST digits
 (the last 4 convs and the head; 112 px, so the trained maps are 3x3), over cached features
-(``bench.accuracy``'s tail: exact for a frozen prefix with BatchNorm in eval), with vanilla
+(``bench.tail.Tail``: exact for a frozen prefix with BatchNorm in eval), with vanilla
 backprop, with ASI at ranks the planner chose for 1/20 of vanilla's measured activation bytes,
 and with the convs frozen (head only). Seeds are fixed.
 
 Why this problem: it runs in under a minute (the cached features make every epoch cheap), the
 pretrained features are real, and training the convs is worth something here (the test checks
 that vanilla beats head only by 5 pp, so that parity means something). The full comparison, on
-larger maps and budgets down to 1/200, is ``bench/accuracy.py`` (docs/accuracy.md).
+larger maps and budgets down to 1/200, is ``python -m bench.accuracy`` (docs/accuracy.md).
 """
 
 import pytest
 import torch
 
-from bench.accuracy import (
-    HEAD_ONLY,
-    Cached,
-    Tail,
-    cache_features,
-    calibration_batches,
-    fine_tune,
-    first_block,
-    prepared_tail,
-)
+from bench.accuracy.settings import HEAD_ONLY
+from bench.accuracy.train import calibration_batches, fine_tune, prepared_tail
+from bench.tail import Cached, Tail, cache_features, first_block
 from odl_fed.asi import last_conv_names
 from odl_fed.data import batches, load_dataset
 from odl_fed.models import build_model

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from bench import asi_layers
+from odl_fed.asi import tucker, variants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,10 @@ def test_benchmark_runs_end_to_end_on_a_tiny_setting(tmp_path):
         assert vanilla["method"] == "vanilla" and asi["method"] == "asi" and hosvd["method"] == "hosvd"
         assert asi["convs_bytes"] == asi["tucker_limit_bytes"]
         assert asi["ratios"]["convs_bytes"] < 0.2 and asi["ratios"]["part_bytes"] < 0.5
-        assert {"qr", "core"} <= set(asi["compression_s"]) and len(asi["compression_s"]) > 2
+        # the compression's time is split by the library functions it ran in (the variant's own code)
+        pieces = set(asi["compression_s"])
+        library = (tucker, variants, variants.ASIVariant)
+        assert len(pieces) > 2 and all(any(hasattr(where, p) for where in library) for p in pieces), pieces
 
 
 def test_benchmark_config_errors_name_the_file_and_the_key(tmp_path):

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from odl_fed.asi import freeze_except
-from odl_fed.data import load_dataset
-from odl_fed.task import apply_method, evaluate, train_epoch
+from odl_fed.data import batches, load_dataset
+from odl_fed.task import apply_method, evaluate, train_epoch, train_steps
 
 
 def _model():
@@ -46,3 +46,29 @@ def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match=re.escape("method must be one of ['vanilla', 'asi', 'asi-only', 'hosvd', 'gradfilt'], "
                                                    "but got method='lora'")):
         apply_method(_model(), "lora", {})
+
+
+def test_train_epoch_is_train_steps_over_its_shuffled_batches():
+    train = load_dataset("digits", split="train")
+    results, heads = [], []
+    for loop in ("train_epoch", "train_steps"):
+        model = _model()
+        freeze_except(model, ["6", "11"])
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        if loop == "train_epoch":
+            result = train_epoch(model, train, optimizer=optimizer, batch_size=64, image_size=16,
+                                 measured_layers=["6"], seed=3)
+        else:
+            result = train_steps(model, batches(train, batch_size=64, image_size=16, shuffle=True, seed=3),
+                                 optimizer=optimizer, measured_layers=["6"])
+        result.pop("seconds")
+        results.append(result)
+        heads.append(model[11].weight.detach().clone())
+    assert results[0] == results[1] and results[0]["activation_bytes"] > 0
+    assert torch.equal(heads[0], heads[1])
+
+
+def test_train_steps_without_batches_is_a_clear_error():
+    model = _model()
+    with pytest.raises(ValueError, match=re.escape("no batches to train on")):
+        train_steps(model, [], optimizer=torch.optim.SGD(model.parameters(), lr=0.1))

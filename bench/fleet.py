@@ -83,7 +83,6 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     fleet = load_fleet(args.fleet)
 
-    overhead = guard_overhead(fleet)
     plans = args.out_dir / "plans"  # planned afresh, once per device type, as a first run does
     shutil.rmtree(plans, ignore_errors=True)
     started = time.perf_counter()
@@ -91,6 +90,7 @@ def main(argv=None) -> dict:
         log = simulate({"fleet": str(args.fleet), "out-dir": str(args.out_dir), "plan-cache": str(plans)},
                        progress=True)
     wall = time.perf_counter() - started
+    overhead = guard_overhead(fleet)  # after the run: its model and epoch are not the server's memory
     rounds = read_rounds(log)
     start = json.loads(log.read_text().splitlines()[0])
     traffic = []

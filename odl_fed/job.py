@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from odl_fed.data import ImageData, load_dataset, partition
+from odl_fed.data import PARTITIONS_DIR, ImageData, load_dataset, partition
 from odl_fed.fleet import JobSpec
 from odl_fed.models import build_model, prepare_finetune
 
@@ -63,7 +63,8 @@ def _dataset(name: str, split: str) -> ImageData:
 
 @functools.lru_cache(maxsize=4)
 def _partitions(name: str, num_partitions: int, alpha: float | None, seed: int) -> tuple:
-    return tuple(partition(_dataset(name, "train").labels, num_partitions, alpha=alpha, seed=seed))
+    return tuple(partition(_dataset(name, "train").labels, num_partitions, alpha=alpha, seed=seed,
+                           cache=PARTITIONS_DIR))
 
 
 def client_data(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData:

@@ -75,6 +75,27 @@ def test_partitions_are_disjoint_cover_everything_and_repeat(alpha):
         assert max(np.abs(s - shares[0]).max() for s in shares) > 0.1
 
 
+def test_a_cached_partition_is_the_same_split_and_read_without_flwr_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    labels = load_dataset("mnist-digits").labels
+    made = partition(labels, 7, alpha=0.3, seed=1, cache=tmp_path)
+    (saved,) = tmp_path.glob("*.npz")
+    assert all(np.array_equal(a, b) for a, b in zip(made, partition(labels, 7, alpha=0.3, seed=1)))
+    # A fresh process (a simulated actor) reads the split without importing the HuggingFace stack.
+    code = ("import sys, numpy as np; from odl_fed.data import load_dataset, partition; "
+            f"p = partition(load_dataset('mnist-digits').labels, 7, alpha=0.3, seed=1, cache={str(tmp_path)!r}); "
+            "print(sum(map(len, p)), 'datasets' in sys.modules, 'flwr_datasets' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [str(len(labels)), "False", "False"]
+    assert len(made) == 7 and partition(labels, 8, alpha=0.3, seed=1, cache=tmp_path) is not None
+    assert len(list(tmp_path.glob("*.npz"))) == 2  # another split, another file
+    saved.write_bytes(b"damaged")
+    again = partition(labels, 7, alpha=0.3, seed=1, cache=tmp_path)  # made again and rewritten
+    assert all(np.array_equal(a, b) for a, b in zip(made, again)) and saved.stat().st_size > 7
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: load_dataset("imagenet"), "dataset must be one of"),
     (lambda: load_dataset("digits", split="val"), "split must be one of ['train', 'test'], but got split='val'"),

@@ -281,8 +281,8 @@ def calibrate(
                     for whole in choices:
                         kept = {m for modes in whole.values() for m in modes}
                         ranks = tuple(x.shape[m] if m in kept else r for m, r in enumerate(energy_ranks))
-                        factors = tuple(vectors[:, :k].to(x.dtype).contiguous()
-                                        for (_, vectors), k in zip(spectra, ranks))
+                        factors = tuple(None if k == d else vectors[:, :k].to(x.dtype).contiguous()  # None: whole
+                                        for (_, vectors), k, d in zip(spectra, ranks, x.shape))
                         form = TuckerForm(tucker_core(x, factors), factors)
                         error = (_weight_grad(layer, form, dy) - reference).norm().item()
                         key = (eps, tuple(whole))

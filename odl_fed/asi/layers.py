@@ -23,7 +23,7 @@ from odl_fed.asi.tucker import Step, contraction_order
 from odl_fed.asi.variants import Variant, get_variant
 from odl_fed.asi.weight_grad import Conv2dGeometry, Conv2dOrder, conv2d_weight_order
 
-__all__ = ["ASIConv2d", "ASILinear", "Ranks", "validate_ranks"]
+__all__ = ["ASIConv2d", "ASILinear", "Ranks", "conv_geometry", "validate_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +172,9 @@ class ASIConv2d(_CompressedLayer):
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"ASIConv2d wraps nn.Conv2d, but got {type(base_layer).__name__}")
         super().__init__(base_layer, ranks=ranks, variant=variant, modes=CONV_MODES, name=name)
-        self.geometry = _conv_geometry(base_layer, self._label())
-        # A padding the base layer applies in its own forward (EfficientNet's static "same" padding).
-        self.pre_padding = pre_padding
+        # A padding the base layer applies in its own forward (EfficientNet's static "same" padding):
+        # folded into the conv's own padding when it can be, so the input held is the unpadded one.
+        self.geometry, self.pre_padding = conv_geometry(base_layer, pre_padding, self._label())
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, ranks: Ranks | None, variant: str | Variant = "asi",
@@ -235,6 +235,26 @@ class ASILinear(_CompressedLayer):
         packed = self._pack(x)[0] if self.weight.requires_grad else ()
         y = CompressedLinearFunction.apply(x, self.weight, self.bias, self.variant, *packed)
         return y.reshape(*leading, y.shape[-1])
+
+
+def conv_geometry(conv: nn.Conv2d, pre_padding: nn.Module | None = None, label: str = ""
+                  ) -> tuple[Conv2dGeometry, nn.Module | None]:
+    """The conv's geometry, with a padding applied before it (``pre_padding``) folded in where the
+    conv can apply it itself (``Identity``, or a symmetric ``ZeroPad2d``), and what is left of it.
+
+    Folded, the compressed layer holds the unpadded input: fewer numbers to compress, and exact
+    (the padded input's Tucker form is the unpadded one's with zero rows added to the height and
+    width factors, which is what the conv's padding does in the weight gradient).
+    """
+    geometry = _conv_geometry(conv, label)
+    if pre_padding is None or isinstance(pre_padding, nn.Identity):
+        return geometry, None
+    if isinstance(pre_padding, nn.ZeroPad2d):
+        left, right, top, bottom = pre_padding.padding
+        if left == right and top == bottom:
+            padding = (geometry.padding[0] + top, geometry.padding[1] + left)
+            return geometry._replace(padding=padding), None
+    return geometry, pre_padding
 
 
 def _conv_geometry(conv: nn.Conv2d, label: str) -> Conv2dGeometry:

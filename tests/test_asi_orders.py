@@ -7,6 +7,7 @@ padding) and MobileNetV2 at 128 px (4x4 maps), batch 32. The "naive" order is th
 the orders were chosen: ``expand``, with the identity basis of every kept-whole mode multiplied.
 """
 
+import copy
 import math
 
 import pytest
@@ -226,3 +227,22 @@ def test_a_kept_whole_mode_saves_no_basis():
 
 def test_orders_table_lists_every_order():
     assert set(CONV2D_ORDERS) == {"expand", "project", "reconstruct"}
+
+
+@pytest.mark.parametrize("padding, folded", [((1, 1, 1, 1), True), ((2, 2, 0, 0), True), ((0, 1, 0, 1), False)],
+                         ids=["symmetric", "width-only", "asymmetric"])
+def test_static_zero_padding_is_folded_when_symmetric_and_stays_exact(padding, folded):
+    conv = nn.Conv2d(6, 6, 3, groups=6, dtype=torch.float64)  # EfficientNet's depthwise conv: padding 0 ...
+    pad = nn.ZeroPad2d(padding)  # ... after a static "same" padding
+    asi = ASIConv2d.from_conv(copy.deepcopy(conv), ranks=(None,) * 4, pre_padding=pad)
+    assert (asi.pre_padding is None) == folded
+    x = torch.randn(4, 6, 7, 7, dtype=torch.float64)
+    y = conv(pad(x))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    asi(x).backward(dy)
+    assert relative_error(asi.weight.grad, conv.weight.grad) <= 1e-10
+    with SavedTensorMeter(exclude=asi.parameters()) as meter:
+        asi(x.float().double())
+    held = x.shape if folded else pad(x).shape
+    assert meter.nbytes == math.prod(held) * 8  # full rank, every mode whole: the (un)padded input itself

@@ -268,6 +268,9 @@ def calibrate(
             # what the compressed layer packs: the input, after a padding the conv applies itself
             # (EfficientNet's static "same" padding) unless the layer folds it into the conv's own
             seen[name]["x"] = _padded_input(module, args[0]).detach()
+            # what the plain layer saves when the plan keeps it exact: its input after any static padding
+            pad = _static_padding(module)
+            seen[name]["exact_shape"] = tuple((args[0] if pad is None else pad(args[0])).shape)
             # a tensor hook (not a module backward hook) tolerates in-place ops after the layer
             output.register_hook(lambda grad: seen[name].__setitem__("dy", grad.detach()))
 
@@ -322,7 +325,8 @@ def calibrate(
         if tucker_numel(shape, lossless) < math.prod(shape):  # else it holds more than the input itself
             opts[lossless] = LayerOption(eps=1.0, ranks=lossless, nbytes=tucker_numel(shape, lossless) * itemsize,
                                          perplexity=0.0, whole=("all",))
-        extra = [exact_option(shape, itemsize)] if exact else []
+        exact_shape = seen[name]["exact_shape"]
+        extra = [exact_option((batch_size or exact_shape[0], *exact_shape[1:]), itemsize)] if exact else []
         options[name] = extra + sorted(opts.values(), key=_option_order)
     return options
 

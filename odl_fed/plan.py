@@ -44,7 +44,7 @@ from pathlib import Path
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from odl_fed.asi.layers import _conv_geometry
+from odl_fed.asi.layers import conv_geometry
 from odl_fed.asi.tucker import TuckerForm, mode_spectra, ranks_for_energy, tucker_core, tucker_numel
 from odl_fed.asi.weight_grad import conv2d_weight_from_tucker, linear_weight_from_tucker
 from odl_fed.units import parse_bytes
@@ -171,15 +171,21 @@ class RankPlan:
         return plan
 
 
+def _static_padding(layer: nn.Module) -> nn.Module | None:
+    pad = getattr(layer, "static_padding", None)
+    return pad if isinstance(layer, nn.Conv2d) and isinstance(pad, nn.Module) else None
+
+
 def _weight_grad(layer: nn.Module, form: TuckerForm, grad_output: Tensor) -> Tensor:
     if isinstance(layer, nn.Conv2d):
-        return conv2d_weight_from_tucker(form, grad_output, layer.weight.shape, _conv_geometry(layer, ""))
+        geometry, _ = conv_geometry(layer, _static_padding(layer))
+        return conv2d_weight_from_tucker(form, grad_output, layer.weight.shape, geometry)
     return linear_weight_from_tucker(form, grad_output)
 
 
 def _exact_weight_grad(layer: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
     if isinstance(layer, nn.Conv2d):
-        g = _conv_geometry(layer, "")
+        g, _ = conv_geometry(layer, _static_padding(layer))
         return conv2d_weight(x, layer.weight.shape, grad_output, g.stride, g.padding, g.dilation, g.groups)
     return grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
 
@@ -206,8 +212,12 @@ def whole_mode_choices(layer: nn.Module, ndim: int) -> list[dict[str, tuple[int,
 
 
 def _padded_input(module: nn.Module, x: Tensor) -> Tensor:
-    pad = getattr(module, "static_padding", None)
-    return pad(x) if isinstance(module, nn.Conv2d) and isinstance(pad, nn.Module) else x
+    """What the compressed conv holds: its input after a static padding it cannot fold into its own."""
+    pad = _static_padding(module)
+    if pad is None:
+        return x
+    _, left = conv_geometry(module, pad)
+    return x if left is None else left(x)
 
 
 def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
@@ -255,9 +265,12 @@ def calibrate(
 
     def capture(name):
         def hook(module, args, output):
-            # the input the conv computes on: after a padding it applies itself (EfficientNet's
-            # static "same" padding), as the compressed layer packs it
+            # what the compressed layer packs: the input, after a padding the conv applies itself
+            # (EfficientNet's static "same" padding) unless the layer folds it into the conv's own
             seen[name]["x"] = _padded_input(module, args[0]).detach()
+            # what the plain layer saves when the plan keeps it exact: its input after any static padding
+            pad = _static_padding(module)
+            seen[name]["exact_shape"] = tuple((args[0] if pad is None else pad(args[0])).shape)
             # a tensor hook (not a module backward hook) tolerates in-place ops after the layer
             output.register_hook(lambda grad: seen[name].__setitem__("dy", grad.detach()))
 
@@ -281,8 +294,8 @@ def calibrate(
                     for whole in choices:
                         kept = {m for modes in whole.values() for m in modes}
                         ranks = tuple(x.shape[m] if m in kept else r for m, r in enumerate(energy_ranks))
-                        factors = tuple(vectors[:, :k].to(x.dtype).contiguous()
-                                        for (_, vectors), k in zip(spectra, ranks))
+                        factors = tuple(None if k == d else vectors[:, :k].to(x.dtype).contiguous()  # None: whole
+                                        for (_, vectors), k, d in zip(spectra, ranks, x.shape))
                         form = TuckerForm(tucker_core(x, factors), factors)
                         error = (_weight_grad(layer, form, dy) - reference).norm().item()
                         key = (eps, tuple(whole))
@@ -312,7 +325,8 @@ def calibrate(
         if tucker_numel(shape, lossless) < math.prod(shape):  # else it holds more than the input itself
             opts[lossless] = LayerOption(eps=1.0, ranks=lossless, nbytes=tucker_numel(shape, lossless) * itemsize,
                                          perplexity=0.0, whole=("all",))
-        extra = [exact_option(shape, itemsize)] if exact else []
+        exact_shape = seen[name]["exact_shape"]
+        extra = [exact_option((batch_size or exact_shape[0], *exact_shape[1:]), itemsize)] if exact else []
         options[name] = extra + sorted(opts.values(), key=_option_order)
     return options
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +19,24 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from odl_fed.asi.functions import CompressedConv2dFunction, CompressedLinearFunction
+from odl_fed.asi.tucker import Step, contraction_order
 from odl_fed.asi.variants import Variant, get_variant
-from odl_fed.asi.weight_grad import Conv2dGeometry
+from odl_fed.asi.weight_grad import Conv2dGeometry, Conv2dOrder, conv2d_weight_order
 
-__all__ = ["ASIConv2d", "ASILinear", "Ranks", "validate_ranks"]
+__all__ = ["ASIConv2d", "ASILinear", "Ranks", "conv_geometry", "validate_ranks"]
 
 logger = logging.getLogger(__name__)
 
 Ranks = Sequence[int | None]
+
+
+class ContractionOrders(NamedTuple):
+    """What a layer chooses once per input shape (the cheapest in FLOPs) and reuses every step."""
+
+    core: tuple[Step, ...] | None  # the product steps that contract the input into the Tucker core, in order
+    weight: Conv2dOrder | None  # a conv's weight-gradient order (weight_grad.CONV2D_ORDERS)
+
+
 CONV_MODES = ("batch", "channel", "height", "width")
 LINEAR_MODES = {2: ("batch", "channel"), 3: ("batch", "token", "channel")}
 
@@ -63,6 +74,8 @@ class _CompressedLayer(nn.Module):
         else:
             self.ranks = None
         self.last_ranks: tuple[int, ...] | None = None
+        # (input shape, ranks) -> orders: derived from shapes alone, so not state (not in state_dict)
+        self._orders: dict[tuple, ContractionOrders] = {}
         for mode in self.modes:
             self.register_buffer(f"basis_{mode}", None)
 
@@ -97,15 +110,30 @@ class _CompressedLayer(nn.Module):
             logger.debug("%s: ranks %s are %s for input %s", self._label(), self.ranks, ranks, tuple(shape))
         return ranks
 
-    def _pack(self, x: Tensor) -> tuple[Tensor, ...]:
+    def contraction_orders(self, shape: Sequence[int], ranks: Sequence[int] | None) -> ContractionOrders:
+        """The contraction orders for an input of ``shape`` held at ``ranks``: chosen on the first
+        call for that shape, by FLOP count, then cached on the layer."""
+        key = (tuple(shape), None if ranks is None else tuple(ranks))
+        orders = self._orders.get(key)
+        if orders is None:
+            core = None if ranks is None else contraction_order(shape, ranks)
+            orders = self._orders[key] = ContractionOrders(core, self._weight_order(shape, ranks))
+            logger.debug("%s: contraction orders %s for input %s at ranks %s", self._label(), orders, key[0], key[1])
+        return orders
+
+    def _weight_order(self, shape: Sequence[int], ranks: Sequence[int] | None) -> Conv2dOrder | None:
+        return None
+
+    def _pack(self, x: Tensor) -> tuple[tuple[Tensor | None, ...], ContractionOrders]:
         with torch.no_grad():
             x = x.detach().contiguous()
             ranks = self.effective_ranks(x.shape)
-            saved, bases = self.variant.pack(x, ranks, self.bases())
+            orders = self.contraction_orders(x.shape, ranks)
+            saved, bases = self.variant.pack(x, ranks, self.bases(), core_order=orders.core)
         self.last_ranks = ranks
         for mode, basis in zip(self.modes, bases or ()):
             setattr(self, f"basis_{mode}", basis)
-        return saved
+        return saved, orders
 
     def _needs_graph(self, x: Tensor) -> bool:
         if not torch.is_grad_enabled():
@@ -144,9 +172,9 @@ class ASIConv2d(_CompressedLayer):
         if not isinstance(base_layer, nn.Conv2d):
             raise TypeError(f"ASIConv2d wraps nn.Conv2d, but got {type(base_layer).__name__}")
         super().__init__(base_layer, ranks=ranks, variant=variant, modes=CONV_MODES, name=name)
-        self.geometry = _conv_geometry(base_layer, self._label())
-        # A padding the base layer applies in its own forward (EfficientNet's static "same" padding).
-        self.pre_padding = pre_padding
+        # A padding the base layer applies in its own forward (EfficientNet's static "same" padding):
+        # folded into the conv's own padding when it can be, so the input held is the unpadded one.
+        self.geometry, self.pre_padding = conv_geometry(base_layer, pre_padding, self._label())
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, ranks: Ranks | None, variant: str | Variant = "asi",
@@ -161,8 +189,14 @@ class ASIConv2d(_CompressedLayer):
             return F.conv2d(x, self.weight, self.bias, g.stride, g.padding, g.dilation, g.groups)
         if x.dim() != 4:
             raise ValueError(f"{self._label()}: expected an input (B, C, H, W), but got shape {tuple(x.shape)}")
-        packed = self._pack(x) if self.weight.requires_grad else ()
-        return CompressedConv2dFunction.apply(x, self.weight, self.bias, g, self.variant, *packed)
+        packed, orders = self._pack(x) if self.weight.requires_grad else ((), None)
+        order = None if orders is None else orders.weight
+        return CompressedConv2dFunction.apply(x, self.weight, self.bias, g, self.variant, order, *packed)
+
+    def _weight_order(self, shape, ranks):
+        if ranks is None:
+            return None
+        return conv2d_weight_order(shape, ranks, self.weight.shape, self.geometry)
 
 
 class ASILinear(_CompressedLayer):
@@ -198,9 +232,29 @@ class ASILinear(_CompressedLayer):
         leading = x.shape[:-1]
         if x.dim() > n_modes:
             x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, L1, ..., C) -> (B, L, C)
-        packed = self._pack(x) if self.weight.requires_grad else ()
+        packed = self._pack(x)[0] if self.weight.requires_grad else ()
         y = CompressedLinearFunction.apply(x, self.weight, self.bias, self.variant, *packed)
         return y.reshape(*leading, y.shape[-1])
+
+
+def conv_geometry(conv: nn.Conv2d, pre_padding: nn.Module | None = None, label: str = ""
+                  ) -> tuple[Conv2dGeometry, nn.Module | None]:
+    """The conv's geometry, with a padding applied before it (``pre_padding``) folded in where the
+    conv can apply it itself (``Identity``, or a symmetric ``ZeroPad2d``), and what is left of it.
+
+    Folded, the compressed layer holds the unpadded input: fewer numbers to compress, and exact
+    (the padded input's Tucker form is the unpadded one's with zero rows added to the height and
+    width factors, which is what the conv's padding does in the weight gradient).
+    """
+    geometry = _conv_geometry(conv, label)
+    if pre_padding is None or isinstance(pre_padding, nn.Identity):
+        return geometry, None
+    if isinstance(pre_padding, nn.ZeroPad2d):
+        left, right, top, bottom = pre_padding.padding
+        if left == right and top == bottom:
+            padding = (geometry.padding[0] + top, geometry.padding[1] + left)
+            return geometry._replace(padding=padding), None
+    return geometry, pre_padding
 
 
 def _conv_geometry(conv: nn.Conv2d, label: str) -> Conv2dGeometry:

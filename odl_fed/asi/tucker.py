@@ -6,10 +6,14 @@ read in its own memory layout: mode ``n`` is the middle axis of the view ``(A, d
 compression is memory-bound (it reads the activation once per pass), so each mode uses the
 product that reads it the fewest times: its small Gram matrix in one pass when ``d_n`` is
 small, otherwise the pair ``X_(n) (X_(n)^T U)`` in two passes with ``K_n`` columns.
+
+A mode kept whole (``K_n == d_n``) has no factor: ``None`` stands for its identity basis, which
+is neither stored nor multiplied by (the planner keeps the batch mode whole by default).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +30,13 @@ __all__ = [
     "subspace_iteration",
     "leading_subspace",
     "tucker_core",
+    "Step",
+    "product_steps",
+    "contraction_order",
+    "contraction_flops",
+    "expansion_order",
+    "expansion_flops",
+    "expand",
     "hosvd",
     "hosvd_factors",
     "energy_ranks",
@@ -41,33 +52,40 @@ GRAM_MODE_MAX_DIM = 64
 # Trailing small modes (a conv's height and width) whose sizes multiply to at most this share one
 # Gram matrix of their joint unfolding, one GEMM, instead of many tiny batched ones.
 JOINT_GRAM_MAX_SIZE = 256
+# Trailing modes whose sizes multiply to at most this are contracted (and expanded) in one step,
+# through the Kronecker product of their factors (:func:`product_steps`).
+JOINT_PRODUCT_MAX_SIZE = 256
 
 
 @dataclass(frozen=True)
 class TuckerForm:
-    """``x ~= core x_0 U_0 x_1 U_1 ...``: a core ``(K_0, ..., K_{N-1})`` and factors ``(d_n, K_n)``."""
+    """``x ~= core x_0 U_0 x_1 U_1 ...``: a core ``(K_0, ..., K_{N-1})`` and factors ``(d_n, K_n)``.
+
+    A factor ``None`` is the identity of a mode kept whole (``K_n == d_n``), not stored.
+    """
 
     core: Tensor
-    factors: tuple[Tensor, ...]
+    factors: tuple[Tensor | None, ...]
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        return tuple(u.shape[1] for u in self.factors)
+        return tuple(self.core.shape)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(u.shape[0] for u in self.factors)
+        return tuple(k if u is None else u.shape[0] for u, k in zip(self.factors, self.core.shape, strict=True))
 
-    def tensors(self) -> tuple[Tensor, ...]:
+    def tensors(self) -> tuple[Tensor | None, ...]:
         return (self.core, *self.factors)
 
     def numel(self) -> int:
-        return self.core.numel() + sum(u.numel() for u in self.factors)
+        return self.core.numel() + sum(u.numel() for u in self.factors if u is not None)
 
 
 def tucker_numel(shape: Sequence[int], ranks: Sequence[int]) -> int:
-    """Numbers held by a Tucker form: ``prod(K_n) + sum(d_n * K_n)``."""
-    return math.prod(ranks) + sum(d * k for d, k in zip(shape, ranks, strict=True))
+    """Numbers held by a Tucker form: ``prod(K_n) + sum(d_n * K_n)`` over the modes not kept whole."""
+    return math.prod(ranks) + sum(d * k for d, k in zip(shape, ranks, strict=True) if k < d)
+
 
 
 def mode_view(x: Tensor, mode: int) -> Tensor:
@@ -142,11 +160,11 @@ def subspace_iteration(x: Tensor, previous: Sequence[Tensor | None], modes: Sequ
                        ) -> list[Tensor | None]:
     """One warm-started subspace-iteration step per mode: ``orth(X_(n) X_(n)^T U_n)``, each ``(d_n, K_n)``.
 
-    Only ``modes`` (default: every mode) are iterated; the others, and a mode whose basis is square
-    (full rank: any orthogonal basis is exact there), keep what they were given.
+    Only ``modes`` (default: every mode) are iterated; the others, a mode kept whole (None) and a
+    mode whose basis is square (full rank: any orthogonal basis is exact there) keep what they were given.
     """
     modes = range(len(previous)) if modes is None else modes
-    active = [n for n in modes if previous[n].shape[1] < previous[n].shape[0]]
+    active = [n for n in modes if previous[n] is not None and previous[n].shape[1] < previous[n].shape[0]]
     grams = mode_grams(x, [n for n in active if uses_gram(*previous[n].shape)])
     bases = list(previous)
     for mode in active:
@@ -192,27 +210,119 @@ def energy_ranks(x: Tensor, eps: float) -> tuple[int, ...]:
     return ranks_for_energy(mode_spectra(x), eps)
 
 
-def tucker_core(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
-    """``x x_0 U_0^T x_1 U_1^T ...``, contracting the mode that shrinks ``x`` most first."""
-    core = x
-    order = sorted(range(x.dim()), key=lambda n: factors[n].shape[1] / factors[n].shape[0])
-    for mode in order:
-        u = factors[mode]  # (d_n, K_n)
-        t = mode_view(core.contiguous(), mode)  # (A, d_n, Z)
-        reduced = torch.matmul(u.T, t)  # (A, K_n, Z)
+Step = tuple[int, ...]  # modes contracted (or expanded) together: one mode, or two adjacent ones
+
+
+def product_steps(shape: Sequence[int], modes: Sequence[int]) -> list[Step]:
+    """``modes`` as product steps: each alone, but the two trailing modes together (one step with
+    the Kronecker product of their factors) when both are in ``modes`` and their sizes multiply to
+    at most :data:`JOINT_PRODUCT_MAX_SIZE`.
+
+    Costs a few more FLOPs than two steps, but it is one GEMM with ``K_h * K_w`` columns instead of
+    two with 1-9 columns, which on CPU run several times slower than their FLOPs say.
+    """
+    last = len(shape) - 1
+    if last >= 2 and last - 1 in modes and last in modes and shape[last - 1] * shape[last] <= JOINT_PRODUCT_MAX_SIZE:
+        return [(m,) for m in modes if m < last - 1] + [(last - 1, last)]
+    return [(m,) for m in modes]
+
+
+def _factored_modes(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
+    return [n for n, (d, k) in enumerate(zip(shape, ranks, strict=True)) if k < d]
+
+
+def contraction_flops(shape: Sequence[int], ranks: Sequence[int], order: Sequence[Step]) -> int:
+    """FLOPs of contracting a ``shape`` tensor to ``ranks``, one step of ``order`` after another.
+
+    A step over modes ``S`` of a tensor of ``N`` numbers costs ``2 N prod(K_S)`` and leaves
+    ``N prod(K_S) / prod(d_S)`` numbers.
+    """
+    current, flops = list(shape), 0
+    for step in order:
+        flops += 2 * math.prod(current) * math.prod(ranks[m] for m in step)
+        for m in step:
+            current[m] = ranks[m]
+    return flops
+
+
+def contraction_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[int] | None = None
+                      ) -> tuple[Step, ...]:
+    """The order of the :func:`product_steps` of ``modes`` (default: those with ``K_n < d_n``) that
+    contracts ``shape`` to ``ranks`` in the fewest FLOPs.
+
+    Tensors here have at most 4 modes (24 orders): every order is costed, once per layer shape.
+    """
+    steps = product_steps(shape, _factored_modes(shape, ranks) if modes is None else modes)
+    return min(itertools.permutations(steps), key=lambda order: contraction_flops(shape, ranks, order))
+
+
+def expansion_flops(shape: Sequence[int], ranks: Sequence[int], order: Sequence[Step]) -> int:
+    """FLOPs of expanding a ``ranks`` core back to ``shape``, one step of ``order`` after another."""
+    current, flops = list(ranks), 0
+    for step in order:
+        flops += 2 * math.prod(current) * math.prod(shape[m] for m in step)
+        for m in step:
+            current[m] = shape[m]
+    return flops
+
+
+def expansion_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[int] | None = None
+                    ) -> tuple[Step, ...]:
+    """The order of the :func:`product_steps` of ``modes`` (default: those with ``K_n < d_n``) that
+    expands a ``ranks`` core to ``shape`` in the fewest FLOPs."""
+    steps = product_steps(shape, _factored_modes(shape, ranks) if modes is None else modes)
+    return min(itertools.permutations(steps), key=lambda order: expansion_flops(shape, ranks, order))
+
+
+def _step_factor(factors: Sequence[Tensor | None], step: Step) -> Tensor:
+    """The factor of a step: a mode's own, or the Kronecker product of two adjacent modes' factors
+    (rows ``(h, w)`` and columns ``(k_h, k_w)`` in the tensor's row-major order)."""
+    if len(step) == 1:
+        return factors[step[0]]
+    first, second = (factors[m] for m in step)  # (d_a, K_a) (d_b, K_b)
+    return (first[:, None, :, None] * second[None, :, None, :]).reshape(  # (d_a, d_b, K_a, K_b)
+        first.shape[0] * second.shape[0], first.shape[1] * second.shape[1])
+
+
+def _step_view(x: Tensor, step: Step) -> Tensor:
+    """``x`` as ``(A, prod(d_step), Z)`` without a copy (the step's modes are adjacent)."""
+    shape = x.shape
+    return x.view(math.prod(shape[:step[0]]), math.prod(shape[m] for m in step), math.prod(shape[step[-1] + 1:]))
+
+
+def _times(t: Tensor, u: Tensor) -> Tensor:
+    """``u`` applied to the middle axis of ``t`` ``(A, d, Z)``: ``(d', d) @ (A, d, Z) -> (A, d', Z)``,
+    as one GEMM when ``A`` or ``Z`` is 1."""
+    a, _, z = t.shape
+    if a == 1:
+        return (u @ t[0]).unsqueeze(0)  # (d', d) @ (d, Z)
+    if z == 1:
+        return (t[..., 0] @ u.T).unsqueeze(-1)  # (A, d) @ (d, d')
+    return torch.matmul(u, t)  # broadcast over A
+
+
+def tucker_core(x: Tensor, factors: Sequence[Tensor | None], order: Sequence[Step] | None = None) -> Tensor:
+    """``x x_0 U_0^T x_1 U_1^T ...`` (None: a mode kept whole, skipped).
+
+    ``order``: the product steps, in order (default: :func:`contraction_order`, the fewest FLOPs).
+    """
+    core = x.contiguous()
+    if order is None:
+        ranks = [x.shape[n] if u is None else u.shape[1] for n, u in enumerate(factors)]
+        order = contraction_order(x.shape, ranks, [n for n, u in enumerate(factors) if u is not None])
+    for step in order:
+        u = _step_factor(factors, step)  # (d_step, K_step)
         shape = list(core.shape)
-        shape[mode] = u.shape[1]
-        core = reduced.reshape(shape)
+        for m in step:
+            shape[m] = factors[m].shape[1]
+        core = _times(_step_view(core, step), u.T).reshape(shape)  # (A, d, Z) -> (A, K, Z)
     return core.contiguous()
 
 
-def hosvd_factors(x: Tensor, ranks: Sequence[int]) -> tuple[Tensor, ...]:
-    """The factors of an exact truncated HOSVD of contiguous ``x`` (identity where a rank is full)."""
+def hosvd_factors(x: Tensor, ranks: Sequence[int]) -> tuple[Tensor | None, ...]:
+    """The factors of an exact truncated HOSVD of contiguous ``x`` (None where a rank is full: kept whole)."""
     grams = mode_grams(x, [n for n, k in enumerate(ranks) if k < x.shape[n]])
-    return tuple(
-        leading_subspace(x, n, k, grams[n]) if n in grams else torch.eye(x.shape[n], dtype=x.dtype, device=x.device)
-        for n, k in enumerate(ranks)
-    )
+    return tuple(leading_subspace(x, n, k, grams[n]) if n in grams else None for n, k in enumerate(ranks))
 
 
 def hosvd(x: Tensor, ranks: Sequence[int]) -> TuckerForm:
@@ -222,12 +332,22 @@ def hosvd(x: Tensor, ranks: Sequence[int]) -> TuckerForm:
     return TuckerForm(tucker_core(x, factors), factors)
 
 
-def reconstruct(form: TuckerForm) -> Tensor:
-    """The full tensor a Tucker form stands for (tests and diagnostics only)."""
-    full = form.core
-    for mode, u in enumerate(form.factors):
-        t = mode_view(full.contiguous(), mode)  # (A, K_n, Z)
+def expand(core: Tensor, factors: Sequence[Tensor | None], order: Sequence[Step] | None = None) -> Tensor:
+    """``core x_0 U_0 x_1 U_1 ...`` (None: a mode kept whole, skipped), in the product steps
+    ``order`` (default: :func:`expansion_order`, the fewest FLOPs)."""
+    full = core.contiguous()
+    if order is None:
+        shape = [k if u is None else u.shape[0] for u, k in zip(factors, core.shape, strict=True)]
+        order = expansion_order(shape, core.shape, [n for n, u in enumerate(factors) if u is not None])
+    for step in order:
+        u = _step_factor(factors, step)  # (d_step, K_step)
         shape = list(full.shape)
-        shape[mode] = u.shape[0]
-        full = torch.matmul(u, t).reshape(shape)  # (A, d_n, Z)
+        for m in step:
+            shape[m] = factors[m].shape[0]
+        full = _times(_step_view(full, step), u).reshape(shape)  # (A, K, Z) -> (A, d, Z)
     return full
+
+
+def reconstruct(form: TuckerForm) -> Tensor:
+    """The full tensor a Tucker form stands for."""
+    return expand(form.core, form.factors)

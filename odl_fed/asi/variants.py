@@ -15,13 +15,9 @@ from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
 from odl_fed.asi.tucker import TuckerForm, hosvd_factors, leading_subspace, mode_grams, subspace_iteration, tucker_core
-from odl_fed.asi.weight_grad import Conv2dGeometry, conv2d_weight_from_tucker, linear_weight_from_tucker
+from odl_fed.asi.weight_grad import Conv2dGeometry, Conv2dOrder, conv2d_weight_from_tucker, linear_weight_from_tucker
 
 __all__ = ["Variant", "TuckerVariant", "ASIVariant", "HOSVDVariant", "GradFilterVariant", "VARIANTS", "get_variant"]
-
-
-def _identity_basis(dim: int, like: Tensor) -> Tensor:
-    return torch.eye(dim, dtype=like.dtype, device=like.device)
 
 
 Packed = tuple[tuple[Tensor, ...], "tuple[Tensor, ...] | None"]
@@ -32,15 +28,19 @@ class Variant:
 
     ``pack`` returns the tensors to save for backward and the per-mode bases to keep for the next
     step (None when the variant keeps no state). ``uses_ranks`` says whether the layer needs ranks.
+    ``core_order`` and ``order`` are the contraction orders the layer chose once for its shape
+    (None: chosen on the spot); a variant without contractions ignores them.
     """
 
     name: str = ""
     uses_ranks: bool = True
 
-    def pack(self, x: Tensor, ranks: Sequence[int] | None, previous: Sequence[Tensor | None]) -> Packed:
+    def pack(self, x: Tensor, ranks: Sequence[int] | None, previous: Sequence[Tensor | None], *,
+             core_order: Sequence[int] | None = None) -> Packed:
         raise NotImplementedError
 
-    def conv2d_weight(self, saved: Sequence[Tensor], grad_output: Tensor, weight_shape, geometry: Conv2dGeometry):
+    def conv2d_weight(self, saved: Sequence[Tensor | None], grad_output: Tensor, weight_shape,
+                      geometry: Conv2dGeometry, order: Conv2dOrder | None = None):
         raise NotImplementedError
 
     def linear_weight(self, saved: Sequence[Tensor], grad_output: Tensor):
@@ -50,22 +50,24 @@ class Variant:
 class TuckerVariant(Variant):
     """A variant that holds the input as a Tucker form; subclasses choose the factors."""
 
-    def factors(self, x: Tensor, ranks: Sequence[int], previous: Sequence[Tensor | None]) -> list[Tensor]:
+    def factors(self, x: Tensor, ranks: Sequence[int], previous: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """One factor per mode, None for a mode kept whole (rank >= its size)."""
         raise NotImplementedError
 
-    def pack(self, x: Tensor, ranks: Sequence[int], previous: Sequence[Tensor | None]) -> Packed:
+    def pack(self, x: Tensor, ranks: Sequence[int], previous: Sequence[Tensor | None], *,
+             core_order: Sequence[int] | None = None) -> Packed:
         """Compress contiguous ``x`` to a Tucker form at ``ranks`` (each already <= its mode's size)."""
-        factors = tuple(u.contiguous() for u in self.factors(x, ranks, previous))
-        form = TuckerForm(tucker_core(x, factors), factors)
+        factors = tuple(None if u is None else u.contiguous() for u in self.factors(x, ranks, previous))
+        form = TuckerForm(tucker_core(x, factors, core_order), factors)
         return form.tensors(), form.factors
 
     @staticmethod
-    def unpack(saved: Sequence[Tensor]) -> TuckerForm:
+    def unpack(saved: Sequence[Tensor | None]) -> TuckerForm:
         core, *factors = saved
         return TuckerForm(core, tuple(factors))
 
-    def conv2d_weight(self, saved: Sequence[Tensor], grad_output: Tensor, weight_shape, geometry: Conv2dGeometry):
-        return conv2d_weight_from_tucker(self.unpack(saved), grad_output, weight_shape, geometry)
+    def conv2d_weight(self, saved, grad_output, weight_shape, geometry, order=None):
+        return conv2d_weight_from_tucker(self.unpack(saved), grad_output, weight_shape, geometry, order)
 
     def linear_weight(self, saved: Sequence[Tensor], grad_output: Tensor):
         return linear_weight_from_tucker(self.unpack(saved), grad_output)
@@ -86,7 +88,7 @@ class ASIVariant(TuckerVariant):
         for mode, (rank, prev) in enumerate(zip(ranks, previous, strict=True)):
             dim = x.shape[mode]
             if rank >= dim:
-                bases.append(_identity_basis(dim, x))
+                bases.append(None)  # kept whole: no basis, no product
             elif prev is None or tuple(prev.shape) != (dim, rank):
                 bases.append(None)
                 cold.append(mode)
@@ -129,7 +131,7 @@ class GradFilterVariant(Variant):
     def __repr__(self) -> str:
         return f"GradFilterVariant(radius={self.radius})"
 
-    def pack(self, x, ranks, previous):
+    def pack(self, x, ranks, previous, *, core_order=None):
         r = self.radius
         if x.dim() == 4:
             pooled = F.avg_pool2d(x, r, ceil_mode=True)  # (B, C, ceil(H/r), ceil(W/r))
@@ -140,7 +142,7 @@ class GradFilterVariant(Variant):
                              f"inputs, but got shape {tuple(x.shape)}")
         return (pooled.contiguous(),), None
 
-    def conv2d_weight(self, saved, grad_output, weight_shape, geometry):
+    def conv2d_weight(self, saved, grad_output, weight_shape, geometry, order=None):
         (pooled,) = saved
         r = self.radius
         # Summed (not averaged) over each patch: exact when the input is constant on the patch,

@@ -1,6 +1,6 @@
 """Benchmark: ASI's training step at the ranks the planner gives, against vanilla's, in one run.
 
-The accuracy benchmark's fine-tuned tails (``bench.accuracy.prepared_tail``: the model from the
+The accuracy benchmark's fine-tuned tails (``bench.accuracy.train.prepared_tail``: the model from the
 block holding the first trained conv on, over the frozen prefix's features, batch 32, frozen
 BatchNorm and ReLU swapped for companions that save no input), with the planner's ranks listed in
 ``configs/bench/asi_step.yaml``. For each case, number of trained convs and rank row:
@@ -18,7 +18,6 @@ frozen prefix: time and FLOPs depend on shapes, not on what the pixels show.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -30,11 +29,13 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from bench.accuracy import _prefix, first_block, prepared_tail, train_step
+from bench.accuracy.train import prepared_tail
+from bench.tail import first_block, prefix_features
 from bench.settings import check_keys, read_settings
 from odl_fed.asi import ASIConv2d, get_variant, last_conv_names
 from odl_fed.flops import count_flops
 from odl_fed.models import build_model
+from odl_fed.task import train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "bench" / "asi_step.yaml"
@@ -110,18 +111,18 @@ def run_group(base: nn.Module, start: int, layers: int, rows: Mapping[str, Seque
         runs.append({"label": label, "ranks": ranks, "tail": tail, "names": names, "optimizer": _optimizer(tail)})
     for run in runs:
         for _ in range(warmup):
-            train_step(run["tail"], run["optimizer"], x, y)
+            train_step(run["tail"], x, y, optimizer=run["optimizer"])
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(steps):
         for i, run in enumerate(runs):
             started = time.perf_counter()
-            train_step(run["tail"], run["optimizer"], x, y)
+            train_step(run["tail"], x, y, optimizer=run["optimizer"])
             times[i].append(time.perf_counter() - started)
     out = []
     for run, measured in zip(runs, times):
         row = {"label": run["label"], "ranks": run["ranks"], "step_s": statistics.median(measured),
                "step_s_all": measured,
-               "flops": count_flops(lambda: train_step(run["tail"], run["optimizer"], x, y))[0]}
+               "flops": count_flops(lambda: train_step(run["tail"], x, y, optimizer=run["optimizer"]))[0]}
         if run["ranks"] is not None:
             row["compression"] = compression_seconds(run["tail"], run["names"], x, repeats=repeats)
         out.append(row)
@@ -145,7 +146,7 @@ def run_case(name: str, case: Mapping, settings: Mapping) -> dict:
     groups = {int(n): rows for n, rows in case["groups"].items()}
     start = min(first_block(base, last_conv_names(base, n)) for n in groups)
     images = torch.randn(settings["batch"], 3, case["image-size"], case["image-size"])
-    x = _prefix(base, start, images)
+    x = prefix_features(base, start, images)
     y = torch.randint(0, 10, (settings["batch"],))
     result = {"case": name, "model": case["model"], "weights": case["weights"], "image_size": case["image-size"],
               "features": list(x.shape), "groups": []}

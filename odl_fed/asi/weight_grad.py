@@ -86,7 +86,6 @@ def conv2d_weight_flops(input_shape: Sequence[int], ranks: Sequence[int], weight
     batch, channels, height, width = input_shape
     k_b, k_c, k_h, k_w = ranks
     c_out, c_in_group, kh, kw = weight_shape
-    groups = geometry.groups
     h_out, w_out = conv2d_output_size((height, width), (kh, kw), geometry)
     has = [k < d for d, k in zip(input_shape, ranks)]
     vanilla = 2 * batch * c_out * c_in_group * kh * kw * h_out * w_out  # conv2d_weight on the full input

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DATASETS", "ImageData", "DatasetUnavailableError", "load_dataset", "batches", "partition"]
+__all__ = ["DATASETS", "ImageData", "DatasetUnavailableError", "load_dataset", "batches", "partition",
+           "partition_file"]
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path(os.environ.get("ODL_FED_DATA", Path.home() / ".cache" / "odl-fed" / "datasets"))
@@ -187,9 +188,8 @@ def partition(labels: Tensor | np.ndarray, num_partitions: int, *, alpha: float 
         raise ValueError(f"cannot split {len(labels)} examples into {num_partitions} partitions")
     if cache is None:
         return _partition(labels, num_partitions, alpha, seed, min_partition_size)
-    key = hashlib.sha256(labels.astype(np.int64).tobytes() + repr(
-        (num_partitions, alpha, seed, min_partition_size)).encode()).hexdigest()[:20]
-    path = Path(cache) / f"{key}.npz"
+    path = partition_file(labels, num_partitions, alpha=alpha, seed=seed, min_partition_size=min_partition_size,
+                          cache=cache)
     try:
         with np.load(path) as saved:
             return np.split(saved["indices"], saved["offsets"][1:-1])
@@ -204,6 +204,14 @@ def partition(labels: Tensor | np.ndarray, num_partitions: int, *, alpha: float 
     except OSError:  # a read-only cache: the split is made again next time, nothing is lost
         tmp.unlink(missing_ok=True)
     return shares
+
+
+def partition_file(labels: Tensor | np.ndarray, num_partitions: int, *, alpha: float | None, seed: int,
+                   cache: Path, min_partition_size: int = 10) -> Path:
+    """Where :func:`partition` keeps this split in ``cache`` (named by the labels and the arguments)."""
+    key = hashlib.sha256(np.asarray(labels).astype(np.int64).tobytes() + repr(
+        (num_partitions, alpha, seed, min_partition_size)).encode()).hexdigest()[:20]
+    return Path(cache) / f"{key}.npz"
 
 
 def _partition(labels: np.ndarray, num_partitions: int, alpha: float | None, seed: int,

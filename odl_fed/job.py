@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import copy
 import functools
+import multiprocessing
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from odl_fed.data import PARTITIONS_DIR, ImageData, load_dataset, partition
+from odl_fed.data import PARTITIONS_DIR, ImageData, load_dataset, partition, partition_file
 from odl_fed.fleet import JobSpec
 from odl_fed.models import build_model, prepare_finetune
 
-__all__ = ["global_model", "trained_state", "client_data", "held_out_data", "train_size"]
+__all__ = ["global_model", "trained_state", "client_data", "prepare_partitions", "held_out_data", "train_size"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -65,6 +66,24 @@ def _dataset(name: str, split: str) -> ImageData:
 def _partitions(name: str, num_partitions: int, alpha: float | None, seed: int) -> tuple:
     return tuple(partition(_dataset(name, "train").labels, num_partitions, alpha=alpha, seed=seed,
                            cache=PARTITIONS_DIR))
+
+
+def prepare_partitions(job: JobSpec, num_partitions: int) -> None:
+    """Make the clients' shares once, in a short-lived child process, when they are not cached yet.
+
+    The simulation's clients then read them (:data:`~odl_fed.data.PARTITIONS_DIR`) without loading
+    flwr-datasets' HuggingFace stack, and neither does this process (a server that runs for hours
+    keeps what it imports: about 180 MB).
+    """
+    labels = _dataset(job.dataset, "train").labels
+    if partition_file(labels, num_partitions, alpha=job.dirichlet_alpha, seed=job.seed, cache=PARTITIONS_DIR).is_file():
+        return
+    child = multiprocessing.get_context("spawn").Process(
+        target=_partitions, args=(job.dataset, num_partitions, job.dirichlet_alpha, job.seed))
+    child.start()
+    child.join()
+    if child.exitcode != 0:  # (a cache it could not write, say): made here instead
+        _partitions(job.dataset, num_partitions, job.dirichlet_alpha, job.seed)
 
 
 def client_data(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData:

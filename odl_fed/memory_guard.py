@@ -20,23 +20,49 @@ reading: the client planner measures a setting's need that way (:mod:`odl_fed.cl
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import threading
+from collections.abc import Iterator
 
 import psutil
 
-__all__ = ["MemoryGuard", "MemoryBudgetExceeded", "release_free_memory"]
+__all__ = ["MemoryGuard", "MemoryBudgetExceeded", "release_free_memory", "large_blocks_returned"]
 
 
-def _load_malloc_trim():
+def _libc_function(name: str):
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):  # not glibc (macOS, musl): the baseline keeps the free pages
         return None
 
 
-_MALLOC_TRIM = _load_malloc_trim()
+_MALLOC_TRIM = _libc_function("malloc_trim")
+_MALLOPT = _libc_function("mallopt")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_BLOCK = 128 * 1024  # glibc's own starting threshold
+LARGEST_THRESHOLD = 32 * 2**20  # where glibc's dynamic threshold stops rising (64-bit)
+
+
+@contextlib.contextmanager
+def large_blocks_returned() -> Iterator[bool]:
+    """While active, every allocation of :data:`LARGE_BLOCK` or more is mapped on its own and given
+    back to the system when freed; yields False where the C library cannot.
+
+    glibc starts so, but raises its threshold (up to 32 MiB) after the first such block is freed,
+    and from then on keeps blocks that size in its heap, resident: a server that receives each
+    round's replies (MBs each) and evaluates in batches grows by hundreds of MB that way. Meant for
+    the server, which makes few large allocations; not for a training loop, which would map and
+    fault in its activations at every step, so on exit the threshold goes to where glibc's own
+    would have risen.
+    """
+    done = _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, LARGE_BLOCK) == 1
+    try:
+        yield done
+    finally:
+        if done:
+            _MALLOPT(M_MMAP_THRESHOLD, LARGEST_THRESHOLD)
 
 
 def release_free_memory() -> bool:

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from odl_fed.checkpoint import (CHECKPOINT, WRITER_LOCK, Checkpoint, RunLock, check_run_dir, fleet_identity,
                                 save_checkpoint)
 from odl_fed.job import global_model, held_out_data, train_size, trained_state
+from odl_fed.memory_guard import large_blocks_returned
 from odl_fed.recorder import RoundRecorder
 from odl_fed.report import write_report
 from odl_fed.run_config import RunSettings
@@ -48,7 +49,8 @@ def run_server(grid: Grid, run_config: Mapping, *, listeners: Sequence[Callable[
     ``listeners`` get each line of the round log as it is written (the simulation's console view).
     """
     settings = RunSettings.from_config(run_config)
-    with RunLock(settings.out_dir, WRITER_LOCK):
+    # replies and evaluation batches are given back to the system when freed (memory_guard)
+    with RunLock(settings.out_dir, WRITER_LOCK), large_blocks_returned():
         return _run(grid, settings, dict(run_config), listeners=listeners)
 
 

@@ -22,7 +22,7 @@ from odl_fed.checkpoint import SERVER_LOCK, RunLock, check_run_dir
 from odl_fed.client_app import handle_train
 from odl_fed.console import FLOWER_LOG, ConsoleDashboard, flower_log_file
 from odl_fed.deploy import OFFLINE_ENV
-from odl_fed.job import client_data, held_out_data, train_size
+from odl_fed.job import held_out_data, prepare_partitions, train_size
 from odl_fed.preflight import check_fleet
 from odl_fed.run_config import RunSettings
 from odl_fed.server_app import run_server
@@ -81,7 +81,7 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     fleet = settings.fleet()  # a bad fleet file or a missing file or dataset fails here, before Ray starts
     cpus = cpus or os.cpu_count() or 1
     held_out_data(fleet.job)
-    client_data(fleet.job, 0, fleet.num_clients)  # the clients' shares made here once: the actors read them
+    prepare_partitions(fleet.job, fleet.num_clients)  # the clients' shares made once: the actors read them
     # on a cluster, this machine's free memory says nothing of the other hosts'
     check_fleet(fleet, train_examples=train_size(fleet.job),
                 simulated_cpus=None if ray_address else max(1, int(cpus / cpus_per_client)))

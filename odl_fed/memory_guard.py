@@ -28,7 +28,8 @@ from collections.abc import Iterator
 
 import psutil
 
-__all__ = ["MemoryGuard", "MemoryBudgetExceeded", "release_free_memory", "large_blocks_returned"]
+__all__ = ["MemoryGuard", "MemoryBudgetExceeded", "release_free_memory", "mmap_threshold",
+           "LARGE_BLOCK", "LARGEST_THRESHOLD"]
 
 
 def _libc_function(name: str):
@@ -45,24 +46,32 @@ LARGE_BLOCK = 128 * 1024  # glibc's own starting threshold
 LARGEST_THRESHOLD = 32 * 2**20  # where glibc's dynamic threshold stops rising (64-bit)
 
 
-@contextlib.contextmanager
-def large_blocks_returned() -> Iterator[bool]:
-    """While active, every allocation of :data:`LARGE_BLOCK` or more is mapped on its own and given
-    back to the system when freed; yields False where the C library cannot.
+_threshold: list[int | None] = [None]  # what this process last set (None: glibc's own, dynamic)
 
-    glibc starts so, but raises its threshold (up to 32 MiB) after the first such block is freed,
-    and from then on keeps blocks that size in its heap, resident: a server that receives each
-    round's replies (MBs each) and evaluates in batches grows by hundreds of MB that way. Meant for
-    the server, which makes few large allocations; not for a training loop, which would map and
-    fault in its activations at every step, so on exit the threshold goes to where glibc's own
-    would have risen.
+
+@contextlib.contextmanager
+def mmap_threshold(size: int) -> Iterator[bool]:
+    """While active, allocations of ``size`` bytes or more are mapped on their own and given back to
+    the system when freed; on exit the threshold this process had before, and free pages handed
+    back. Yields False where the C library cannot (not glibc).
+
+    glibc starts at :data:`LARGE_BLOCK`, but raises its threshold (up to 32 MiB) after the first
+    such block is freed, and from then on keeps blocks that size in its heap, resident: the server
+    that receives each round's replies (MBs each) grew by hundreds of MB that way. The server runs
+    at :data:`LARGE_BLOCK`; its evaluation, which allocates and frees big batches layer after layer
+    (mapping each one anew costs it about 2x), runs at :data:`LARGEST_THRESHOLD`.
     """
-    done = _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, LARGE_BLOCK) == 1
+    previous = _threshold[0]
+    done = _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, size) == 1
+    if done:
+        _threshold[0] = size
     try:
         yield done
     finally:
         if done:
-            _MALLOPT(M_MMAP_THRESHOLD, LARGEST_THRESHOLD)
+            _threshold[0] = previous
+            _MALLOPT(M_MMAP_THRESHOLD, LARGEST_THRESHOLD if previous is None else previous)
+            release_free_memory()
 
 
 def release_free_memory() -> bool:

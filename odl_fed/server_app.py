@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from odl_fed.checkpoint import (CHECKPOINT, WRITER_LOCK, Checkpoint, RunLock, check_run_dir, fleet_identity,
                                 save_checkpoint)
 from odl_fed.job import global_model, held_out_data, train_size, trained_state
-from odl_fed.memory_guard import large_blocks_returned
+from odl_fed.memory_guard import LARGE_BLOCK, LARGEST_THRESHOLD, mmap_threshold
 from odl_fed.recorder import RoundRecorder
 from odl_fed.report import write_report
 from odl_fed.run_config import RunSettings
@@ -49,8 +49,8 @@ def run_server(grid: Grid, run_config: Mapping, *, listeners: Sequence[Callable[
     ``listeners`` get each line of the round log as it is written (the simulation's console view).
     """
     settings = RunSettings.from_config(run_config)
-    # replies and evaluation batches are given back to the system when freed (memory_guard)
-    with RunLock(settings.out_dir, WRITER_LOCK), large_blocks_returned():
+    # the round's replies (MBs each) go back to the system when freed (memory_guard.mmap_threshold)
+    with RunLock(settings.out_dir, WRITER_LOCK), mmap_threshold(LARGE_BLOCK):
         return _run(grid, settings, dict(run_config), listeners=listeners)
 
 
@@ -102,7 +102,8 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
         server_round = flower_round + done
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         started = time.perf_counter()
-        result = evaluate(model, test, batch_size=256, image_size=job.image_size)
+        with mmap_threshold(LARGEST_THRESHOLD):  # batches reuse the heap; handed back after
+            result = evaluate(model, test, batch_size=256, image_size=job.image_size)
         metrics = {"accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"],
                    "eval-time": time.perf_counter() - started}
         recorder.end_round(server_round, metrics)

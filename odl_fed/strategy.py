@@ -135,6 +135,9 @@ class ValidatedUpdates:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
         arrays, metrics = super().aggregate_train(server_round, [m for _, m in sorted(valid, key=lambda v: v[0])])
+        for message in replies:  # aggregated: Flower keeps the replies until the next round's arrive, not their updates
+            if not message.has_error():
+                message.content = RecordDict()
         return (None if arrays is None else _as_sent(arrays, self.expected)), metrics
 
     def _inspect(self, message: Message, node: int) -> dict:

@@ -73,13 +73,13 @@ def test_a_second_client_in_the_same_process_is_not_hidden_by_reused_pages():
 
 def test_the_server_gives_large_blocks_back_when_they_are_freed():
     """After glibc has raised its threshold, 200 MiB of freed 4 MiB blocks between survivors stay
-    resident; within large_blocks_returned they go back to the system (psutil, a fresh process)."""
+    resident; within mmap_threshold(LARGE_BLOCK) they go back to the system (psutil, a fresh process)."""
     import subprocess
     import sys
 
     code = """
 import psutil
-from odl_fed.memory_guard import large_blocks_returned
+from odl_fed.memory_guard import LARGE_BLOCK, mmap_threshold
 P, keep = psutil.Process(), []
 def cycle():
     big = []
@@ -89,7 +89,7 @@ def cycle():
     return P.memory_info().rss
 x = bytearray(8 * 2**20); del x  # glibc raises its threshold past 4 MiB here
 base = P.memory_info().rss; kept = cycle() - base
-with large_blocks_returned() as done:
+with mmap_threshold(LARGE_BLOCK) as done:
     base = P.memory_info().rss; returned = cycle() - base
 print(done, kept, returned)
 """

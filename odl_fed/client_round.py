@@ -40,7 +40,7 @@ from odl_fed.asi.layers import ASIConv2d
 from odl_fed.client_plan import ClientPlan, PlanRefused, Setting, nbytes, next_setting, plan_client
 from odl_fed.data import ImageData, batches
 from odl_fed.fleet import JobSpec
-from odl_fed.job import global_model
+from odl_fed.job import client_model
 from odl_fed.memory_guard import MemoryBudgetExceeded, MemoryGuard
 from odl_fed.models import prepare_finetune
 from odl_fed.profile import DeviceProfile
@@ -192,8 +192,20 @@ def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mappin
     planning (the ``squeeze`` fault drill: memory another app took mid-round).
     """
     started = time.perf_counter()
+    model, _ = client_model(job, num_classes=data.num_classes)
+    try:
+        return _client_round(model, job, profile, global_arrays, client=client, data=data, cache=cache,
+                             proximal_mu=proximal_mu, server_round=server_round, bases=bases, deadline=deadline,
+                             budget_scale=budget_scale, started=started)
+    finally:
+        restore_model(model)  # the process's working model goes back as it came (job.client_model)
+
+
+def _client_round(model: nn.Module, job: JobSpec, profile: DeviceProfile, global_arrays: Mapping[str, Tensor], *,
+                  client: str, data: ImageData, cache: PlanCache | None, proximal_mu: float, server_round: int,
+                  bases: Mapping[str, Tensor] | None, deadline: float | None, budget_scale: float,
+                  started: float) -> ClientOutcome:
     clock = _Deadline(deadline)
-    model, _ = global_model(job, num_classes=data.num_classes)
     _load_global(model, global_arrays, client)
     base = {"train-memory": profile.train_memory, "server-round": server_round}
     cache = cache if cache is not None else PlanCache()

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from odl_fed.asi import restore_model
 from odl_fed.data import PARTITIONS_DIR, ImageData, load_dataset, partition, partition_file
 from odl_fed.fleet import JobSpec
 from odl_fed.models import build_model, prepare_finetune
 
-__all__ = ["global_model", "trained_state", "client_data", "prepare_partitions", "held_out_data", "train_size"]
+__all__ = ["global_model", "client_model", "trained_state", "client_data", "prepare_partitions", "held_out_data", "train_size"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -39,6 +40,33 @@ def global_model(job: JobSpec, *, num_classes: int) -> tuple[nn.Module, list[str
     torch.random.set_rng_state(after_build)
     model = copy.deepcopy(template)
     return model, prepare_finetune(model, layers=job.layers)
+
+
+def client_model(job: JobSpec, *, num_classes: int) -> tuple[nn.Module, list[str]]:
+    """The job's model for one client round, in a process that runs many (a simulated actor).
+
+    One working copy per process, every parameter and buffer reset to the freshly built model's
+    values at each call (a 14 MB copy: 2 ms, where a deep copy of MobileNetV2 takes 58). A caller
+    takes its method's layers out again (:func:`~odl_fed.asi.restore_model`) before the next call,
+    as :func:`~odl_fed.client_round.run_client_round` does; a copy left wrapped is restored here.
+    """
+    stamp = _file_stamp(job.weights)
+    template, after_build = _model_template(job, num_classes, stamp)
+    model = _working_model(job, num_classes, stamp)
+    restore_model(model)
+    with torch.no_grad():
+        for (name, value), (_, fresh) in zip(model.state_dict(keep_vars=True).items(),
+                                             template.state_dict(keep_vars=True).items(), strict=True):
+            value.copy_(fresh)
+    for p in model.parameters():
+        p.grad = None
+    torch.random.set_rng_state(after_build)
+    return model, prepare_finetune(model, layers=job.layers)
+
+
+@functools.lru_cache(maxsize=2)
+def _working_model(job: JobSpec, num_classes: int, stamp: tuple | None) -> nn.Module:
+    return copy.deepcopy(_model_template(job, num_classes, stamp)[0])
 
 
 def _file_stamp(weights: str | None) -> tuple | None:

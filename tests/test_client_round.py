@@ -200,3 +200,25 @@ def test_the_model_is_built_once_per_process_and_each_client_gets_its_own_copy()
     assert not torch.equal(next(first.parameters()), next(second.parameters()))
     assert {n for n, p in second.named_parameters() if p.requires_grad} == \
         {f"{c}.weight" for c in convs} | {"classifier.1.weight", "classifier.1.bias"}
+
+
+def test_a_process_reuses_one_working_model_reset_to_the_built_values_for_each_client():
+    from odl_fed.asi import ASIConv2d
+    from odl_fed.job import client_model
+    from odl_fed.task import apply_method
+
+    first, convs = client_model(JOB, num_classes=10)
+    fresh, _ = global_model(JOB, num_classes=10)
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(1.0)  # a client trained (and a frozen value changed, which no client does)
+    apply_method(first, "asi", {c: (4, 4, 1, 1) for c in convs})  # left wrapped, as after a crash
+    first.get_submodule(convs[0]).weight.grad = torch.ones_like(first.get_submodule(convs[0]).weight)
+    second, again = client_model(JOB, num_classes=10)
+    assert second is first and again == convs
+    assert not any(isinstance(m, ASIConv2d) for m in second.modules())  # its layers taken out
+    for (name, a), (_, b) in zip(second.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(p.grad is None for p in second.parameters())
+    assert {n for n, p in second.named_parameters() if p.requires_grad} == \
+        {n for n, p in fresh.named_parameters() if p.requires_grad}

@@ -2,7 +2,8 @@
 
 The need of the job's full setting (its trained layers at its batch) is measured on this machine
 first, as a client plans it (weights + the measured trial's need + margin). Then a fleet is made of
-devices with ``train-memory`` at 1.1x, 1.2x and 1.3x of that need and one far below it, and run in
+devices with ``train-memory`` at 1.1x, 1.2x and 1.3x of that need and one that holds the weights and a
+quarter of the rest (far below the need), and run in
 Flower's simulation engine. Every client-round must either train without a breach (one attempt)
 or be refused at plan time; per device, the guard's peak over its budget says how well the budget
 was used.
@@ -29,26 +30,28 @@ from odl_fed.simulate import simulate
 
 MiB = 2**20
 FACTORS = (1.1, 1.1, 1.2, 1.3, 1.3)
-STARVED = 0.4
+STARVED = 0.25  # the starved device holds the weights and this share of the rest of the need
 
 
-def measured_need(fleet_file: Path, devices_file: Path) -> int:
-    """weights + the trial's need + margin of the job's full setting, planned on a roomy device here."""
+def measured_need(fleet_file: Path, devices_file: Path) -> tuple[int, int]:
+    """weights + the trial's need + margin of the job's full setting, planned on a roomy device here,
+    and the weights alone."""
     fleet = load_fleet(fleet_file, device_files=(devices_file,))
     job = fleet.job
     data = client_data(job, 0, fleet.num_clients)
     model, _ = global_model(job, num_classes=data.num_classes)
     plan = plan_client(model, model_name=job.model, profile=get_profile("rpi5"), method=job.method,
                        layers=job.layers, batch_size=job.batch_size, data=data, image_size=job.image_size, lr=job.lr)
-    return plan.weights_bytes + plan.measured_need + plan.margin
+    return plan.weights_bytes + plan.measured_need + plan.margin, plan.weights_bytes
 
 
-def _write(root: Path, job: dict, need: int | None) -> tuple[Path, Path]:
+def _write(root: Path, job: dict, need: int | None, weights: int = 0) -> tuple[Path, Path]:
     devices = {f"tight-{i}": {"ram": "2GiB", "train-memory": int(factor * (need or 2**30)), "runtime-memory": 0,
                               "cores": 1, "relative-speed": 1.0, "description": f"{factor}x the measured need"}
                for i, factor in enumerate(FACTORS)}
-    devices["starved"] = {"ram": "2GiB", "train-memory": int(STARVED * (need or 2**30)), "runtime-memory": 0,
-                          "cores": 1, "relative-speed": 1.0, "description": f"{STARVED}x the measured need"}
+    starved = weights + int(STARVED * ((need or 2**30) - weights))  # past the weights: planning tries settings
+    devices["starved"] = {"ram": "2GiB", "train-memory": starved, "runtime-memory": 0, "cores": 1,
+                          "relative-speed": 1.0, "description": f"the weights + {STARVED} of the rest of the need"}
     devices_file, fleet_file = root / "devices.yaml", root / "fleet.yaml"
     devices_file.write_text(yaml.safe_dump(devices))
     fleet_file.write_text(yaml.safe_dump({"devices": [{"device": name, "count": 1} for name in devices],
@@ -64,8 +67,8 @@ def run(root: Path, *, rounds: int = 2, model: str = "mobilenet_v2", layers: int
            "batch-size": batch, "lr": 0.001, "image-size": image_size, "dataset": dataset, "partition": "iid",
            "seed": 0, "examples-per-client": examples, "eval-examples": 200}
     fleet_file, devices_file = _write(root, job, None)
-    need = measured_need(fleet_file, devices_file)
-    fleet_file, devices_file = _write(root, job, need)
+    need, weights = measured_need(fleet_file, devices_file)
+    fleet_file, devices_file = _write(root, job, need, weights)
     log = simulate({"fleet": str(fleet_file), "devices-file": str(devices_file), "out-dir": str(root / "out"),
                     "plan-cache": str(root / "plans")}, progress=False)
     rounds_ = read_rounds(log)[1:]

@@ -363,7 +363,7 @@ def _activations_fit(model: nn.Module, method: Method, candidate: _Candidate, pr
             return False
         try:
             plan = plan_ranks(model, candidate.convs, calibration, conv_budget, model_name=model_name,
-                              exact=method.keeps_exact)
+                              exact=method.keeps_exact, storage_itemsize=method.storage_itemsize)
         except BudgetTooSmallError as error:
             candidate.why = str(error)
             return False

@@ -21,12 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from odl_fed.asi import inject_asi
 from odl_fed.asi.layers import Ranks
 from odl_fed.asi.surgery import inject_companions
-from odl_fed.asi.variants import GradFilterVariant, Variant
+from odl_fed.asi.variants import GradFilterVariant, Variant, get_variant
 from odl_fed.suggest import did_you_mean
 
 __all__ = ["Method", "METHODS", "get_method"]
@@ -46,6 +47,8 @@ class Method:
         The planner chooses each layer's ranks for an activation budget.
     keeps_exact : bool
         A layer may stay exact (uncompressed) where the budget allows; its ranks are then None.
+        (A variant that stores its Tucker form in 16 bits, ``asi-fp16``, is planned at 2 bytes per
+        number: :attr:`storage_itemsize`.)
     companions : bool
         The frozen BatchNorm/ReLU of the fine-tuned part save no input.
     """
@@ -55,6 +58,12 @@ class Method:
     plans_ranks: bool
     keeps_exact: bool = False
     companions: bool = True
+
+    @property
+    def storage_itemsize(self) -> int | None:
+        """Bytes per number the variant holds its Tucker forms in, when narrower than the input's (else None)."""
+        storage = getattr(get_variant(self.variant), "storage", None) if self.variant else None
+        return None if storage is None else torch.empty(0, dtype=storage).element_size()
 
     def apply(self, model: nn.Module, ranks: Mapping[str, Ranks | None], *, radius: int = 2) -> list[str]:
         """Put the method's layers in place for the trained convs ``ranks`` names; return what was swapped.
@@ -86,6 +95,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("asi-only", variant="asi", plans_ranks=True),
     Method("hosvd", variant="hosvd", plans_ranks=True),
     Method("gradfilt", variant="gradfilt", plans_ranks=False),
+    Method("asi-fp16", variant="asi-fp16", plans_ranks=True, keeps_exact=True),
 )}
 
 

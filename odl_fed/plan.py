@@ -243,6 +243,7 @@ def calibrate(
     batch_size: int | None = None,
     whole_modes: bool = True,
     exact: bool = False,
+    storage_itemsize: int | None = None,
 ) -> dict[str, list[LayerOption]]:
     """Each layer's options (ranks, bytes, perplexity) at each threshold, averaged over ``batches``.
 
@@ -251,7 +252,9 @@ def calibrate(
     layer also gets its lossless full-rank Tucker option (:func:`full_ranks`), and with ``exact``
     the option of staying exact (:func:`exact_option`). The model runs plain backprop here (the
     layers must not be swapped yet). Bytes are counted at ``batch_size`` (default: the
-    calibration batch), the batch the plan will train with.
+    calibration batch), the batch the plan will train with, and a Tucker form's at
+    ``storage_itemsize`` bytes per number when the variant stores it narrower than the input
+    (16-bit storage: 2); an exact layer holds its input as it is.
     """
     modules = dict(model.named_modules())
     missing = [n for n in layer_names if n not in modules]
@@ -317,13 +320,14 @@ def calibrate(
             # the largest rank any calibration batch needed (a kept mode: whole), capped at the training shape
             ranks = tuple(shape[m] if m in kept else min(max(r[m] for r in ranks_seen), shape[m])
                           for m in range(len(shape)))
-            option = LayerOption(eps=eps, ranks=ranks, nbytes=tucker_numel(shape, ranks) * itemsize,
+            option = LayerOption(eps=eps, ranks=ranks, nbytes=tucker_numel(shape, ranks) * (storage_itemsize or itemsize),
                                  perplexity=error_sum / count, whole=whole)
             if ranks not in opts or option.perplexity < opts[ranks].perplexity:
                 opts[ranks] = option
         lossless = full_ranks(shape)
         if tucker_numel(shape, lossless) < math.prod(shape):  # else it holds more than the input itself
-            opts[lossless] = LayerOption(eps=1.0, ranks=lossless, nbytes=tucker_numel(shape, lossless) * itemsize,
+            opts[lossless] = LayerOption(eps=1.0, ranks=lossless,
+                                         nbytes=tucker_numel(shape, lossless) * (storage_itemsize or itemsize),
                                          perplexity=0.0, whole=("all",))
         exact_shape = seen[name]["exact_shape"]
         extra = [exact_option((batch_size or exact_shape[0], *exact_shape[1:]), itemsize)] if exact else []
@@ -412,6 +416,7 @@ def plan_ranks(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     grid: str = "batch-whole",
     exact: bool = False,
+    storage_itemsize: int | None = None,
 ) -> RankPlan:
     """The best per-layer ranks for an activation ``budget`` (bytes, or a size like ``"200KB"``).
 
@@ -420,6 +425,8 @@ def plan_ranks(
     when its dearest threshold choice leaves budget unused. ``grid`` is one of :data:`GRIDS` (see
     the module's docstring). With ``exact``, a layer may also stay exact (ranks None in
     :meth:`RankPlan.targets`): the knapsack keeps the most sensitive layers exact when it can.
+    ``storage_itemsize``: bytes per number the variant stores its Tucker forms in (None: the
+    input's), so a 16-bit storage buys about twice the rank for the same budget.
     """
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, but got grid={grid!r}")
@@ -428,7 +435,7 @@ def plan_ranks(
     batch_size = batch_size or batches[0][0].shape[0]
     levels = sorted(set(thresholds))
     options = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=levels, batch_size=batch_size,
-                        whole_modes=whole_modes, exact=exact)
+                        whole_modes=whole_modes, exact=exact, storage_itemsize=storage_itemsize)
     graded = {n: [o for o in opts if o.eps < 1.0] or opts for n, opts in options.items()}
     cheapest = sum(min(o.nbytes for o in opts) for opts in graded.values())
     dearest = sum(max(o.nbytes for o in opts) for opts in graded.values())
@@ -436,7 +443,7 @@ def plan_ranks(
     extra += [e for e in UPPER_THRESHOLDS if e > levels[-1]] if dearest < budget_bytes else []
     if extra:
         more = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=extra, batch_size=batch_size,
-                         whole_modes=whole_modes)
+                         whole_modes=whole_modes, storage_itemsize=storage_itemsize)
         options = {n: _merge_options(options[n], more[n]) for n in options}
     return plan_from_options(options, budget_bytes, batch_size=batch_size,
                              model_name=model_name or type(model).__name__, grid=grid)

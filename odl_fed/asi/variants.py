@@ -47,8 +47,27 @@ class Variant:
         raise NotImplementedError
 
 
+STORAGE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
 class TuckerVariant(Variant):
-    """A variant that holds the input as a Tucker form; subclasses choose the factors."""
+    """A variant that holds the input as a Tucker form; subclasses choose the factors.
+
+    ``storage``: the dtype the core and factors are held in for backward (None: the input's own).
+    A 16-bit storage halves the bytes held at the same ranks (so a budget buys more rank); the
+    weight gradient is computed in the input's dtype from the stored form, and the warm-start
+    bases kept for the next step stay in the input's dtype.
+    """
+
+    def __init__(self, storage: torch.dtype | None = None):
+        if storage is not None and storage not in STORAGE_NAMES:
+            raise ValueError(f"storage must be one of {list(STORAGE_NAMES)} or None, but got storage={storage!r}")
+        self.storage = storage
+        if storage is not None:
+            self.name = f"{type(self).name}-{STORAGE_NAMES[storage]}"  # e.g. asi-fp16
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(storage={self.storage})" if self.storage else f"{type(self).__name__}()"
 
     def factors(self, x: Tensor, ranks: Sequence[int], previous: Sequence[Tensor | None]) -> list[Tensor | None]:
         """One factor per mode, None for a mode kept whole (rank >= its size)."""
@@ -59,18 +78,22 @@ class TuckerVariant(Variant):
         """Compress contiguous ``x`` to a Tucker form at ``ranks`` (each already <= its mode's size)."""
         factors = tuple(None if u is None else u.contiguous() for u in self.factors(x, ranks, previous))
         form = TuckerForm(tucker_core(x, factors, core_order), factors)
-        return form.tensors(), form.factors
+        stored = form.tensors() if self.storage is None else \
+            tuple(None if t is None else t.to(self.storage) for t in form.tensors())
+        return stored, form.factors
 
     @staticmethod
-    def unpack(saved: Sequence[Tensor | None]) -> TuckerForm:
-        core, *factors = saved
+    def unpack(saved: Sequence[Tensor | None], dtype: torch.dtype | None = None) -> TuckerForm:
+        """The stored form, in ``dtype`` when given (the dtype the gradient is computed in)."""
+        core, *factors = (t if t is None or dtype is None else t.to(dtype) for t in saved)
         return TuckerForm(core, tuple(factors))
 
     def conv2d_weight(self, saved, grad_output, weight_shape, geometry, order=None):
-        return conv2d_weight_from_tucker(self.unpack(saved), grad_output, weight_shape, geometry, order)
+        return conv2d_weight_from_tucker(self.unpack(saved, grad_output.dtype), grad_output, weight_shape, geometry,
+                                         order)
 
     def linear_weight(self, saved: Sequence[Tensor], grad_output: Tensor):
-        return linear_weight_from_tucker(self.unpack(saved), grad_output)
+        return linear_weight_from_tucker(self.unpack(saved, grad_output.dtype), grad_output)
 
 
 class ASIVariant(TuckerVariant):
@@ -169,7 +192,9 @@ class GradFilterVariant(Variant):
         return grad.reshape(-1, grad.shape[-1]).T @ pooled.reshape(-1, pooled.shape[-1])
 
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (ASIVariant(), HOSVDVariant(), GradFilterVariant())}
+VARIANTS: dict[str, Variant] = {v.name: v for v in (ASIVariant(), ASIVariant(storage=torch.float16),
+                                                    ASIVariant(storage=torch.bfloat16), HOSVDVariant(),
+                                                    GradFilterVariant())}
 
 
 def get_variant(name: str | Variant) -> Variant:

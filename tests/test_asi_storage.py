@@ -49,8 +49,8 @@ def _step(model, name, x, ranks, variant):
 
 
 @pytest.mark.parametrize("variant", sorted(BOUNDS))
-@pytest.mark.parametrize("ranks", [(32, 8, 2, 2), (32, 32, 3, 3)])
-def test_16_bit_storage_halves_the_bytes_and_keeps_the_gradient_within_its_bound(real_inputs, variant, ranks):
+def test_16_bit_storage_halves_the_bytes_and_keeps_the_gradient_within_its_bound(real_inputs, variant):
+    ranks = (32, 16, 2, 3)  # the batch kept whole, channels and height compressed, width whole
     model, inputs = real_inputs
     for name, x in inputs.items():
         ranks_here = tuple(min(r, d) for r, d in zip(ranks, x.shape))

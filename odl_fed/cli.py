@@ -72,7 +72,7 @@ def finetune(args) -> dict:
             raise ValueError(f"{args.dataset}: fewer than --batch-size {args.batch_size} training examples")
         started = time.perf_counter()
         plan = plan_ranks(model, convs, calibration, args.budget, model_name=args.model, grid=args.grid,
-                          exact=method.keeps_exact)
+                          exact=method.keeps_exact, storage_itemsize=method.storage_itemsize)
         planning_s = time.perf_counter() - started
         ranks = plan.targets()
         if args.plan_out:

@@ -30,7 +30,7 @@ import torchvision
 from torch import Tensor, nn
 
 from bench.accuracy.train import prepared_tail
-from bench.tail import first_block, prefix_features
+from bench.tail import first_block, layer_inputs, prefix_features
 from bench.settings import check_keys, read_settings
 from odl_fed.asi import ASIConv2d, get_variant, last_conv_names
 from odl_fed.flops import count_flops
@@ -48,28 +48,6 @@ def _optimizer(tail: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam([p for p in tail.parameters() if p.requires_grad], lr=LEARNING_RATE)
 
 
-def _layer_inputs(tail: nn.Module, names: Sequence[str], x: Tensor) -> dict[str, Tensor]:
-    """What each compressed conv packs on batch ``x``: its input after any padding it applies itself."""
-    inputs = {}
-
-    def capture(name):
-        def hook(module, args):
-            value = args[0] if module.pre_padding is None else module.pre_padding(args[0])
-            inputs[name] = value.detach().contiguous()
-
-        return hook
-
-    layers = [n for n in names if isinstance(tail.get_submodule(n), ASIConv2d)]
-    handles = [tail.get_submodule(n).register_forward_pre_hook(capture(n)) for n in layers]
-    try:
-        with torch.no_grad():
-            tail(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs
-
-
 def _median_seconds(fn, repeats: int) -> float:
     fn()  # caches and allocator
     times = []
@@ -84,7 +62,8 @@ def compression_seconds(tail: nn.Module, names: Sequence[str], x: Tensor, *, rep
     """Per compressed conv: ASI's warm ``pack`` and HOSVD's, at the layer's ranks, on its real input."""
     asi, hosvd = get_variant("asi"), get_variant("hosvd")
     layers = []
-    for name, inp in _layer_inputs(tail, names, x).items():
+    compressed = {n: tail.get_submodule(n) for n in names if isinstance(tail.get_submodule(n), ASIConv2d)}
+    for name, inp in layer_inputs(tail, compressed, x).items():
         layer: ASIConv2d = tail.get_submodule(name)
         ranks = layer.effective_ranks(inp.shape)
         warm = layer.bases()

@@ -257,13 +257,9 @@ def contraction_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequenc
 
 
 def expansion_flops(shape: Sequence[int], ranks: Sequence[int], order: Sequence[Step]) -> int:
-    """FLOPs of expanding a ``ranks`` core back to ``shape``, one step of ``order`` after another."""
-    current, flops = list(ranks), 0
-    for step in order:
-        flops += 2 * math.prod(current) * math.prod(shape[m] for m in step)
-        for m in step:
-            current[m] = shape[m]
-    return flops
+    """FLOPs of expanding a ``ranks`` core back to ``shape``, one step of ``order`` after another:
+    the contraction's count run the other way (from ``ranks`` to ``shape``)."""
+    return contraction_flops(ranks, shape, order)
 
 
 def expansion_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[int] | None = None

@@ -85,8 +85,14 @@ def render_epochs(group: dict) -> str:
     if checks:
         lines += ["", f"Learning rates chosen on a validation split of the training set "
                       f"({checks[0][1]['validation_examples']} examples held out, first seed):"]
+        listed = set()
         for label, check in checks:
-            lines.append(f"- {label}: " + ", ".join(f"{c['lr']:g} -> {c['val_top1']:.4f}" for c in check["candidates"]))
+            if "budget_fraction" in check:  # one check at that budget, used at every budget of the method
+                label = f"{label.rsplit(' 1/', 1)[0]} (checked at 1/{1 / check['budget_fraction']:.0f}, every budget)"
+            if label not in listed:
+                listed.add(label)
+                lines.append(f"- {label}: "
+                             + ", ".join(f"{c['lr']:g} -> {c['val_top1']:.4f}" for c in check["candidates"]))
     return "\n".join(lines)
 
 

@@ -34,9 +34,10 @@ __all__ = ["ROOT", "RUNS_DIR", "run_case", "run_group", "case_data", "estimate",
 ROOT = Path(__file__).resolve().parents[2]
 RUNS_DIR = ROOT / "runs" / "bench-accuracy"
 # Step cost of each method against vanilla's, for the run-time estimate only (docs/accuracy.md's
-# measured ratios, rounded up): ASI steps 1.1-1.5x, HOSVD's 6-12x, head only trains no conv.
-ESTIMATE_STEP_FACTORS = {"vanilla": 1.0, "gradfilt": 1.0, HEAD_ONLY: 0.5, ASI_ONLY: 1.5, PLANNER: 1.5,
-                         ASI_PAPER: 1.5, "hosvd": 10.0}
+# measured ratios, rounded up): ASI steps 0.83-0.96x at 1/50-1/200 and 1.13-1.25x where the planner
+# keeps layers exact, HOSVD's 6-12x, head only trains no conv.
+ESTIMATE_STEP_FACTORS = {"vanilla": 1.0, "gradfilt": 1.0, HEAD_ONLY: 0.5, ASI_ONLY: 1.0, PLANNER: 1.25,
+                         ASI_PAPER: 1.0, "hosvd": 10.0}
 
 
 def _step(tail: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
@@ -205,12 +206,28 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
     runs = []
     selection_split = None  # (training, validation), carved from the training set when a learning rate is checked
 
-    def choose_lr(method, label, ranks):
-        """The method's learning rate: the best validation top-1 among its candidates (seed ``seeds[0]``)."""
+    checked: dict[str, tuple[float, dict]] = {}  # method -> its check, when one budget's check serves every budget
+
+    def choose_lr(method, label, ranks, budget=None):
+        """The method's learning rate: the best validation top-1 among its candidates (seed ``seeds[0]``).
+
+        With ``lr_check_budget`` set, a budgeted method is checked once, at the ranks planned for that
+        budget, and every budget trains at the rate chosen there.
+        """
         nonlocal selection_split
         candidates = case.lr_candidates(method)
         if len(candidates) == 1:
             return candidates[0], None
+        shared = settings.lr_check_budget is not None and budget is not None
+        if shared and method in checked:
+            return checked[method]
+        if shared and budget != settings.lr_check_budget:
+            check_label = f"1/{1 / settings.lr_check_budget:.0f}"
+            planned = make_plan(max(1, int(settings.lr_check_budget * vanilla_bytes)), check_label,
+                                exact=method == PLANNER)
+            if planned is None:
+                raise SystemExit(f"error: {case.name}: lr-check-budget {check_label}: the budget is too small to plan")
+            ranks, label = planned[0].targets(), f"{method} {check_label}"
         if selection_split is None:
             selection_split = validation_split(train, settings.validation, seed=seed)
         fit, held = selection_split
@@ -226,10 +243,14 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
         print(f"  {case.name} last {layers}: {label}: learning rate {best['lr']:g} (validation top-1 "
               + ", ".join(f"{c['lr']:g}: {c['val_top1']:.4f}" for c in checks)
               + f"; {len(held)} held-out training examples)", flush=True)
-        return best["lr"], {"validation_examples": len(held), "candidates": checks}
+        check = {"validation_examples": len(held), "candidates": checks}
+        if shared:
+            checked[method] = best["lr"], check | {"budget_fraction": settings.lr_check_budget}
+            return checked[method]
+        return best["lr"], check
 
     def train_method(method, label, budget=None, plan=None, ranks=None):
-        lr, lr_check = choose_lr(method, label, ranks)
+        lr, lr_check = choose_lr(method, label, ranks, budget)
         results, first = [], None
         for s in seeds:
             torch.manual_seed(s)
@@ -270,7 +291,7 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
     if HEAD_ONLY in wanted:
         train_method(HEAD_ONLY, "head only (convs frozen)")
     names = vanilla["names"]
-    vanilla_bytes = vanilla["row"]["convs_bytes"]
+    vanilla_bytes = vanilla["row"]["convs_bytes"]  # choose_lr plans at lr_check_budget from it
     calibration = calibration_batches(train, batch_size=batch, count=settings.calibration_batches, seed=seed)
 
     def make_plan(budget, label, *, grid="batch-whole", exact=False):
@@ -379,17 +400,19 @@ def estimate(case: Case, settings: Settings, data: dict, *, steps: int = 3) -> d
             _step(tail, optimizer, x, y)
             times.append(time.perf_counter() - started)
         vanilla_step_s[layers] = step_s = statistics.median(times)
-        methods = ["vanilla", *(m for m in ("gradfilt", HEAD_ONLY) if m in wanted)]
+        methods = [(m, None) for m in ("vanilla", "gradfilt", HEAD_ONLY) if m == "vanilla" or m in wanted]
         for fraction in settings.budgets:
-            methods += [m for m in (ASI_ONLY, PLANNER) if m in wanted]
+            methods += [(m, fraction) for m in (ASI_ONLY, PLANNER) if m in wanted]
             if fraction in settings.reference_budgets:
-                methods += [m for m in (ASI_PAPER, "hosvd") if m in wanted]
-        for method in methods:
+                methods += [(m, fraction) for m in (ASI_PAPER, "hosvd") if m in wanted]
+        for method, fraction in methods:
             checks = len(case.lr_candidates(method))
-            method_steps = case.epochs * (steps_per_epoch * len(settings.seeds)
-                                          + (check_steps * checks if checks > 1 else 0))
+            if checks == 1 or (settings.lr_check_budget is not None and fraction is not None
+                               and fraction != settings.lr_check_budget):
+                checks = 0  # no check, or the one made at lr_check_budget
+            method_steps = case.epochs * (steps_per_epoch * len(settings.seeds) + check_steps * checks)
             seconds = method_steps * step_s * ESTIMATE_STEP_FACTORS[method]
-            totals["runs"] += len(settings.seeds) + (checks if checks > 1 else 0)
+            totals["runs"] += len(settings.seeds) + checks
             totals["steps"] += method_steps
             totals["high"] += seconds
             totals["low"] += 0.0 if method == PLANNER and shared else seconds

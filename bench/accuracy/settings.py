@@ -90,6 +90,9 @@ class Settings:
     seeds: tuple[int, ...] = ()  # the training runs' seeds (batch order); () means (seed,)
     methods: tuple[str, ...] = METHODS
     validation: float = DEFAULT_VALIDATION
+    # The budget at which a budgeted method's learning rate is checked, then used at every budget
+    # (None: checked at each budget on its own)
+    lr_check_budget: float | None = None
 
     def __post_init__(self):
         if not self.budgets or any(not 0 < b < 1 for b in self.budgets):
@@ -109,6 +112,9 @@ class Settings:
         if "hosvd" in self.methods and ASI_ONLY not in self.methods:
             raise ValueError("methods: hosvd runs at asi-only's ranks and is timed against its layers: "
                              f"add '{ASI_ONLY}', or drop hosvd")
+        if self.lr_check_budget is not None and self.lr_check_budget not in self.budgets:
+            raise ValueError(f"lr-check-budget must be one of budgets {list(self.budgets)}, "
+                             f"but got {self.lr_check_budget!r}")
         if not 0 < self.validation < 1:
             raise ValueError(f"validation must be a fraction of the training set in (0, 1), "
                              f"but got {self.validation!r}")
@@ -116,7 +122,7 @@ class Settings:
 
 REQUIRED_KEYS = ("cases", "budgets", "reference-budgets", "batch", "radius", "calibration-batches", "timing-steps",
                  "compression-repeats", "threads", "seed")
-SETTING_KEYS = (*REQUIRED_KEYS, "seeds", "methods", "validation", "quick")
+SETTING_KEYS = (*REQUIRED_KEYS, "seeds", "methods", "validation", "lr-check-budget", "quick")
 CASE_KEYS = tuple(f.name.replace("_", "-") for f in fields(Case) if f.name != "name")
 PRETRAIN_KEYS = tuple(f.name.replace("_", "-") for f in fields(PretrainSpec))
 

@@ -16,13 +16,13 @@ Run: ``python -m bench.asi_storage [--seeds 0 1 2] [--out bench/results/asi_stor
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 
 from bench.accuracy.settings import HEAD_ONLY
 from bench.accuracy.train import calibration_batches, fine_tune, prepared_tail
+from bench.asi_front import keep_shares, render_rows, train_seeds
 from bench.process_tree import write_result
 from bench.tail import cache_features, first_block
 from odl_fed.asi import last_conv_names
@@ -49,16 +49,13 @@ def main(argv=None) -> dict:
     test = cache_features(model, start, load_dataset("mnist-digits", split="test"), image_size=IMAGE_SIZE)
 
     def run(method: str, ranks=None) -> dict:
-        rows = []
-        for seed in args.seeds:
+        def once(seed: int) -> dict:
             torch.manual_seed(0)
             tail, names = prepared_tail(model, layers=LAYERS, start=start, method=method, ranks=ranks)
             result, _, _ = fine_tune(tail, train, test, layer_names=names, epochs=EPOCHS, batch_size=BATCH, lr=LR,
                                      seed=seed)
-            rows.append(result)
-        top1 = [r["top1"] for r in rows]
-        return {"method": method, "ranks": ranks, "top1": top1, "mean": statistics.fmean(top1),
-                "std": statistics.stdev(top1) if len(top1) > 1 else 0.0, "convs_bytes": rows[0]["convs_bytes"]}
+            return result
+        return {"method": method, "ranks": ranks, **train_seeds(once, args.seeds)}
 
     vanilla, frozen = run("vanilla"), run(HEAD_ONLY)
     planning_tail, names = prepared_tail(model, layers=LAYERS, start=start)
@@ -72,14 +69,8 @@ def main(argv=None) -> dict:
             row = run(method, {n: list(r) for n, r in plan.targets().items()}) | {"budget": f"1/{fraction}",
                                                                                   "planned_bytes": plan.total_bytes}
             rows.append(row)
-    gain = vanilla["mean"] - frozen["mean"]
-    print(f"\n{'method':>10} {'budget':>7} {'top-1 mean':>10} {'std':>6} {'of conv gain':>12} {'convs bytes':>12}  ranks")
-    for row in rows:
-        kept = (row["mean"] - frozen["mean"]) / gain if gain > 0 else float("nan")
-        row["of_conv_gain"] = kept
-        ranks = "; ".join("x".join(map(str, r)) for r in row["ranks"].values()) if row["ranks"] else ""
-        print(f"{row['method']:>10} {row.get('budget', ''):>7} {row['mean']:>10.4f} {row['std']:>6.4f} "
-              f"{kept:>12.0%} {row['convs_bytes']:>12}  {ranks}")
+    keep_shares(rows, vanilla, frozen)
+    print("\n" + render_rows(rows))
     result = {"problem": {"model": "efficientnet_lite0", "dataset": "mnist-digits", "image_size": IMAGE_SIZE,
                           "layers": LAYERS, "train": TRAIN, "epochs": EPOCHS, "lr": LR, "batch": BATCH},
               "seeds": args.seeds, "rows": rows}

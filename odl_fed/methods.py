@@ -47,8 +47,8 @@ class Method:
         The planner chooses each layer's ranks for an activation budget.
     keeps_exact : bool
         A layer may stay exact (uncompressed) where the budget allows; its ranks are then None.
-        (A variant that stores its Tucker form in 16 bits, ``asi-fp16``, is planned at 2 bytes per
-        number: :attr:`storage_itemsize`.)
+        (A variant that stores its Tucker form in 16 or 8 bits, ``asi-fp16`` or ``asi-int8``, is
+        planned at 2 or 1 bytes per number: :attr:`storage_itemsize`.)
     companions : bool
         The frozen BatchNorm/ReLU of the fine-tuned part save no input.
     """
@@ -96,6 +96,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("hosvd", variant="hosvd", plans_ranks=True),
     Method("gradfilt", variant="gradfilt", plans_ranks=False),
     Method("asi-fp16", variant="asi-fp16", plans_ranks=True, keeps_exact=True),
+    Method("asi-int8", variant="asi-int8", plans_ranks=True, keeps_exact=True),
 )}
 
 

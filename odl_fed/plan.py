@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from odl_fed.asi.layers import conv_geometry
+from odl_fed.asi.storage import tucker_nbytes
 from odl_fed.asi.tucker import TuckerForm, mode_spectra, ranks_for_energy, tucker_core, tucker_numel
 from odl_fed.asi.weight_grad import conv2d_weight_from_tucker, linear_weight_from_tucker
 from odl_fed.units import parse_bytes
@@ -244,6 +245,7 @@ def calibrate(
     whole_modes: bool = True,
     exact: bool = False,
     storage_itemsize: int | None = None,
+    relative: bool = False,
 ) -> dict[str, list[LayerOption]]:
     """Each layer's options (ranks, bytes, perplexity) at each threshold, averaged over ``batches``.
 
@@ -254,7 +256,9 @@ def calibrate(
     layers must not be swapped yet). Bytes are counted at ``batch_size`` (default: the
     calibration batch), the batch the plan will train with, and a Tucker form's at
     ``storage_itemsize`` bytes per number when the variant stores it narrower than the input
-    (16-bit storage: 2); an exact layer holds its input as it is.
+    (16-bit storage: 2; 8-bit: 1, plus its per-slice scales); an exact layer holds its input as it is.
+    With ``relative``, a perplexity is divided by the norm of the layer's exact dW, so that every
+    layer's error counts in proportion to its own gradient (see :func:`plan_ranks`).
     """
     modules = dict(model.named_modules())
     missing = [n for n in layer_names if n not in modules]
@@ -290,6 +294,7 @@ def calibrate(
                 x, dy = _as_modes(layer, seen[name]["x"], seen[name]["dy"])
                 x = x.contiguous()
                 reference = _exact_weight_grad(layer, x, dy)
+                scale = reference.norm().item() if relative else 1.0
                 spectra = mode_spectra(x)
                 choices = whole_mode_choices(layer, x.dim()) if whole_modes else [{}]
                 for eps in thresholds:
@@ -300,7 +305,7 @@ def calibrate(
                         factors = tuple(None if k == d else vectors[:, :k].to(x.dtype).contiguous()  # None: whole
                                         for (_, vectors), k, d in zip(spectra, ranks, x.shape))
                         form = TuckerForm(tucker_core(x, factors), factors)
-                        error = (_weight_grad(layer, form, dy) - reference).norm().item()
+                        error = (_weight_grad(layer, form, dy) - reference).norm().item() / (scale or 1.0)
                         key = (eps, tuple(whole))
                         entry = sums[name].setdefault(key, [[], 0.0, 0, x.shape, x.element_size(), kept])
                         entry[0].append(ranks)
@@ -320,14 +325,14 @@ def calibrate(
             # the largest rank any calibration batch needed (a kept mode: whole), capped at the training shape
             ranks = tuple(shape[m] if m in kept else min(max(r[m] for r in ranks_seen), shape[m])
                           for m in range(len(shape)))
-            option = LayerOption(eps=eps, ranks=ranks, nbytes=tucker_numel(shape, ranks) * (storage_itemsize or itemsize),
+            option = LayerOption(eps=eps, ranks=ranks, nbytes=tucker_nbytes(shape, ranks, storage_itemsize or itemsize),
                                  perplexity=error_sum / count, whole=whole)
             if ranks not in opts or option.perplexity < opts[ranks].perplexity:
                 opts[ranks] = option
         lossless = full_ranks(shape)
         if tucker_numel(shape, lossless) < math.prod(shape):  # else it holds more than the input itself
             opts[lossless] = LayerOption(eps=1.0, ranks=lossless,
-                                         nbytes=tucker_numel(shape, lossless) * (storage_itemsize or itemsize),
+                                         nbytes=tucker_nbytes(shape, lossless, storage_itemsize or itemsize),
                                          perplexity=0.0, whole=("all",))
         exact_shape = seen[name]["exact_shape"]
         extra = [exact_option((batch_size or exact_shape[0], *exact_shape[1:]), itemsize)] if exact else []
@@ -417,6 +422,7 @@ def plan_ranks(
     grid: str = "batch-whole",
     exact: bool = False,
     storage_itemsize: int | None = None,
+    relative: bool = False,
 ) -> RankPlan:
     """The best per-layer ranks for an activation ``budget`` (bytes, or a size like ``"200KB"``).
 
@@ -427,6 +433,9 @@ def plan_ranks(
     :meth:`RankPlan.targets`): the knapsack keeps the most sensitive layers exact when it can.
     ``storage_itemsize``: bytes per number the variant stores its Tucker forms in (None: the
     input's), so a 16-bit storage buys about twice the rank for the same budget.
+    ``relative``: weigh each layer's perplexity by its exact gradient's norm (relative errors
+    summed). Adam scales each parameter's step by its own gradient's size, so a layer with a small
+    gradient moves as far as one with a large gradient; summed absolute errors starve such layers.
     """
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {list(GRIDS)}, but got grid={grid!r}")
@@ -435,7 +444,8 @@ def plan_ranks(
     batch_size = batch_size or batches[0][0].shape[0]
     levels = sorted(set(thresholds))
     options = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=levels, batch_size=batch_size,
-                        whole_modes=whole_modes, exact=exact, storage_itemsize=storage_itemsize)
+                        whole_modes=whole_modes, exact=exact, storage_itemsize=storage_itemsize,
+                        relative=relative)
     graded = {n: [o for o in opts if o.eps < 1.0] or opts for n, opts in options.items()}
     cheapest = sum(min(o.nbytes for o in opts) for opts in graded.values())
     dearest = sum(max(o.nbytes for o in opts) for opts in graded.values())
@@ -443,7 +453,7 @@ def plan_ranks(
     extra += [e for e in UPPER_THRESHOLDS if e > levels[-1]] if dearest < budget_bytes else []
     if extra:
         more = calibrate(model, layer_names, batches, loss_fn=loss_fn, thresholds=extra, batch_size=batch_size,
-                         whole_modes=whole_modes, storage_itemsize=storage_itemsize)
+                         whole_modes=whole_modes, storage_itemsize=storage_itemsize, relative=relative)
         options = {n: _merge_options(options[n], more[n]) for n in options}
     return plan_from_options(options, budget_bytes, batch_size=batch_size,
                              model_name=model_name or type(model).__name__, grid=grid)

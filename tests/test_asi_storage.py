@@ -1,11 +1,13 @@
-"""ASI's Tucker form held in 16 bits (``asi-fp16``, ``asi-bf16``): half the bytes at the same ranks,
-gradients within a stated bound of float32 storage on real activations, and a planner that spends
-the bytes saved on rank."""
+"""ASI's Tucker form held in 16 bits (``asi-fp16``, ``asi-bf16``) or 8 (``asi-int8``): half or a
+quarter of the bytes at the same ranks (8 bits: plus a float32 scale per slice), gradients within a
+stated bound of float32 storage on real activations, and a planner that spends the bytes saved on
+rank."""
 
 import pytest
 import torch
 
 from odl_fed.asi import ASIConv2d, last_conv_names
+from odl_fed.asi.storage import dequantize_int8, quantize_int8, tucker_nbytes
 from odl_fed.asi.tucker import tucker_numel
 from odl_fed.asi.variants import get_variant
 from odl_fed.data import batches, load_dataset
@@ -15,8 +17,9 @@ from odl_fed.plan import plan_ranks
 from odl_fed.saved_memory import SavedTensorMeter
 
 # Relative error of dW against the same ranks stored in float32 (measured on these inputs:
-# fp16 about 3e-4, bf16 about 2.5e-3; the bound leaves 3-4x room).
-BOUNDS = {"asi-fp16": 1e-3, "asi-bf16": 1e-2}
+# fp16 about 3e-4, bf16 about 2.5e-3, int8 1e-2 to 1.5e-2; the bounds leave 2-4x room).
+BOUNDS = {"asi-fp16": 1e-3, "asi-bf16": 1e-2, "asi-int8": 3e-2}
+ITEMSIZE = {"asi-fp16": 2, "asi-bf16": 2, "asi-int8": 1}
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +52,44 @@ def _step(model, name, x, ranks, variant):
 
 
 @pytest.mark.parametrize("variant", sorted(BOUNDS))
-def test_16_bit_storage_halves_the_bytes_and_keeps_the_gradient_within_its_bound(real_inputs, variant):
+def test_narrow_storage_holds_fewer_bytes_and_keeps_the_gradient_within_its_bound(real_inputs, variant):
     ranks = (32, 16, 2, 3)  # the batch kept whole, channels and height compressed, width whole
     model, inputs = real_inputs
     for name, x in inputs.items():
         ranks_here = tuple(min(r, d) for r, d in zip(ranks, x.shape))
         reference, reference_bytes, _ = _step(model, name, x, ranks_here, "asi")
         grad, nbytes, layer = _step(model, name, x, ranks_here, variant)
-        assert nbytes * 2 == reference_bytes > 0, name  # every saved number in 2 bytes instead of 4
+        assert reference_bytes == tucker_nbytes(x.shape, ranks_here, 4) > 0, name
+        # every saved number in 2 or 1 bytes instead of 4 (8 bits: and the scales the planner counts)
+        assert nbytes == tucker_nbytes(x.shape, ranks_here, ITEMSIZE[variant]), name
+        assert nbytes <= reference_bytes * ITEMSIZE[variant] / 4 * 1.05, name  # 8-bit scales: 2.2% at these ranks
         error = ((grad - reference).norm() / reference.norm()).item()
+        print(f"{variant} {name}: dW relative to float32 storage {error:.1e}")
         assert 0 < error <= BOUNDS[variant], f"{name} at {ranks_here}: {error:.2e}"
         assert all(b is None or b.dtype == torch.float32 for b in layer.bases())  # warm starts stay float32
 
 
 def test_the_variant_names_its_storage_and_refuses_one_it_cannot_hold():
     assert get_variant("asi-fp16").storage == torch.float16 and get_variant("asi-bf16").storage == torch.bfloat16
+    assert get_variant("asi-int8").storage == torch.int8 and get_method("asi-int8").storage_itemsize == 1
     assert get_method("asi-fp16").storage_itemsize == 2 and get_method("asi").storage_itemsize is None
     with pytest.raises(ValueError, match="storage must be one of"):
-        type(get_variant("asi"))(storage=torch.int8)
+        type(get_variant("asi"))(storage=torch.float64)
 
 
-def test_the_planner_buys_more_rank_with_the_bytes_16_bit_storage_saves():
+def test_8_bit_slices_are_scaled_on_their_own_and_round_to_nearest():
+    torch.manual_seed(0)
+    t = torch.randn(6, 5, 3) * torch.tensor([1e-3, 1.0, 10.0, 0.0, 5.0]).view(1, 5, 1)  # slices of very unequal size
+    q, scale = quantize_int8(t, 1)
+    assert q.dtype == torch.int8 and scale.shape == (5,) and q.abs().max() <= 127
+    back = dequantize_int8(q, scale, 1, torch.float32)
+    for c in range(5):  # each slice's error is at most half a step of its own scale, whatever the others hold
+        assert (back[:, c] - t[:, c]).abs().max() <= scale[c] / 2 + 1e-12
+    assert torch.equal(back[:, 3], t[:, 3])  # an all-zero slice comes back exactly
+
+
+@pytest.mark.parametrize("method", ["asi-fp16", "asi-int8"])
+def test_the_planner_buys_more_rank_with_the_bytes_narrow_storage_saves(method):
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=10)
     convs = prepare_finetune(model, layers=2)
@@ -84,9 +104,10 @@ def test_the_planner_buys_more_rank_with_the_bytes_16_bit_storage_saves():
         handle.remove()
     budget = sum(torch.Size(s).numel() * 4 for s in shapes.values()) // 8
     wide = plan_ranks(model, convs, calibration, budget, model_name="resnet18")
-    narrow = plan_ranks(model, convs, calibration, budget, model_name="resnet18",
-                        storage_itemsize=get_method("asi-fp16").storage_itemsize)
+    itemsize = get_method(method).storage_itemsize
+    narrow = plan_ranks(model, convs, calibration, budget, model_name="resnet18", storage_itemsize=itemsize)
     held = {plan: sum(tucker_numel(shapes[n], r) for n, r in plan.targets().items()) for plan in (wide, narrow)}
     assert narrow.total_bytes <= budget and wide.total_bytes <= budget
-    assert narrow.total_bytes == 2 * held[narrow] and wide.total_bytes == 4 * held[wide]
+    assert narrow.total_bytes == sum(tucker_nbytes(shapes[n], r, itemsize) for n, r in narrow.targets().items())
+    assert wide.total_bytes == 4 * held[wide]
     assert held[narrow] > held[wide]  # more numbers (rank) for the same budget

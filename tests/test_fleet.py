@@ -24,7 +24,7 @@ def test_shipped_fleets_load():
     (("count: 1}", "count: -1}"), "devices[1].count: must be a positive integer, but got -1"),
     (("  rounds: 3", "  roudns: 3"), "job: unknown field 'roudns' (did you mean 'rounds'?)"),
     (("  method: asi", "  method: lora"), "job.method: must be one of ['vanilla', 'asi', 'asi-only', 'hosvd', "
-                                          "'gradfilt', 'asi-fp16'], but got 'lora'"),
+                                          "'gradfilt', 'asi-fp16', 'asi-int8'], but got 'lora'"),
     (("  lr: 0.001", "  lr: fast"), "job.lr: must be a positive finite number, but got 'fast'"),
     (("  lr: 0.001", "  lr: .inf"), "job.lr: must be a positive finite number, but got inf"),
     (("  lr: 0.001", "  lr: .nan"), "job.lr: must be a positive finite number, but got nan"),

@@ -155,3 +155,27 @@ def test_the_default_grid_keeps_the_batch_whole_when_it_fits():
     assert tight.total_bytes < whole_minimum and any(layer.ranks[0] < batch for layer in tight.layers)
     with pytest.raises(ValueError, match=r"grid must be one of \['batch-whole', 'mixed', 'paper'\], but got grid='full'"):
         plan_ranks(model, ["2"], batches, "20KB", grid="full")
+
+
+def test_relative_weighting_divides_each_layers_perplexity_by_its_exact_gradient_norm():
+    from odl_fed.plan import calibrate
+
+    model, batches = _model_and_batches()
+    layers = ["2", "5", "9"]
+    absolute = calibrate(model, layers, batches[:1])
+    relative = calibrate(model, layers, batches[:1], relative=True)
+    # the exact weight gradients, by plain backprop on the same batch
+    model.zero_grad(set_to_none=True)
+    for name in layers:
+        model.get_submodule(name).weight.requires_grad_(True)
+    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    norms = {name: model.get_submodule(name).weight.grad.norm().item() for name in layers}
+    model.zero_grad(set_to_none=True)
+    assert len({round(n, 6) for n in norms.values()}) == 3  # the layers' gradients differ in size
+    for name in layers:
+        assert [o.ranks for o in relative[name]] == [o.ranks for o in absolute[name]]
+        for a, r in zip(absolute[name], relative[name]):
+            assert r.perplexity == pytest.approx(a.perplexity / norms[name], rel=1e-4, abs=1e-9)
+    plan = plan_ranks(model, layers, batches, "8KB", model_name="tiny", relative=True)
+    assert plan.total_bytes <= 8000
+    assert all(layer.perplexity <= 1.5 for layer in plan.layers)  # a relative error, not a gradient's size

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
+from odl_fed.asi.storage import STORAGE_NAMES, load_form, store_form
 from odl_fed.asi.tucker import TuckerForm, hosvd_factors, leading_subspace, mode_grams, subspace_iteration, tucker_core
 from odl_fed.asi.weight_grad import Conv2dGeometry, Conv2dOrder, conv2d_weight_from_tucker, linear_weight_from_tucker
 
@@ -47,16 +48,14 @@ class Variant:
         raise NotImplementedError
 
 
-STORAGE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 class TuckerVariant(Variant):
     """A variant that holds the input as a Tucker form; subclasses choose the factors.
 
-    ``storage``: the dtype the core and factors are held in for backward (None: the input's own).
-    A 16-bit storage halves the bytes held at the same ranks (so a budget buys more rank); the
-    weight gradient is computed in the input's dtype from the stored form, and the warm-start
-    bases kept for the next step stay in the input's dtype.
+    ``storage``: the dtype the core and factors are held in for backward (None: the input's own;
+    :mod:`odl_fed.asi.storage`). A 16-bit storage halves the bytes held at the same ranks, an 8-bit
+    one (with a float32 scale per slice) quarters them, so a budget buys more rank; the weight
+    gradient is computed in the input's dtype from the stored form, and the warm-start bases kept
+    for the next step stay in the input's dtype.
     """
 
     def __init__(self, storage: torch.dtype | None = None):
@@ -78,15 +77,12 @@ class TuckerVariant(Variant):
         """Compress contiguous ``x`` to a Tucker form at ``ranks`` (each already <= its mode's size)."""
         factors = tuple(None if u is None else u.contiguous() for u in self.factors(x, ranks, previous))
         form = TuckerForm(tucker_core(x, factors, core_order), factors)
-        stored = form.tensors() if self.storage is None else \
-            tuple(None if t is None else t.to(self.storage) for t in form.tensors())
-        return stored, form.factors
+        return store_form(form, self.storage), form.factors
 
     @staticmethod
     def unpack(saved: Sequence[Tensor | None], dtype: torch.dtype | None = None) -> TuckerForm:
         """The stored form, in ``dtype`` when given (the dtype the gradient is computed in)."""
-        core, *factors = (t if t is None or dtype is None else t.to(dtype) for t in saved)
-        return TuckerForm(core, tuple(factors))
+        return load_form(saved, dtype)
 
     def conv2d_weight(self, saved, grad_output, weight_shape, geometry, order=None):
         return conv2d_weight_from_tucker(self.unpack(saved, grad_output.dtype), grad_output, weight_shape, geometry,
@@ -193,7 +189,8 @@ class GradFilterVariant(Variant):
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (ASIVariant(), ASIVariant(storage=torch.float16),
-                                                    ASIVariant(storage=torch.bfloat16), HOSVDVariant(),
+                                                    ASIVariant(storage=torch.bfloat16), ASIVariant(storage=torch.int8),
+                                                    HOSVDVariant(),
                                                     GradFilterVariant())}
 
 

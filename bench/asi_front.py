@@ -1,0 +1,127 @@
+"""Benchmark: ASI's memory/accuracy front on a case of the accuracy benchmark, at a few budgets.
+
+Issue 12's hard problem by default: MobileNetV2 pretrained here on Fashion-MNIST (``odl-fed
+pretrain``, cached under runs/bench-accuracy/) -> MNIST digits, last 4 convs + head, 128 px (4x4
+maps), over cached features, at the case's epochs and learning rate (``configs/bench/accuracy.yaml``).
+For each budget (1/N of vanilla's measured conv bytes) the planner chooses ranks for each storage
+(float32 ``asi-only``, ``asi-fp16``, ``asi-int8``: 4, 2 or 1 bytes per number) and each weighting
+of the layers' gradient errors (``absolute``: the paper's perplexity summed; ``relative``: each
+layer's divided by its exact gradient's norm), every conv compressed. Each row is the mean and
+spread over ``--seeds`` (the batch order); vanilla and head only (the convs frozen) are measured in
+the same run, and each row says what share of the conv gain (vanilla over head only) it keeps.
+
+Run: ``python -m bench.asi_front [--case mnv2-digits] [--budgets 50] [--seeds 0 1 2]``
+(``--storages``, ``--weightings`` to run fewer rows; ``--out`` for the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from bench.accuracy.run import case_data
+from bench.accuracy.settings import HEAD_ONLY, load_settings
+from bench.accuracy.train import calibration_batches, fine_tune, prepared_tail
+from bench.process_tree import write_result
+from odl_fed.methods import get_method
+from odl_fed.plan import plan_ranks
+
+__all__ = ["train_seeds", "keep_shares", "render_rows", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+STORAGES = ("asi-only", "asi-fp16", "asi-int8")  # methods: the Tucker form in 4, 2 or 1 bytes per number
+WEIGHTINGS = ("absolute", "relative")
+
+
+def train_seeds(train: Callable[[int], dict], seeds: Sequence[int]) -> dict:
+    """``train(seed)`` at every seed: top-1 per seed, mean and sample spread, the first run's bytes."""
+    runs = [train(seed) for seed in seeds]
+    top1 = [r["top1"] for r in runs]
+    return {"top1": top1, "mean": statistics.fmean(top1), "std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+            "convs_bytes": runs[0]["convs_bytes"], "epoch_top1": [r["epoch_top1"] for r in runs]}
+
+
+def keep_shares(rows: list[dict], vanilla: dict, frozen: dict) -> None:
+    """Each row's share of what training the convs is worth: (top-1 - head only's) / (vanilla's - head only's)."""
+    gain = vanilla["mean"] - frozen["mean"]
+    for row in rows:
+        row["of_conv_gain"] = (row["mean"] - frozen["mean"]) / gain if gain > 0 else float("nan")
+
+
+def render_rows(rows: list[dict]) -> str:
+    lines = ["| method | weighting | budget | top-1 (mean ± std) | of conv gain | convs' saved bytes | ranks per conv |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ranks = "; ".join("x".join(map(str, r)) for r in row["ranks"].values()) if row.get("ranks") else "-"
+        lines.append(f"| {row['method']} | {row.get('weighting', '-')} | {row.get('budget', '-')} "
+                     f"| {row['mean']:.4f} ± {row['std']:.4f} | {row['of_conv_gain']:.0%} | {row['convs_bytes']:,} "
+                     f"| {ranks} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "bench" / "accuracy.yaml")
+    parser.add_argument("--case", default="mnv2-digits")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[50], help="1/N of vanilla's conv bytes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--storages", nargs="+", default=list(STORAGES), choices=STORAGES)
+    parser.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=WEIGHTINGS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "asi_front.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = load_settings(args.config)
+    cases = {c.name: c for c in settings.cases}
+    if args.case not in cases:
+        parser.error(f"--case {args.case!r}: choose from {sorted(cases)}")
+    case = cases[args.case]
+    data = case_data(case, settings)
+    base, start, train, test = data["base"], data["start"], data["train"], data["test"]
+
+    def run(method: str, ranks=None) -> dict:
+        def once(seed: int) -> dict:
+            torch.manual_seed(settings.seed)  # the head's initial weights: the same at every seed
+            tail, names = prepared_tail(base, layers=args.layers, start=start, method=method, ranks=ranks)
+            result, _, _ = fine_tune(tail, train, test, layer_names=names, epochs=case.epochs,
+                                     batch_size=settings.batch, lr=case.lr, seed=seed)
+            return result
+        row = {"method": method, "ranks": ranks, **train_seeds(once, args.seeds)}
+        print(f"  {method} {row.get('budget', '')}: top-1 {row['mean']:.4f} ± {row['std']:.4f}, "
+              f"convs' bytes {row['convs_bytes']:,}", flush=True)
+        return row
+
+    vanilla, frozen = run("vanilla"), run(HEAD_ONLY)
+    planning_tail, names = prepared_tail(base, layers=args.layers, start=start)
+    calibration = calibration_batches(train, batch_size=settings.batch, count=settings.calibration_batches,
+                                      seed=settings.seed)
+    rows = [vanilla, frozen]
+    for fraction in args.budgets:
+        budget = vanilla["convs_bytes"] // fraction
+        for method in args.storages:
+            for weighting in args.weightings:
+                plan = plan_ranks(planning_tail, names, calibration, budget, model_name=case.model,
+                                  storage_itemsize=get_method(method).storage_itemsize,
+                                  relative=weighting == "relative")
+                ranks = {n: list(r) for n, r in plan.targets().items()}
+                print(f"{method}, {weighting}, 1/{fraction}: ranks "
+                      + "; ".join("x".join(map(str, r)) for r in ranks.values()), flush=True)
+                rows.append(run(method, ranks) | {"weighting": weighting, "budget": f"1/{fraction}",
+                                                   "planned_bytes": plan.total_bytes})
+    keep_shares(rows, vanilla, frozen)
+    print("\n" + render_rows(rows))
+    result = {"problem": {"case": case.name, "title": case.title, "model": case.model, "dataset": case.dataset,
+                          "image_size": case.image_size, "layers": args.layers, "train": len(train),
+                          "test": len(test), "epochs": case.epochs, "lr": case.lr, "batch": settings.batch},
+              "seeds": args.seeds, "threads": args.threads, "rows": rows}
+    write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -9,14 +9,19 @@ of the layers' gradient errors (``absolute``: the paper's perplexity summed; ``r
 layer's divided by its exact gradient's norm), every conv compressed. Each row is the mean and
 spread over ``--seeds`` (the batch order); vanilla and head only (the convs frozen) are measured in
 the same run, and each row says what share of the conv gain (vanilla over head only) it keeps.
+With ``--replan also`` (or ``only``), each such row is run again with its ranks planned anew after every epoch, on
+the model as trained so far (a federated client would re-plan on each round's global model): the
+inputs of every trained conv but the first move as the convs before it learn.
 
 Run: ``python -m bench.asi_front [--case mnv2-digits] [--budgets 50] [--seeds 0 1 2]``
-(``--storages``, ``--weightings`` to run fewer rows; ``--out`` for the JSON).
+(``--storages``, ``--weightings`` to run fewer rows, ``--replan also|only`` for re-planned rows; ``--out`` for
+the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +32,7 @@ from bench.accuracy.run import case_data
 from bench.accuracy.settings import HEAD_ONLY, load_settings
 from bench.accuracy.train import calibration_batches, fine_tune, prepared_tail
 from bench.process_tree import write_result
+from odl_fed.asi import restore_model
 from odl_fed.methods import get_method
 from odl_fed.plan import plan_ranks
 
@@ -57,7 +63,8 @@ def render_rows(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         ranks = "; ".join("x".join(map(str, r)) for r in row["ranks"].values()) if row.get("ranks") else "-"
-        lines.append(f"| {row['method']} | {row.get('weighting', '-')} | {row.get('budget', '-')} "
+        method = row["method"] + (" (re-planned per epoch)" if row.get("replanned") else "")
+        lines.append(f"| {method} | {row.get('weighting', '-')} | {row.get('budget', '-')} "
                      f"| {row['mean']:.4f} ± {row['std']:.4f} | {row['of_conv_gain']:.0%} | {row['convs_bytes']:,} "
                      f"| {ranks} |")
     return "\n".join(lines)
@@ -72,6 +79,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--storages", nargs="+", default=list(STORAGES), choices=STORAGES)
     parser.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=WEIGHTINGS)
+    parser.add_argument("--replan", choices=("no", "also", "only"), default="no",
+                        help="run each row with its ranks re-planned per epoch as well ('also') or instead ('only')")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "asi_front.json")
     args = parser.parse_args(argv)
@@ -84,35 +93,60 @@ def main(argv=None) -> dict:
     data = case_data(case, settings)
     base, start, train, test = data["base"], data["start"], data["train"], data["test"]
 
-    def run(method: str, ranks=None) -> dict:
-        def once(seed: int) -> dict:
-            torch.manual_seed(settings.seed)  # the head's initial weights: the same at every seed
-            tail, names = prepared_tail(base, layers=args.layers, start=start, method=method, ranks=ranks)
-            result, _, _ = fine_tune(tail, train, test, layer_names=names, epochs=case.epochs,
-                                     batch_size=settings.batch, lr=case.lr, seed=seed)
-            return result
-        row = {"method": method, "ranks": ranks, **train_seeds(once, args.seeds)}
-        print(f"  {method} {row.get('budget', '')}: top-1 {row['mean']:.4f} ± {row['std']:.4f}, "
-              f"convs' bytes {row['convs_bytes']:,}", flush=True)
-        return row
-
-    vanilla, frozen = run("vanilla"), run(HEAD_ONLY)
-    planning_tail, names = prepared_tail(base, layers=args.layers, start=start)
     calibration = calibration_batches(train, batch_size=settings.batch, count=settings.calibration_batches,
                                       seed=settings.seed)
+
+    def plan(model, budget: int, method: str, weighting: str) -> dict[str, list[int]]:
+        targets = plan_ranks(model, names, calibration, budget, model_name=case.model,
+                             storage_itemsize=get_method(method).storage_itemsize,
+                             relative=weighting == "relative").targets()
+        return {n: list(r) for n, r in targets.items()}
+
+    def replanner(tail, budget: int, method: str, weighting: str, history: list):
+        def after_epoch(epoch: int) -> None:
+            plain = copy.deepcopy(tail)  # the model as trained so far, its layers plain again for calibration
+            restore_model(plain)
+            ranks = plan(plain, budget, method, weighting)
+            for name, r in ranks.items():
+                tail.get_submodule(name).ranks = tuple(r)  # a new shape: the layer starts its bases afresh
+            history.append(ranks)
+        return after_epoch
+
+    def run(method: str, ranks=None, replan=None) -> dict:
+        histories = []
+
+        def once(seed: int) -> dict:
+            torch.manual_seed(settings.seed)  # the head's initial weights: the same at every seed
+            tail, layer_names = prepared_tail(base, layers=args.layers, start=start, method=method, ranks=ranks)
+            history = [ranks]
+            after_epoch = replanner(tail, *replan, history) if replan else None
+            result, _, _ = fine_tune(tail, train, test, layer_names=layer_names, epochs=case.epochs,
+                                     batch_size=settings.batch, lr=case.lr, seed=seed, after_epoch=after_epoch)
+            histories.append(history)
+            return result
+        row = {"method": method, "ranks": ranks, **train_seeds(once, args.seeds)}
+        if replan:
+            row["ranks_per_epoch"] = histories
+        print(f"  {method}: top-1 {row['mean']:.4f} ± {row['std']:.4f}, convs' bytes {row['convs_bytes']:,}",
+              flush=True)
+        return row
+
+    _, names = prepared_tail(base, layers=args.layers, start=start)
+    vanilla, frozen = run("vanilla"), run(HEAD_ONLY)
+    planning_tail, _ = prepared_tail(base, layers=args.layers, start=start)
     rows = [vanilla, frozen]
     for fraction in args.budgets:
         budget = vanilla["convs_bytes"] // fraction
         for method in args.storages:
             for weighting in args.weightings:
-                plan = plan_ranks(planning_tail, names, calibration, budget, model_name=case.model,
-                                  storage_itemsize=get_method(method).storage_itemsize,
-                                  relative=weighting == "relative")
-                ranks = {n: list(r) for n, r in plan.targets().items()}
+                ranks = plan(planning_tail, budget, method, weighting)
                 print(f"{method}, {weighting}, 1/{fraction}: ranks "
                       + "; ".join("x".join(map(str, r)) for r in ranks.values()), flush=True)
-                rows.append(run(method, ranks) | {"weighting": weighting, "budget": f"1/{fraction}",
-                                                   "planned_bytes": plan.total_bytes})
+                labels = {"weighting": weighting, "budget": f"1/{fraction}"}
+                if args.replan != "only":
+                    rows.append(run(method, ranks) | labels)
+                if args.replan != "no":
+                    rows.append(run(method, ranks, replan=(budget, method, weighting)) | labels | {"replanned": True})
     keep_shares(rows, vanilla, frozen)
     print("\n" + render_rows(rows))
     result = {"problem": {"case": case.name, "title": case.title, "model": case.model, "dataset": case.dataset,

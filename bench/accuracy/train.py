@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -88,13 +88,15 @@ def paired_difference(reference: Tensor, other: Tensor, labels: Tensor) -> tuple
 
 
 def fine_tune(tail: nn.Module, train: Cached, test: Cached, *, layer_names: Sequence[str], epochs: int,
-              batch_size: int, lr: float, seed: int) -> tuple[dict, torch.optim.Optimizer, Tensor]:
+              batch_size: int, lr: float, seed: int,
+              after_epoch: Callable[[int], None] | None = None) -> tuple[dict, torch.optim.Optimizer, Tensor]:
     """Adam, ``epochs`` passes of shuffled fixed-size batches through ``odl_fed.task.train_steps``.
 
     Returns the result (top-1 on ``test`` after each epoch and at the end, the epochs' losses,
     training seconds, and the first step's saved bytes: ``convs_bytes`` by the trained convs,
     ``tail_bytes`` by the whole step, trainable parameters excluded), the optimizer and the final
-    test predictions.
+    test predictions. ``after_epoch(epoch)`` runs after each epoch but the last (e.g. to re-plan
+    the ranks), outside the training time.
     """
     if len(train) < batch_size:
         raise ValueError(f"fewer than one batch of {batch_size} training examples ({len(train)})")
@@ -102,7 +104,9 @@ def fine_tune(tail: nn.Module, train: Cached, test: Cached, *, layer_names: Sequ
     generator = torch.Generator().manual_seed(seed)
     saved, losses, epoch_top1, seconds = None, [], [], 0.0
     predictions = None
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch and after_epoch is not None:
+            after_epoch(epoch)
         stats = train_steps(tail, minibatches(train, batch_size, generator), optimizer=optimizer,
                             measured_layers=layer_names)
         if saved is None:

@@ -95,12 +95,13 @@ def main(argv=None) -> dict:
 
     calibration = calibration_batches(train, batch_size=settings.batch, count=settings.calibration_batches,
                                       seed=settings.seed)
+    planned_bytes: dict[tuple, int] = {}  # the first plan's (re-planned rows: before the first epoch)
 
     def plan(model, budget: int, method: str, weighting: str) -> dict[str, list[int]]:
-        targets = plan_ranks(model, names, calibration, budget, model_name=case.model,
-                             storage_itemsize=get_method(method).storage_itemsize,
-                             relative=weighting == "relative").targets()
-        return {n: list(r) for n, r in targets.items()}
+        made = plan_ranks(model, names, calibration, budget, model_name=case.model,
+                          storage_itemsize=get_method(method).storage_itemsize, relative=weighting == "relative")
+        planned_bytes[method, weighting, budget] = made.total_bytes
+        return {n: list(r) for n, r in made.targets().items()}
 
     def replanner(tail, budget: int, method: str, weighting: str, history: list):
         def after_epoch(epoch: int) -> None:
@@ -142,7 +143,8 @@ def main(argv=None) -> dict:
                 ranks = plan(planning_tail, budget, method, weighting)
                 print(f"{method}, {weighting}, 1/{fraction}: ranks "
                       + "; ".join("x".join(map(str, r)) for r in ranks.values()), flush=True)
-                labels = {"weighting": weighting, "budget": f"1/{fraction}"}
+                labels = {"weighting": weighting, "budget": f"1/{fraction}",
+                          "planned_bytes": planned_bytes[method, weighting, budget]}
                 if args.replan != "only":
                     rows.append(run(method, ranks) | labels)
                 if args.replan != "no":

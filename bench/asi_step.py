@@ -59,12 +59,14 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def compression_seconds(tail: nn.Module, names: Sequence[str], x: Tensor, *, repeats: int) -> dict:
-    """Per compressed conv: ASI's warm ``pack`` and HOSVD's, at the layer's ranks, on its real input."""
-    asi, hosvd = get_variant("asi"), get_variant("hosvd")
+    """Per compressed conv: the layer's own warm ``pack`` (ASI's, in its storage) and HOSVD's, at the
+    layer's ranks, on its real input."""
+    hosvd = get_variant("hosvd")
     layers = []
     compressed = {n: tail.get_submodule(n) for n in names if isinstance(tail.get_submodule(n), ASIConv2d)}
     for name, inp in layer_inputs(tail, compressed, x).items():
         layer: ASIConv2d = tail.get_submodule(name)
+        asi = layer.variant
         ranks = layer.effective_ranks(inp.shape)
         warm = layer.bases()
         # the contraction order the layer caches for its shape (the code before that cache has none;
@@ -83,11 +85,11 @@ def run_group(base: nn.Module, start: int, layers: int, rows: Mapping[str, Seque
               steps: int, warmup: int, repeats: int) -> dict:
     """Vanilla and every rank row of one case and number of trained convs."""
     runs = []
-    for label, ranks in [("vanilla", None), *rows.items()]:
-        method = "vanilla" if ranks is None else "asi"
+    for label, row in [("vanilla", None), *rows.items()]:
+        method, ranks = row_method(row)
         tail, names = prepared_tail(base, layers=layers, start=start, method=method,
                                     ranks=None if ranks is None else dict(zip(names_of(base, layers), ranks)))
-        runs.append({"label": label, "ranks": ranks, "tail": tail, "names": names, "optimizer": _optimizer(tail)})
+        runs.append({"label": label, "method": method, "ranks": ranks, "tail": tail, "names": names, "optimizer": _optimizer(tail)})
     for run in runs:
         for _ in range(warmup):
             train_step(run["tail"], x, y, optimizer=run["optimizer"])
@@ -99,7 +101,8 @@ def run_group(base: nn.Module, start: int, layers: int, rows: Mapping[str, Seque
             times[i].append(time.perf_counter() - started)
     out = []
     for run, measured in zip(runs, times):
-        row = {"label": run["label"], "ranks": run["ranks"], "step_s": statistics.median(measured),
+        row = {"label": run["label"], "method": run["method"], "ranks": run["ranks"],
+               "step_s": statistics.median(measured),
                "step_s_all": measured,
                "flops": count_flops(lambda: train_step(run["tail"], x, y, optimizer=run["optimizer"]))[0]}
         if run["ranks"] is not None:
@@ -112,6 +115,15 @@ def run_group(base: nn.Module, start: int, layers: int, rows: Mapping[str, Seque
         if "compression" in row:
             row["hosvd_over_asi"] = row["compression"]["hosvd_s"] / row["compression"]["asi_s"]
     return {"layers": layers, "trained": [n.removeprefix("model.") for n in runs[0]["names"]], "rows": out}
+
+
+def row_method(row: Sequence | Mapping | None) -> tuple[str, Sequence | None]:
+    """A config row's method and ranks: a list of ranks is ``asi``; ``{method: asi-int8, ranks: [...]}`` names its own."""
+    if row is None:
+        return "vanilla", None
+    if isinstance(row, Mapping):
+        return row.get("method", "asi"), row["ranks"]
+    return "asi", row
 
 
 def names_of(base: nn.Module, layers: int) -> list[str]:
@@ -130,7 +142,8 @@ def run_case(name: str, case: Mapping, settings: Mapping) -> dict:
     result = {"case": name, "model": case["model"], "weights": case["weights"], "image_size": case["image-size"],
               "features": list(x.shape), "groups": []}
     for layers, rows in groups.items():
-        for label, ranks in rows.items():
+        for label, row in rows.items():
+            ranks = row_method(row)[1]
             if len(ranks) != layers:
                 raise SystemExit(f"error: {name}, {layers} convs, {label!r}: {len(ranks)} rank lists for {layers} convs")
         group = run_group(base, start, layers, rows, x, y, steps=settings["steps"], warmup=settings["warmup"],

@@ -14,8 +14,8 @@ the model as trained so far (a federated client would re-plan on each round's gl
 inputs of every trained conv but the first move as the convs before it learn.
 
 Run: ``python -m bench.asi_front [--case mnv2-digits] [--budgets 50] [--seeds 0 1 2]``
-(``--storages``, ``--weightings`` to run fewer rows, ``--replan also|only`` for re-planned rows; ``--out`` for
-the JSON).
+(``--storages``, ``--weightings`` to run fewer rows, ``--replan also|only`` for re-planned rows,
+``--gradfilt-radius 4`` for gradient filtering rows; ``--out`` for the JSON).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def render_rows(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         ranks = "; ".join("x".join(map(str, r)) for r in row["ranks"].values()) if row.get("ranks") else "-"
-        method = row["method"] + (" (re-planned per epoch)" if row.get("replanned") else "")
+        method = row["method"] + (" (re-planned per epoch)" if row.get("replanned") else "") + (
+            f" r={row['radius']}" if "radius" in row else "")
         lines.append(f"| {method} | {row.get('weighting', '-')} | {row.get('budget', '-')} "
                      f"| {row['mean']:.4f} ± {row['std']:.4f} | {row['of_conv_gain']:.0%} | {row['convs_bytes']:,} "
                      f"| {ranks} |")
@@ -77,10 +78,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--budgets", type=int, nargs="+", default=[50], help="1/N of vanilla's conv bytes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--storages", nargs="+", default=list(STORAGES), choices=STORAGES)
+    parser.add_argument("--storages", nargs="*", default=list(STORAGES), choices=STORAGES)
     parser.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=WEIGHTINGS)
     parser.add_argument("--replan", choices=("no", "also", "only"), default="no",
                         help="run each row with its ranks re-planned per epoch as well ('also') or instead ('only')")
+    parser.add_argument("--gradfilt-radius", type=int, nargs="*", default=[],
+                        help="also run gradient filtering at these patch sizes (float32, no budget: its bytes are its own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "asi_front.json")
     args = parser.parse_args(argv)
@@ -113,12 +116,13 @@ def main(argv=None) -> dict:
             history.append(ranks)
         return after_epoch
 
-    def run(method: str, ranks=None, replan=None) -> dict:
+    def run(method: str, ranks=None, replan=None, radius: int = 2) -> dict:
         histories = []
 
         def once(seed: int) -> dict:
             torch.manual_seed(settings.seed)  # the head's initial weights: the same at every seed
-            tail, layer_names = prepared_tail(base, layers=args.layers, start=start, method=method, ranks=ranks)
+            tail, layer_names = prepared_tail(base, layers=args.layers, start=start, method=method, ranks=ranks,
+                                              radius=radius)
             history = [ranks]
             after_epoch = replanner(tail, *replan, history) if replan else None
             result, _, _ = fine_tune(tail, train, test, layer_names=layer_names, epochs=case.epochs,
@@ -136,6 +140,7 @@ def main(argv=None) -> dict:
     vanilla, frozen = run("vanilla"), run(HEAD_ONLY)
     planning_tail, _ = prepared_tail(base, layers=args.layers, start=start)
     rows = [vanilla, frozen]
+    rows += [run("gradfilt", radius=r) | {"radius": r} for r in args.gradfilt_radius]
     for fraction in args.budgets:
         budget = vanilla["convs_bytes"] // fraction
         for method in args.storages:

@@ -257,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--grid", choices=GRIDS, default=GRIDS[0],
                       help="rank options the planner chooses among: keep the batch mode whole when it fits "
                            "(default), mix whole and truncated modes, or the paper's one threshold for all modes")
-    tune.add_argument("--weighting", choices=("relative", "absolute"), default="relative",
-                      help="how the planner sums the layers' gradient errors: each relative to its layer's "
-                           "gradient (default; Adam moves every layer alike) or absolute (the paper's perplexity)")
+    tune.add_argument("--weighting", choices=("absolute", "relative"), default="absolute",
+                      help="how the planner sums the layers' gradient errors: absolute (the paper's perplexity, "
+                           "default) or each relative to its layer's gradient (Adam moves every layer alike)")
     tune.add_argument("--radius", type=int, default=2, help="gradfilt patch size")
     tune.add_argument("--plan-out", type=Path, help="save the rank plan here")
     tune.add_argument("--out", type=Path, help="write the result JSON here")

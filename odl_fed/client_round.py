@@ -68,9 +68,8 @@ class ClientOutcome:
 
 # A plan cached by another version is made again. 2: the rank planner's batch-whole grid;
 # 3: exact layers where the budget allows, and a measured trial of the training loop; 4: a mode kept
-# whole holds no factor (its bytes no longer counted), padding folded into the conv; 5: each
-# layer's gradient error weighed relative to its gradient (plan_ranks(relative=True))
-PLANNER_VERSION = 5
+# whole holds no factor (its bytes no longer counted), padding folded into the conv
+PLANNER_VERSION = 4
 
 
 class PlanCache:

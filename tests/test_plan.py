@@ -157,13 +157,13 @@ def test_the_default_grid_keeps_the_batch_whole_when_it_fits():
         plan_ranks(model, ["2"], batches, "20KB", grid="full")
 
 
-def test_the_default_relative_weighting_divides_each_layers_perplexity_by_its_exact_gradient_norm():
+def test_relative_weighting_divides_each_layers_perplexity_by_its_exact_gradient_norm():
     from odl_fed.plan import calibrate
 
     model, batches = _model_and_batches()
     layers = ["2", "5", "9"]
-    absolute = calibrate(model, layers, batches[:1], relative=False)
-    relative = calibrate(model, layers, batches[:1])  # the default
+    absolute = calibrate(model, layers, batches[:1])  # the default
+    relative = calibrate(model, layers, batches[:1], relative=True)
     # the exact weight gradients, by plain backprop on the same batch
     model.zero_grad(set_to_none=True)
     for name in layers:
@@ -176,6 +176,6 @@ def test_the_default_relative_weighting_divides_each_layers_perplexity_by_its_ex
         assert [o.ranks for o in relative[name]] == [o.ranks for o in absolute[name]]
         for a, r in zip(absolute[name], relative[name]):
             assert r.perplexity == pytest.approx(a.perplexity / norms[name], rel=1e-4, abs=1e-9)
-    plan = plan_ranks(model, layers, batches, "8KB", model_name="tiny")
+    plan = plan_ranks(model, layers, batches, "8KB", model_name="tiny", relative=True)
     assert plan.total_bytes <= 8000
     assert all(layer.perplexity <= 1.5 for layer in plan.layers)  # a relative error, not a gradient's size

@@ -99,6 +99,7 @@ def main(argv=None) -> dict:
     calibration = calibration_batches(train, batch_size=settings.batch, count=settings.calibration_batches,
                                       seed=settings.seed)
     planned_bytes: dict[tuple, int] = {}  # the first plan's (re-planned rows: before the first epoch)
+    planning_tail, names = prepared_tail(base, layers=args.layers, start=start)  # plain, untrained: the first plans
 
     def plan(model, budget: int, method: str, weighting: str) -> dict[str, list[int]]:
         made = plan_ranks(model, names, calibration, budget, model_name=case.model,
@@ -136,9 +137,7 @@ def main(argv=None) -> dict:
               flush=True)
         return row
 
-    _, names = prepared_tail(base, layers=args.layers, start=start)
     vanilla, frozen = run("vanilla"), run(HEAD_ONLY)
-    planning_tail, _ = prepared_tail(base, layers=args.layers, start=start)
     rows = [vanilla, frozen]
     rows += [run("gradfilt", radius=r) | {"radius": r} for r in args.gradfilt_radius]
     for fraction in args.budgets:

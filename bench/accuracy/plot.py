@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.accuracy.settings import ASI_ONLY, ASI_PAPER, HEAD_ONLY, PLANNER
+from bench.accuracy.settings import ASI_INT8, ASI_ONLY, ASI_PAPER, HEAD_ONLY, PLANNER
 
 __all__ = ["plot_pareto"]
 
-MARKERS = {"vanilla": "o", ASI_ONLY: "^", ASI_PAPER: "v", "hosvd": "s", "gradfilt": "D", PLANNER: "*"}
-COLORS = {"vanilla": "black", ASI_ONLY: "tab:red", ASI_PAPER: "tab:orange", "hosvd": "tab:blue",
-          "gradfilt": "tab:green", PLANNER: "tab:purple"}
-LEGEND = {ASI_ONLY: "asi-only", ASI_PAPER: "asi-only, paper grid", PLANNER: "planner (asi)"}
+MARKERS = {"vanilla": "o", ASI_ONLY: "^", ASI_INT8: "P", ASI_PAPER: "v", "hosvd": "s", "gradfilt": "D",
+           PLANNER: "*"}
+COLORS = {"vanilla": "black", ASI_ONLY: "tab:red", ASI_INT8: "tab:brown", ASI_PAPER: "tab:orange",
+          "hosvd": "tab:blue", "gradfilt": "tab:green", PLANNER: "tab:purple"}
+LEGEND = {ASI_ONLY: "asi-only", ASI_INT8: "asi-int8 (8-bit storage)", ASI_PAPER: "asi-only, paper grid",
+          PLANNER: "planner (asi)"}
 
 
 def plot_pareto(results: list[dict], path: Path) -> None:

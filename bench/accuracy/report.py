@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.accuracy.plot import plot_pareto
-from bench.accuracy.settings import ASI_ONLY, ASI_PAPER, HEAD_ONLY, PLANNER
+from bench.accuracy.settings import ASI_INT8, ASI_ONLY, ASI_PAPER, HEAD_ONLY, PLANNER
 
 __all__ = ["render_group", "render_epochs", "render_compression", "pareto_check", "render_pareto", "targets",
            "report", "merge_runs"]
@@ -164,7 +164,7 @@ def targets(results: list[dict]) -> list[str]:
                 lines.append(f"- {result['case']}, last {group['layers']}: parity not measurable: vanilla "
                              f"({reference['vanilla']:.3f}) did not beat head only ({reference[HEAD_ONLY]:.3f})")
                 continue
-            asi_rows = [r for r in group["rows"] if r["method"] in (ASI_ONLY, ASI_PAPER, PLANNER)]
+            asi_rows = [r for r in group["rows"] if r["method"] in (ASI_ONLY, ASI_INT8, ASI_PAPER, PLANNER)]
             hits = [r for r in asi_rows if r["ratios"]["convs_bytes"] <= 0.01 and r["delta_pp"] >= -1.0]
             best = max(asi_rows, key=lambda r: r["delta_pp"], default=None)
             what = (f"met by {', '.join(r['label'] for r in hits)}" if hits else "not met")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.accuracy.report import pareto_check
-from bench.accuracy.settings import ASI_ONLY, ASI_PAPER, HEAD_ONLY, PLANNER, Case, PretrainSpec, Settings
+from bench.accuracy.settings import ASI_INT8, ASI_ONLY, ASI_PAPER, HEAD_ONLY, PLANNER, Case, PretrainSpec, Settings
 from bench.accuracy.train import (
     calibration_batches,
     fine_tune,
@@ -25,6 +25,7 @@ from bench.tail import Cached, cache_features, first_block, layer_inputs, prefix
 from odl_fed.asi import ASIConv2d, get_variant, last_conv_names
 from odl_fed.data import ImageData, batches, load_dataset
 from odl_fed.flops import count_flops
+from odl_fed.methods import get_method
 from odl_fed.models import build_model
 from odl_fed.plan import BudgetTooSmallError, plan_ranks
 from odl_fed.task import train_step
@@ -35,9 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNS_DIR = ROOT / "runs" / "bench-accuracy"
 # Step cost of each method against vanilla's, for the run-time estimate only (docs/accuracy.md's
 # measured ratios, rounded up): ASI steps 0.83-0.96x at 1/50-1/200 and 1.13-1.25x where the planner
-# keeps layers exact, HOSVD's 6-12x, head only trains no conv.
-ESTIMATE_STEP_FACTORS = {"vanilla": 1.0, "gradfilt": 1.0, HEAD_ONLY: 0.5, ASI_ONLY: 1.0, PLANNER: 1.25,
-                         ASI_PAPER: 1.0, "hosvd": 10.0}
+# keeps layers exact, HOSVD's 6-12x, head only trains no conv; the 8-bit row 1.06x (bench.asi_step).
+ESTIMATE_STEP_FACTORS = {"vanilla": 1.0, "gradfilt": 1.0, HEAD_ONLY: 0.5, ASI_ONLY: 1.0, ASI_INT8: 1.1,
+                         PLANNER: 1.25, ASI_PAPER: 1.0, "hosvd": 10.0}
 
 
 def _step(tail: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
@@ -223,8 +224,7 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
             return checked[method]
         if shared and budget != settings.lr_check_budget:
             check_label = f"1/{1 / settings.lr_check_budget:.0f}"
-            planned = make_plan(max(1, int(settings.lr_check_budget * vanilla_bytes)), check_label,
-                                exact=method == PLANNER)
+            planned = make_plan(max(1, int(settings.lr_check_budget * vanilla_bytes)), check_label, method=method)
             if planned is None:
                 raise SystemExit(f"error: {case.name}: lr-check-budget {check_label}: the budget is too small to plan")
             ranks, label = planned[0].targets(), f"{method} {check_label}"
@@ -237,7 +237,7 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
             tail, names = prepared_tail(base, layers=layers, start=start, method=method, ranks=ranks,
                                         radius=settings.radius)
             result, _, _ = fine_tune(tail, fit, held, layer_names=names, epochs=case.epochs, batch_size=batch,
-                                     lr=lr, seed=seeds[0])
+                                     lr=lr, seed=seeds[0], schedule=settings.schedule)
             checks.append({"lr": lr, "val_top1": result["top1"], "val_epoch_top1": result["epoch_top1"]})
         best = max(checks, key=lambda c: c["val_top1"])  # the first listed wins a tie
         print(f"  {case.name} last {layers}: {label}: learning rate {best['lr']:g} (validation top-1 "
@@ -257,7 +257,7 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
             tail, names = prepared_tail(base, layers=layers, start=start, method=method, ranks=ranks,
                                         radius=settings.radius)
             result, optimizer, predictions = fine_tune(tail, train, test, layer_names=names, epochs=case.epochs,
-                                                       batch_size=batch, lr=lr, seed=s)
+                                                       batch_size=batch, lr=lr, seed=s, schedule=settings.schedule)
             results.append(result | {"predictions": predictions})
             if first is None:  # the first seed's tail is the one timed and counted
                 first = {"tail": tail, "names": names, "optimizer": optimizer}
@@ -294,19 +294,25 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
     vanilla_bytes = vanilla["row"]["convs_bytes"]  # choose_lr plans at lr_check_budget from it
     calibration = calibration_batches(train, batch_size=batch, count=settings.calibration_batches, seed=seed)
 
-    def make_plan(budget, label, *, grid="batch-whole", exact=False):
-        """The planner's ranks for ``budget`` on a fresh, untrained tail (None: the budget is too small)."""
+    def make_plan(budget, label, *, method=ASI_ONLY):
+        """``method``'s ranks for ``budget`` on a fresh, untrained tail (None: the budget is too small).
+
+        The paper grid's row plans on its grid; the planner's (``asi``) may keep layers exact; the
+        8-bit row plans for its storage's bytes; every plan weighs errors by ``settings.weighting``.
+        """
+        grid, exact = "paper" if method == ASI_PAPER else "batch-whole", method == PLANNER
         planning_tail, _ = prepared_tail(base, layers=layers, start=start)
         started = time.perf_counter()
         try:
             plan = plan_ranks(planning_tail, names, calibration, budget, model_name=case.model, grid=grid,
-                              exact=exact)
+                              exact=exact, storage_itemsize=get_method(method if method != ASI_PAPER else ASI_ONLY).storage_itemsize,
+                              relative=settings.weighting == "relative")
         except BudgetTooSmallError as error:
             print(f"  {case.name} last {layers}: budget {label} of vanilla, {grid} grid: {error}", flush=True)
             return None
         planning_s = time.perf_counter() - started
         return plan, planning_s, {
-            "grid": grid, "exact_allowed": exact, "budget_bytes": budget, "planned_bytes": plan.total_bytes,
+            "grid": grid, "exact_allowed": exact, "weighting": settings.weighting, "budget_bytes": budget, "planned_bytes": plan.total_bytes,
             "planning_seconds": planning_s,
             "eps": {l.name.removeprefix("model."): l.eps for l in plan.layers},
             "whole": {l.name.removeprefix("model."): list(l.whole) for l in plan.layers},
@@ -318,13 +324,15 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
         budget = max(1, int(fraction * vanilla_bytes))
         label = f"1/{1 / fraction:.0f}"
         reference = fraction in settings.reference_budgets
-        if reference and ASI_PAPER in wanted and (paper := make_plan(budget, label, grid="paper")):
+        if reference and ASI_PAPER in wanted and (paper := make_plan(budget, label, method=ASI_PAPER)):
             train_method(ASI_PAPER, f"asi-only paper grid {label}", fraction, paper[2], paper[0].targets())
         asi = None
         pure = make_plan(budget, label) if ASI_ONLY in wanted else None
         if pure:
             asi = train_method(ASI_ONLY, f"asi-only {label}", fraction, pure[2], pure[0].targets())
-        chosen = make_plan(budget, label, exact=True) if PLANNER in wanted else None
+        if ASI_INT8 in wanted and (int8 := make_plan(budget, label, method=ASI_INT8)):
+            train_method(ASI_INT8, f"asi-int8 {label}", fraction, int8[2], int8[0].targets())
+        chosen = make_plan(budget, label, method=PLANNER) if PLANNER in wanted else None
         if chosen and asi and chosen[0].targets() == pure[0].targets() and (
                 case.lr_candidates(PLANNER) == case.lr_candidates(ASI_ONLY)):
             # no layer kept exact and the same ranks: method asi then runs exactly what asi-only ran
@@ -402,7 +410,7 @@ def estimate(case: Case, settings: Settings, data: dict, *, steps: int = 3) -> d
         vanilla_step_s[layers] = step_s = statistics.median(times)
         methods = [(m, None) for m in ("vanilla", "gradfilt", HEAD_ONLY) if m == "vanilla" or m in wanted]
         for fraction in settings.budgets:
-            methods += [(m, fraction) for m in (ASI_ONLY, PLANNER) if m in wanted]
+            methods += [(m, fraction) for m in (ASI_ONLY, ASI_INT8, PLANNER) if m in wanted]
             if fraction in settings.reference_budgets:
                 methods += [(m, fraction) for m in (ASI_PAPER, "hosvd") if m in wanted]
         for method, fraction in methods:

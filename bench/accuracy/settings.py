@@ -8,15 +8,18 @@ from pathlib import Path
 
 from bench.settings import check_keys, read_settings
 
-__all__ = ["HEAD_ONLY", "ASI_ONLY", "ASI_PAPER", "PLANNER", "METHODS", "PretrainSpec", "Case", "Settings",
-           "load_settings"]
+__all__ = ["HEAD_ONLY", "ASI_ONLY", "ASI_INT8", "ASI_PAPER", "PLANNER", "METHODS", "SCHEDULES", "WEIGHTINGS",
+           "PretrainSpec", "Case", "Settings", "load_settings"]
 
 HEAD_ONLY = "head-only"
 ASI_ONLY = "asi-only"  # pure ASI on every trained conv, at ranks planned on the default grid
+ASI_INT8 = "asi-int8"  # pure ASI, its Tucker forms stored in 8 bits, at ranks planned for those bytes
 ASI_PAPER = "asi-paper-grid"  # pure ASI with ranks planned on the paper's grid (one threshold for every mode)
 PLANNER = "asi"  # the planner's choice: plan_ranks(exact=True), layers kept exact where the budget allows
 # Every method a group can run; hosvd and the paper grid run at the reference budgets only.
-METHODS = ("vanilla", "gradfilt", HEAD_ONLY, ASI_ONLY, PLANNER, "hosvd", ASI_PAPER)
+METHODS = ("vanilla", "gradfilt", HEAD_ONLY, ASI_ONLY, ASI_INT8, PLANNER, "hosvd", ASI_PAPER)
+SCHEDULES = ("constant", "cosine")  # the learning rate over the epochs (fine_tune's ``schedule``)
+WEIGHTINGS = ("absolute", "relative")  # the planner's error weighting (plan_ranks's ``relative``)
 DEFAULT_VALIDATION = 0.1  # the share of the training set held out to choose a learning rate
 
 
@@ -93,6 +96,8 @@ class Settings:
     # The budget at which a budgeted method's learning rate is checked, then used at every budget
     # (None: checked at each budget on its own)
     lr_check_budget: float | None = None
+    schedule: str = "constant"  # every method's learning rate over the epochs
+    weighting: str = "absolute"  # how the planner sums the layers' gradient errors (every budgeted row)
 
     def __post_init__(self):
         if not self.budgets or any(not 0 < b < 1 for b in self.budgets):
@@ -115,6 +120,10 @@ class Settings:
         if self.lr_check_budget is not None and self.lr_check_budget not in self.budgets:
             raise ValueError(f"lr-check-budget must be one of budgets {list(self.budgets)}, "
                              f"but got {self.lr_check_budget!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, but got {self.schedule!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, but got {self.weighting!r}")
         if not 0 < self.validation < 1:
             raise ValueError(f"validation must be a fraction of the training set in (0, 1), "
                              f"but got {self.validation!r}")
@@ -122,7 +131,8 @@ class Settings:
 
 REQUIRED_KEYS = ("cases", "budgets", "reference-budgets", "batch", "radius", "calibration-batches", "timing-steps",
                  "compression-repeats", "threads", "seed")
-SETTING_KEYS = (*REQUIRED_KEYS, "seeds", "methods", "validation", "lr-check-budget", "quick")
+SETTING_KEYS = (*REQUIRED_KEYS, "seeds", "methods", "validation", "lr-check-budget", "schedule", "weighting",
+                "quick")
 CASE_KEYS = tuple(f.name.replace("_", "-") for f in fields(Case) if f.name != "name")
 PRETRAIN_KEYS = tuple(f.name.replace("_", "-") for f in fields(PretrainSpec))
 

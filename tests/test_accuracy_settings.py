@@ -8,7 +8,7 @@ import torch
 
 from bench.accuracy.run import _over_seeds
 from bench.accuracy.settings import load_settings
-from bench.accuracy.train import validation_split
+from bench.accuracy.train import fine_tune, validation_split
 from bench.tail import Cached
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +33,10 @@ def test_the_seeds_config_is_the_issues_setting():
 
 @pytest.mark.parametrize("line, message", [
     ("methods: [asi-only]", "methods must include 'vanilla' (every ratio is to it), but got ['asi-only']"),
-    ("methods: [vanilla, lora]", "methods must be among ['vanilla', 'gradfilt', 'head-only', 'asi-only', 'asi', "
-                                 "'hosvd', 'asi-paper-grid'], but got ['lora']"),
+    ("methods: [vanilla, lora]", "methods must be among ['vanilla', 'gradfilt', 'head-only', 'asi-only', 'asi-int8', "
+                                 "'asi', 'hosvd', 'asi-paper-grid'], but got ['lora']"),
+    ("schedule: step", "schedule must be one of ['constant', 'cosine'], but got 'step'"),
+    ("weighting: squared", "weighting must be one of ['absolute', 'relative'], but got 'squared'"),
     ("seeds: [0, 0]", "seeds must differ, but got [0, 0]"),
     ("validation: 1.5", "validation must be a fraction of the training set in (0, 1), but got 1.5"),
 ])
@@ -69,3 +71,21 @@ def test_seeds_give_the_mean_and_the_sample_spread():
     assert row["top1"] == pytest.approx(0.8) and row["top1_std"] == pytest.approx(0.1)
     assert row["epoch_top1"] == pytest.approx([0.7, 0.8]) and row["convs_bytes"] == 7
     assert [s["seed"] for s in row["seeds"]] == [0, 1, 2]
+
+
+def test_the_cosine_config_lowers_the_rate_and_runs_8_bit_asi_at_the_targets_budget():
+    settings = load_settings(CONFIGS / "accuracy_cosine.yaml")
+    assert settings.schedule == "cosine" and settings.budgets == (0.01,) and "asi-int8" in settings.methods
+    assert load_settings(CONFIGS / "accuracy_seeds.yaml").schedule == "constant"
+
+
+@pytest.mark.parametrize("schedule, last_rate", [("constant", 0.1), ("cosine", 0.0)])
+def test_the_cosine_schedule_lowers_the_rate_each_epoch_to_zero(schedule, last_rate):
+    torch.manual_seed(0)
+    data = Cached(torch.randn(64, 3), torch.randint(0, 2, (64,)), 0.0)
+    model = torch.nn.Linear(3, 2)
+    result, optimizer, _ = fine_tune(model, data, data, layer_names=[], epochs=4, batch_size=16, lr=0.1, seed=0,
+                                     schedule=schedule)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(last_rate, abs=1e-12) and result["schedule"] == schedule
+    with pytest.raises(ValueError, match="schedule must be 'constant' or 'cosine', but got 'linear'"):
+        fine_tune(model, data, data, layer_names=[], epochs=1, batch_size=16, lr=0.1, seed=0, schedule="linear")

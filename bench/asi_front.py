@@ -34,13 +34,12 @@ from bench.accuracy.train import calibration_batches, fine_tune, prepared_tail
 from bench.process_tree import write_result
 from odl_fed.asi import restore_model
 from odl_fed.methods import get_method
-from odl_fed.plan import plan_ranks
+from odl_fed.plan import WEIGHTINGS, plan_ranks
 
 __all__ = ["train_seeds", "keep_shares", "render_rows", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 STORAGES = ("asi-only", "asi-fp16", "asi-int8")  # methods: the Tucker form in 4, 2 or 1 bytes per number
-WEIGHTINGS = ("absolute", "relative")
 
 
 def train_seeds(train: Callable[[int], dict], seeds: Sequence[int]) -> dict:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from odl_fed.fleet import FleetSpec
+from odl_fed.fleet import FleetSpec, JobSpec
 from odl_fed.recorder import _jsonable
 
 __all__ = ["Checkpoint", "CheckpointError", "RunLock", "RunDirInUse", "CHECKPOINT", "SERVER_LOCK", "WRITER_LOCK",
@@ -138,11 +138,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def check_fleet_matches(checkpoint: Checkpoint, identity: dict, *, path: str | Path, fleet: str | Path) -> None:
-    """Raise :class:`CheckpointError` when the run at ``path`` belongs to a fleet other than ``identity``."""
-    if checkpoint.fleet == identity:
+    """Raise :class:`CheckpointError` when the run at ``path`` belongs to a fleet other than ``identity``.
+
+    A job field the checkpoint predates (one added to :class:`JobSpec` since) counts as its default.
+    """
+    defaults = {f.name: f.default for f in fields(JobSpec) if f.default is not MISSING}
+    saved = {**defaults, **checkpoint.fleet["job"]}
+    if saved == identity["job"] and checkpoint.fleet["devices"] == identity["devices"]:
         return
-    differ = [f"job.{k}" for k in sorted(set(checkpoint.fleet["job"]) | set(identity["job"]))
-              if checkpoint.fleet["job"].get(k) != identity["job"].get(k)]
+    differ = [f"job.{k}" for k in sorted(set(saved) | set(identity["job"])) if saved.get(k) != identity["job"].get(k)]
     if checkpoint.fleet["devices"] != identity["devices"]:
         differ.insert(0, "devices")
     raise CheckpointError(f"checkpoint {path} belongs to another fleet than {fleet} (they differ in "

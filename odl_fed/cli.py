@@ -29,7 +29,7 @@ from odl_fed.compose import ComposeError
 from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
 from odl_fed.methods import get_method
 from odl_fed.models import MODELS, build_model, prepare_finetune, save_checkpoint
-from odl_fed.plan import GRIDS, BudgetTooSmallError, plan_ranks
+from odl_fed.plan import GRIDS, WEIGHTINGS, BudgetTooSmallError, plan_ranks
 from odl_fed.report import REPORT_NAME
 from odl_fed.run_config import DEFAULTS
 from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--grid", choices=GRIDS, default=GRIDS[0],
                       help="rank options the planner chooses among: keep the batch mode whole when it fits "
                            "(default), mix whole and truncated modes, or the paper's one threshold for all modes")
-    tune.add_argument("--weighting", choices=("absolute", "relative"), default="absolute",
+    tune.add_argument("--weighting", choices=WEIGHTINGS, default="absolute",
                       help="how the planner sums the layers' gradient errors: absolute (the paper's perplexity, "
                            "default) or each relative to its layer's gradient (Adam moves every layer alike)")
     tune.add_argument("--radius", type=int, default=2, help="gradfilt patch size")

@@ -290,12 +290,14 @@ class _Candidate:
 def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, method: str, layers: int,
                 batch_size: int, data: ImageData, image_size: int, lr: float = 1e-3, optimizer_slots: int = 2,
                 calibration_batches: int = 2, min_batch: int = 4, start: Setting | None = None,
-                proximal: bool = False, seed: int = 0) -> ClientPlan:
+                proximal: bool = False, seed: int = 0, relative: bool = False) -> ClientPlan:
     """The first setting of ``method``, in the order of retreat (from ``start`` on, when given), that fits
     ``profile.train_memory``; see the module's docstring.
 
     ``model`` is the client's vanilla model: planned in place and left as it came (its trained
     values included). ``data`` is the client's own data: calibration batches and the trial come from it.
+    ``relative``: the rank planner weighs each layer's gradient error by its gradient's norm
+    (:func:`~odl_fed.plan.plan_ranks`; a fleet's ``rank-weighting: relative``).
     """
     spec = get_method(method)
     min_batch = min(min_batch, batch_size)
@@ -317,7 +319,8 @@ def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, me
             if not calibration:
                 candidate.why = f"fewer than {setting.batch_size} local examples"
                 continue
-            if not _activations_fit(model, spec, candidate, profile, calibration, optimizer_slots, model_name):
+            if not _activations_fit(model, spec, candidate, profile, calibration, optimizer_slots, model_name,
+                                    relative=relative):
                 continue
             room = profile.train_memory - weights
             trial = measure_training(model, spec, candidate.ranks, data=data, batch_size=setting.batch_size,
@@ -341,7 +344,7 @@ def plan_client(model: nn.Module, *, model_name: str, profile: DeviceProfile, me
 
 
 def _activations_fit(model: nn.Module, method: Method, candidate: _Candidate, profile: DeviceProfile,
-                     calibration, optimizer_slots: int, model_name: str) -> bool:
+                     calibration, optimizer_slots: int, model_name: str, *, relative: bool = False) -> bool:
     """Steps 1 and 2 for one setting: fill in the candidate's ranks and predicted bytes, or why it cannot fit."""
     x, y = calibration[0]
     candidate.fixed = _fixed_costs(model, x, optimizer_slots)
@@ -363,7 +366,7 @@ def _activations_fit(model: nn.Module, method: Method, candidate: _Candidate, pr
             return False
         try:
             plan = plan_ranks(model, candidate.convs, calibration, conv_budget, model_name=model_name,
-                              exact=method.keeps_exact, storage_itemsize=method.storage_itemsize)
+                              exact=method.keeps_exact, storage_itemsize=method.storage_itemsize, relative=relative)
         except BudgetTooSmallError as error:
             candidate.why = str(error)
             return False

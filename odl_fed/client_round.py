@@ -73,9 +73,9 @@ PLANNER_VERSION = 4
 
 
 class PlanCache:
-    """Client plans by (model, weights, layers, method, batch, image size, profile, planner version): in
-    memory, and in ``directory`` as JSON files when one is given (so a board plans once, not every round,
-    and simulated clients of one device type plan once, not once per actor).
+    """Client plans by (model, weights, layers, method, batch, image size, profile, rank weighting,
+    planner version): in memory, and in ``directory`` as JSON files when one is given (so a board plans
+    once, not every round, and simulated clients of one device type plan once, not once per actor).
 
     In memory only, it also keeps each plan's FLOPs per training step (counted on the first round a
     process trains that plan): a later round with the same plan skips the counted warm-up step.
@@ -110,7 +110,7 @@ class PlanCache:
             weights = f"{Path(weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         what = {"model": job.model, "weights": weights, "layers": job.layers, "method": job.method,
                 "batch": job.batch_size, "image": job.image_size, "dataset": job.dataset, "profile": asdict(profile),
-                "strategy": job.strategy,
+                "strategy": job.strategy, "weighting": job.rank_weighting,
                 "planner": PLANNER_VERSION}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -214,7 +214,8 @@ def _client_round(model: nn.Module, job: JobSpec, profile: DeviceProfile, global
     def make_plan(start: Setting | None = None) -> ClientPlan:
         return plan_client(model, model_name=job.model, profile=profile, method=job.method, layers=job.layers,
                            batch_size=job.batch_size, data=data, image_size=job.image_size, lr=job.lr,
-                           start=start, proximal=proximal_mu > 0, seed=job.seed)
+                           start=start, proximal=proximal_mu > 0, seed=job.seed,
+                           relative=job.rank_weighting == "relative")
 
     with cache.planning(key):
         plan, cached = cache.get(key), True

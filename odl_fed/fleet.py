@@ -7,7 +7,8 @@
       model: resnet18
       weights: runs/r18.pt        # optional
       layers: 2
-      method: asi                 # vanilla | asi | asi-only | hosvd | gradfilt (odl_fed.methods)
+      method: asi                 # vanilla | asi | asi-only | asi-fp16 | asi-int8 | hosvd | gradfilt (odl_fed.methods)
+      rank-weighting: absolute    # optional: absolute (the paper's) | relative (each layer's error over its gradient's)
       rounds: 3
       clients-per-round: 3
       local-epochs: 1
@@ -38,6 +39,7 @@ import yaml
 
 from odl_fed.data import DATASETS
 from odl_fed.methods import METHODS
+from odl_fed.plan import WEIGHTINGS
 from odl_fed.models import MODELS, check_model_input
 from odl_fed.suggest import did_you_mean
 from odl_fed.profile import DeviceProfile, ProfileError, get_profile, load_profiles
@@ -76,6 +78,8 @@ class JobSpec:
     examples_per_client: int | None = None
     eval_examples: int | None = None
     min_clients: int = 1  # fewer connected clients than this and a round is skipped
+    # how the clients' rank planner sums the layers' gradient errors (odl_fed.plan.WEIGHTINGS)
+    rank_weighting: str = "absolute"
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ _OPTIONAL_INTS = ("examples-per-client", "eval-examples", "min-clients")
 _CHOICES = {"model": MODELS, "method": METHODS, "dataset": DATASETS}
 _STRATEGY_KEYS = {"proximal-mu": ("fedprox", 0.01), "server-lr": ("fedadam", 0.01)}
 _JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights", "strategy", *_STRATEGY_KEYS,
-             *_OPTIONAL_INTS)
+             *_OPTIONAL_INTS, "rank-weighting")
 _REQUIRED = (*_POSITIVE_INTS, *_CHOICES, "lr")
 
 
@@ -164,13 +168,17 @@ def _job(raw, where: str) -> JobSpec:
     weights = raw.get("weights")
     if weights is not None and not isinstance(weights, str):
         raise FleetError(f"{where}.weights: must be a file path, but got {weights!r}")
+    weighting = raw.get("rank-weighting", "absolute")
+    if weighting not in WEIGHTINGS:
+        raise FleetError(f"{where}.rank-weighting: must be one of {list(WEIGHTINGS)}, but got {weighting!r}"
+                         f"{did_you_mean(str(weighting), WEIGHTINGS)}")
     return JobSpec(model=raw["model"], layers=raw["layers"], method=raw["method"], rounds=raw["rounds"],
                    clients_per_round=raw["clients-per-round"], local_epochs=raw["local-epochs"],
                    batch_size=raw["batch-size"], lr=float(raw["lr"]), image_size=raw["image-size"],
                    dataset=raw["dataset"], dirichlet_alpha=alpha, seed=seed, weights=weights, strategy=strategy,
                    proximal_mu=knobs["proximal-mu"], server_lr=knobs["server-lr"],
                    examples_per_client=raw.get("examples-per-client"), eval_examples=raw.get("eval-examples"),
-                   min_clients=raw.get("min-clients", 1))
+                   min_clients=raw.get("min-clients", 1), rank_weighting=weighting)
 
 
 def _positive_number(value, where: str) -> float:

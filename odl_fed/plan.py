@@ -53,6 +53,7 @@ from odl_fed.units import parse_bytes
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "WEIGHTINGS",
     "LayerOption",
     "LayerPlan",
     "RankPlan",
@@ -71,6 +72,9 @@ LOWER_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 UPPER_THRESHOLDS = (0.95, 0.98, 0.99)
 KNAPSACK_RESOLUTION = 4096  # budget units of the dynamic programme
 GRIDS = ("batch-whole", "mixed", "paper")
+# How the knapsack sums the layers' gradient errors: "absolute" (the paper's; plan_ranks's default)
+# or "relative" (each over its exact gradient's norm: plan_ranks(relative=True)).
+WEIGHTINGS = ("absolute", "relative")
 
 
 

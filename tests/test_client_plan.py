@@ -84,6 +84,22 @@ def test_an_activation_cap_compresses_only_what_it_must(setting, roomy):
     assert all(ranks is not None for ranks in pure.ranks.values())  # asi-only compresses every layer
 
 
+def test_a_fleets_relative_weighting_reaches_the_rank_planner(setting, roomy):
+    exact_convs, _ = _saved_by_a_step(setting, roomy)
+    rest = roomy.predicted_activation_bytes - exact_convs
+    capped = dataclasses.replace(get_profile("rpi4"), name="capped", activation_memory=rest + exact_convs // 8)
+    absolute, relative = (_plan(setting, capped, method="asi-only", relative=r, calibration_batches=1)
+                          for r in (False, True))
+    for name, options in absolute.rank_plan.options.items():
+        # the same options, each layer's perplexities divided by one number: its exact gradient's norm
+        # on the one calibration batch
+        pairs = [(a.perplexity, r.perplexity) for a, r in zip(options, relative.rank_plan.options[name])
+                 if a.perplexity > 0]
+        assert pairs and [a.ranks for a in options] == [r.ranks for r in relative.rank_plan.options[name]]
+        norm = pairs[0][0] / pairs[0][1]
+        assert norm != pytest.approx(1.0) and all(a / r == pytest.approx(norm, rel=1e-6) for a, r in pairs)
+
+
 def test_the_measured_trial_is_what_the_plan_must_fit(setting, roomy):
     assert roomy.trial_steps >= 8 and roomy.measured_need > 0 and roomy.margin >= 0
     assert roomy.weights_bytes + roomy.measured_need + roomy.margin <= roomy.train_memory

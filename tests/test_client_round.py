@@ -67,6 +67,8 @@ def test_a_plan_is_made_once_per_device_and_kept_on_disk(start, tmp_path):
     assert b.metrics["plan-cached"] == 1 and again.hits == 1 and b.plan == a.plan
     other = dataclasses.replace(get_profile("phone"), train_memory=get_profile("phone").train_memory // 2)
     assert PlanCache.key(JOB, other) != PlanCache.key(JOB, get_profile("phone"))
+    relative = dataclasses.replace(JOB, rank_weighting="relative")  # another weighting, another plan
+    assert PlanCache.key(relative, get_profile("phone")) != PlanCache.key(JOB, get_profile("phone"))
 
 
 def _plan_in_process(directory: str) -> tuple[int, float, dict]:

@@ -17,6 +17,7 @@ def test_shipped_fleets_load():
     mixed = load_fleet(FLEETS / "mixed.yaml")
     assert mixed.num_clients >= 50 and len({g.profile.name for g in mixed.groups}) == 5
     assert mixed.job.dirichlet_alpha == 0.3
+    assert demo.job.rank_weighting == "absolute"  # the paper's, unless a fleet says rank-weighting: relative
 
 
 @pytest.mark.parametrize("change, message", [
@@ -33,6 +34,8 @@ def test_shipped_fleets_load():
     (("  partition: iid", "  partition: {dirichlet: .inf}"), "job.partition: must be 'iid' or {dirichlet: ALPHA}"),
     (("clients-per-round: 4", "clients-per-round: 9"), "job.clients-per-round is 9, but the fleet has 4 clients"),
     (("  batch-size: 32\n", ""), "job: missing field(s) batch-size"),
+    (("  method: asi\n", "  method: asi\n  rank-weighting: relativ\n"),
+     "job.rank-weighting: must be one of ['absolute', 'relative'], but got 'relativ' (did you mean 'relative'?)"),
 ])
 def test_fleet_mistakes_name_the_file_and_field(tmp_path, change, message):
     text = (FLEETS / "demo.yaml").read_text()

@@ -100,6 +100,16 @@ def test_a_run_of_another_fleet_is_refused_naming_what_differs(tmp_path):
         check_fleet_matches(saved, fleet_identity(load_fleet(other)), path="c.pt", fleet=other)
 
 
+def test_a_checkpoint_from_before_a_job_field_existed_resumes_with_its_default(tmp_path):
+    mine = _fleet(tmp_path / "mine.yaml")
+    saved = _checkpoint(mine)
+    del saved.fleet["job"]["rank_weighting"]  # written before fleets had rank-weighting
+    check_fleet_matches(saved, fleet_identity(load_fleet(mine)), path="c.pt", fleet=mine)  # the default: no error
+    relative = _fleet(tmp_path / "relative.yaml", **{"rank-weighting": "relative"})
+    with pytest.raises(CheckpointError, match=r"\(they differ in job.rank_weighting\)"):
+        check_fleet_matches(saved, fleet_identity(load_fleet(relative)), path="c.pt", fleet=relative)
+
+
 def test_a_new_run_never_overwrites_an_unfinished_one(tmp_path):
     fleet_file = _fleet(tmp_path / "fleet.yaml")
     fleet = load_fleet(fleet_file)

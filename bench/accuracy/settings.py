@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from bench.settings import check_keys, read_settings
+from odl_fed.plan import WEIGHTINGS
 
 __all__ = ["HEAD_ONLY", "ASI_ONLY", "ASI_INT8", "ASI_PAPER", "PLANNER", "METHODS", "SCHEDULES", "WEIGHTINGS",
            "PretrainSpec", "Case", "Settings", "load_settings"]
@@ -19,7 +20,6 @@ PLANNER = "asi"  # the planner's choice: plan_ranks(exact=True), layers kept exa
 # Every method a group can run; hosvd and the paper grid run at the reference budgets only.
 METHODS = ("vanilla", "gradfilt", HEAD_ONLY, ASI_ONLY, ASI_INT8, PLANNER, "hosvd", ASI_PAPER)
 SCHEDULES = ("constant", "cosine")  # the learning rate over the epochs (fine_tune's ``schedule``)
-WEIGHTINGS = ("absolute", "relative")  # the planner's error weighting (plan_ranks's ``relative``)
 DEFAULT_VALIDATION = 0.1  # the share of the training set held out to choose a learning rate
 
 

@@ -9,6 +9,7 @@ or be refused at plan time; per device, the guard's peak over its budget says ho
 was used.
 
     python -m bench.tight_fleet [--rounds 3] [--out bench/results/tight_fleet.json]
+    python -m bench.tight_fleet --method asi-int8 --rank-weighting relative --out bench/results/tight_fleet_int8.json
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import yaml
 from odl_fed.client_plan import plan_client
 from odl_fed.fleet import load_fleet
 from odl_fed.job import client_data, global_model
+from odl_fed.plan import WEIGHTINGS
 from odl_fed.profile import get_profile
 from odl_fed.recorder import read_rounds
 from odl_fed.simulate import simulate
@@ -41,7 +43,8 @@ def measured_need(fleet_file: Path, devices_file: Path) -> tuple[int, int]:
     data = client_data(job, 0, fleet.num_clients)
     model, _ = global_model(job, num_classes=data.num_classes)
     plan = plan_client(model, model_name=job.model, profile=get_profile("rpi5"), method=job.method,
-                       layers=job.layers, batch_size=job.batch_size, data=data, image_size=job.image_size, lr=job.lr)
+                       layers=job.layers, batch_size=job.batch_size, data=data, image_size=job.image_size, lr=job.lr,
+                       relative=job.rank_weighting == "relative")
     return plan.weights_bytes + plan.measured_need + plan.margin, plan.weights_bytes
 
 
@@ -60,12 +63,13 @@ def _write(root: Path, job: dict, need: int | None, weights: int = 0) -> tuple[P
 
 
 def run(root: Path, *, rounds: int = 2, model: str = "mobilenet_v2", layers: int = 2, batch: int = 16,
-        examples: int = 96, image_size: int = 32, dataset: str = "digits") -> dict:
+        examples: int = 96, image_size: int = 32, dataset: str = "digits", method: str = "asi",
+        rank_weighting: str = "absolute") -> dict:
     """Measure the need, run the tight fleet, and summarise its round log per client."""
     root.mkdir(parents=True, exist_ok=True)
-    job = {"model": model, "layers": layers, "method": "asi", "rounds": rounds, "local-epochs": 1,
+    job = {"model": model, "layers": layers, "method": method, "rounds": rounds, "local-epochs": 1,
            "batch-size": batch, "lr": 0.001, "image-size": image_size, "dataset": dataset, "partition": "iid",
-           "seed": 0, "examples-per-client": examples, "eval-examples": 200}
+           "seed": 0, "examples-per-client": examples, "eval-examples": 200, "rank-weighting": rank_weighting}
     fleet_file, devices_file = _write(root, job, None)
     need, weights = measured_need(fleet_file, devices_file)
     fleet_file, devices_file = _write(root, job, need, weights)
@@ -95,11 +99,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--examples", type=int, default=160)
+    parser.add_argument("--method", default="asi", help="the job's method (odl_fed.methods), e.g. asi-int8")
+    parser.add_argument("--rank-weighting", choices=WEIGHTINGS, default="absolute")
     parser.add_argument("--out", type=Path, default=Path("bench/results/tight_fleet.json"))
     parser.add_argument("--work", type=Path, default=Path("runs/tight_fleet"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    result = run(args.work, rounds=args.rounds, model=args.model, examples=args.examples)
+    result = run(args.work, rounds=args.rounds, model=args.model, examples=args.examples, method=args.method,
+                 rank_weighting=args.rank_weighting)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"need of the full setting here: {result['need_bytes'] / MiB:.1f} MiB (weights + trial + margin)")

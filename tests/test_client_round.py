@@ -174,6 +174,22 @@ def test_bases_kept_from_one_round_start_the_next_warm(start):
     assert cold.metrics["warm-bases"] == 0
 
 
+def test_8_bit_asi_planned_with_relative_errors_trains_rounds_within_its_plan(start):
+    data, state, _ = start
+    capped = dataclasses.replace(get_profile("rpi4"), name="capped", activation_memory=60_000)
+    job = dataclasses.replace(JOB, method="asi-int8", rank_weighting="relative")
+    first = run_client_round(job, capped, state, client="capped-0", data=data)
+    assert first.status == OK and first.plan["method"] == "asi-int8"
+    assert any(ranks is not None for ranks in first.plan["ranks"].values())  # the cap makes it compress
+    m = first.metrics
+    assert 0 < m["activation-bytes"] < m["step-saved-bytes"] <= m["planned-activation-bytes"]
+    assert 0 <= m["peak-memory"] <= m["memory-budget"]
+    assert first.bases and all(b.dtype == torch.float32 for b in first.bases.values())  # bases stay float32
+    second = run_client_round(job, capped, first.arrays, client="capped-0", data=data, bases=first.bases,
+                              server_round=2)
+    assert second.status == OK and second.metrics["warm-bases"] == len(first.bases)
+
+
 @pytest.mark.parametrize("method", ["hosvd", "gradfilt"])
 def test_the_baselines_run_a_round(start, method):
     data, state, _ = start

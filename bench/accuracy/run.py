@@ -301,18 +301,19 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
         8-bit row plans for its storage's bytes; every plan weighs errors by ``settings.weighting``.
         """
         grid, exact = "paper" if method == ASI_PAPER else "batch-whole", method == PLANNER
+        itemsize = get_method(ASI_ONLY if method == ASI_PAPER else method).storage_itemsize
         planning_tail, _ = prepared_tail(base, layers=layers, start=start)
         started = time.perf_counter()
         try:
             plan = plan_ranks(planning_tail, names, calibration, budget, model_name=case.model, grid=grid,
-                              exact=exact, storage_itemsize=get_method(method if method != ASI_PAPER else ASI_ONLY).storage_itemsize,
-                              relative=settings.weighting == "relative")
+                              exact=exact, storage_itemsize=itemsize, relative=settings.weighting == "relative")
         except BudgetTooSmallError as error:
             print(f"  {case.name} last {layers}: budget {label} of vanilla, {grid} grid: {error}", flush=True)
             return None
         planning_s = time.perf_counter() - started
         return plan, planning_s, {
-            "grid": grid, "exact_allowed": exact, "weighting": settings.weighting, "budget_bytes": budget, "planned_bytes": plan.total_bytes,
+            "grid": grid, "exact_allowed": exact, "weighting": settings.weighting, "budget_bytes": budget,
+            "planned_bytes": plan.total_bytes,
             "planning_seconds": planning_s,
             "eps": {l.name.removeprefix("model."): l.eps for l in plan.layers},
             "whole": {l.name.removeprefix("model."): list(l.whole) for l in plan.layers},

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.accuracy.settings import ASI_ONLY, ASI_PAPER, HEAD_ONLY
+from bench.accuracy.settings import ASI_ONLY, ASI_PAPER, HEAD_ONLY, SCHEDULES
 from bench.tail import Cached, Tail, first_block
 from odl_fed.models import prepare_finetune
 from odl_fed.task import apply_method, train_steps
@@ -105,8 +105,8 @@ def fine_tune(tail: nn.Module, train: Cached, test: Cached, *, layer_names: Sequ
     if len(train) < batch_size:
         raise ValueError(f"fewer than one batch of {batch_size} training examples ({len(train)})")
     optimizer = make_optimizer(tail, lr=lr)
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', but got {schedule!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, but got {schedule!r}")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs) if schedule == "cosine" else None
     generator = torch.Generator().manual_seed(seed)
     saved, losses, epoch_top1, seconds = None, [], [], 0.0

@@ -89,3 +89,18 @@ def test_the_cosine_schedule_lowers_the_rate_each_epoch_to_zero(schedule, last_r
     assert optimizer.param_groups[0]["lr"] == pytest.approx(last_rate, abs=1e-12) and result["schedule"] == schedule
     with pytest.raises(ValueError, match=re.escape("schedule must be one of ['constant', 'cosine'], but got 'linear'")):
         fine_tune(model, data, data, layer_names=[], epochs=1, batch_size=16, lr=0.1, seed=0, schedule="linear")
+
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("accuracy*.yaml")), ids=lambda p: p.name)
+def test_every_committed_accuracy_config_loads(path):
+    settings = load_settings(path)  # a wrong key or value raises, naming the file
+    assert settings.cases and all(rate > 0 for case in settings.cases for method in settings.methods
+                                  for rate in case.lr_candidates(method))
+
+
+def test_the_rates_configs_check_every_rate_under_the_cosine_and_the_relative_one_weighs_relative():
+    rates = load_settings(CONFIGS / "accuracy_cosine_rates.yaml")
+    assert rates.schedule == "cosine" and set(rates.cases[0].lrs) == {"vanilla", "asi-only", "asi-int8"}
+    relative = load_settings(CONFIGS / "accuracy_cosine_relative.yaml")
+    assert relative.weighting == "relative" and relative.schedule == "cosine" and "asi-int8" in relative.methods

@@ -91,7 +91,6 @@ def test_the_cosine_schedule_lowers_the_rate_each_epoch_to_zero(schedule, last_r
         fine_tune(model, data, data, layer_names=[], epochs=1, batch_size=16, lr=0.1, seed=0, schedule="linear")
 
 
-
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("accuracy*.yaml")), ids=lambda p: p.name)
 def test_every_committed_accuracy_config_loads(path):
     settings = load_settings(path)  # a wrong key or value raises, naming the file

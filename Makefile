@@ -34,7 +34,7 @@ demo: setup $(BACKBONE)
 
 # The same fleet through `flwr run .` (project-local Flower home in .flwr/, SuperLink stopped after).
 flwr-run: setup $(BACKBONE)
-	$(PY) -m odl_fed.flwr_local --fleet configs/fleets/demo.yaml --out-dir runs/flwr
+	$(PY) -m odl_fed.deploy.flwr_local --fleet configs/fleets/demo.yaml --out-dir runs/flwr
 
 bench-layers: setup
 	$(PY) -m bench.asi_layers
@@ -47,7 +47,7 @@ test: setup
 
 # The image's wheels (CPU torch included) for an offline `docker build` (build/wheelhouse/).
 wheelhouse: setup
-	$(PY) -c "from odl_fed.docker_engine import wheelhouse; print(wheelhouse())"
+	$(PY) -c "from tools.docker_engine import wheelhouse; print(wheelhouse())"
 
 # A real `docker compose up` of a generated fleet: starts its own dockerd, builds the image, runs
 # the fleet, tears everything down (skipped, with the reason, where no engine can start).

@@ -9,7 +9,7 @@ and the CPU seconds per epoch are printed:
 - ``mmap-128k``: ``mallopt`` fixes the mmap threshold at 128 KiB (every large tensor its own
   mapping, returned when freed);
 - ``reclaim``: glibc as it is, and a reading above a watermark first hands the free pages back
-  (``malloc_trim``) and reads again: what :class:`odl_fed.memory_guard.MemoryGuard` does above
+  (``malloc_trim``) and reads again: what :class:`odl_fed.training.memory_guard.MemoryGuard` does above
   0.9 of its budget. The watermark here is the median step peak ``mmap-128k`` reached.
 
     python -m bench.allocator [--out bench/results/allocator.json]
@@ -41,10 +41,10 @@ def _one(policy: str, model_name: str, image_size: int, layers: int, watermark: 
     import torch
     import torch.nn.functional as F
 
-    from odl_fed.data import batches
-    from odl_fed.fleet import JobSpec
-    from odl_fed.job import client_data, global_model
-    from odl_fed.task import apply_method, make_optimizer, warm_up
+    from odl_fed.training.data import batches
+    from odl_fed.spec.fleet import JobSpec
+    from odl_fed.federation.job_assets import client_data, global_model
+    from odl_fed.training.task import apply_method, make_optimizer, warm_up
 
     torch.set_num_threads(1)
     job = JobSpec(model=model_name, layers=layers, method="asi-only", rounds=1, clients_per_round=1, local_epochs=1,

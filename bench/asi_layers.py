@@ -36,8 +36,8 @@ from torch import nn
 from bench.settings import check_keys, read_settings
 from bench.tail import Tail, block_sequence, first_block, layer_inputs, prefix_features
 from odl_fed.asi import ASIConv2d, freeze_except, inject_asi, last_conv_names, tucker_numel
-from odl_fed.flops import count_flops
-from odl_fed.saved_memory import SavedTensorMeter
+from odl_fed.training.flops import count_flops
+from odl_fed.training.saved_memory import SavedTensorMeter
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ from bench.accuracy.train import prepared_tail
 from bench.tail import first_block, layer_inputs, prefix_features
 from bench.settings import check_keys, read_settings
 from odl_fed.asi import ASIConv2d, get_variant, last_conv_names
-from odl_fed.flops import count_flops
-from odl_fed.models import build_model
-from odl_fed.task import train_step
+from odl_fed.training.flops import count_flops
+from odl_fed.training.models import build_model
+from odl_fed.training.task import train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "bench" / "asi_step.yaml"

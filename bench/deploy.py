@@ -33,17 +33,17 @@ from pathlib import Path
 
 import yaml
 
-from odl_fed.deploy import free_port, stop_tree
-from odl_fed.recorder import read_rounds
+from odl_fed.deploy.processes import free_port, stop_tree
+from odl_fed.federation.recorder import read_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "local-epochs": 1, "batch-size": 16, "lr": 0.001,
        "image-size": 32, "dataset": "mnist-digits", "partition": "iid", "seed": 0, "examples-per-client": 64,
        "eval-examples": 200}
-CLIENTAPP_IMPORTS = "import torch, flwr.clientapp, odl_fed.client_app"
+CLIENTAPP_IMPORTS = "import torch, flwr.clientapp, odl_fed.federation.client_app"
 # What each fresh ClientApp does before planning: read the fleet, build the model, load its share.
 CLIENTAPP_SETUP = ("import sys, time; {imports}; t = time.perf_counter(); "
-                   "from odl_fed.run_config import RunSettings; from odl_fed.job import client_data, global_model; "
+                   "from odl_fed.spec.run_config import RunSettings; from odl_fed.federation.job_assets import client_data, global_model; "
                    "job = RunSettings.from_config({{'fleet': sys.argv[1]}}).fleet().job; "
                    "data = client_data(job, 0, {clients}); global_model(job, num_classes=data.num_classes); "
                    "print(time.perf_counter() - t)")
@@ -120,7 +120,7 @@ def clientapp_setup(clients: int, fleet: Path) -> float:
 
 
 def image_figures() -> dict:
-    from odl_fed.docker_engine import EngineUnavailable, base_image, start_engine, wheelhouse
+    from tools.docker_engine import EngineUnavailable, base_image, start_engine, wheelhouse
 
     try:
         engine = start_engine()

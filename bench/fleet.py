@@ -8,7 +8,7 @@ One run measures:
 - the bytes that travel per round (trained layers down and up) against sending the whole model
   to and from the same clients, as a ratio;
 - the guard's overhead per client step: the same client epoch with and without a
-  :class:`~odl_fed.memory_guard.MemoryGuard`, alternated so both share the machine's noise.
+  :class:`~odl_fed.training.memory_guard.MemoryGuard`, alternated so both share the machine's noise.
 
 Run: ``python -m bench.fleet [--fleet FILE] [--out bench/results/fleet.json]``.
 """
@@ -27,12 +27,12 @@ import psutil
 import torch
 
 from bench.process_tree import TreeSampler, write_result
-from odl_fed.job import client_data, global_model
-from odl_fed.fleet import load_fleet
-from odl_fed.memory_guard import MemoryGuard
-from odl_fed.recorder import read_rounds
-from odl_fed.simulate import simulate
-from odl_fed.task import train_epoch
+from odl_fed.federation.job_assets import client_data, global_model
+from odl_fed.spec.fleet import load_fleet
+from odl_fed.training.memory_guard import MemoryGuard
+from odl_fed.federation.recorder import read_rounds
+from odl_fed.federation.simulation import simulate
+from odl_fed.training.task import train_epoch
 
 
 def guard_overhead(fleet, *, repeats: int = 3) -> dict:

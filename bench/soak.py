@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from bench.process_tree import TreeSampler, write_result
-from odl_fed.recorder import read_rounds
-from odl_fed.simulate import simulate
+from odl_fed.federation.recorder import read_rounds
+from odl_fed.federation.simulation import simulate
 
 JOB = {"model": "resnet18", "layers": 2, "method": "asi", "clients-per-round": 4, "local-epochs": 1,
        "batch-size": 16, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits", "partition": "iid", "seed": 0,

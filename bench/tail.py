@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from odl_fed.data import ImageData, batches
+from odl_fed.training.data import ImageData, batches
 
 __all__ = ["block_sequence", "first_block", "run_from", "Tail", "prefix_features", "layer_inputs", "Cached",
            "cache_features"]

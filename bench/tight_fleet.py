@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from odl_fed.client_plan import plan_client
-from odl_fed.fleet import load_fleet
-from odl_fed.job import client_data, global_model
-from odl_fed.plan import WEIGHTINGS
-from odl_fed.profile import get_profile
-from odl_fed.recorder import read_rounds
-from odl_fed.simulate import simulate
+from odl_fed.planning.device_plan import plan_client
+from odl_fed.spec.fleet import load_fleet
+from odl_fed.federation.job_assets import client_data, global_model
+from odl_fed.planning.ranks import WEIGHTINGS
+from odl_fed.spec.profile import get_profile
+from odl_fed.federation.recorder import read_rounds
+from odl_fed.federation.simulation import simulate
 
 MiB = 2**20
 FACTORS = (1.1, 1.1, 1.2, 1.3, 1.3)
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--examples", type=int, default=160)
-    parser.add_argument("--method", default="asi", help="the job's method (odl_fed.methods), e.g. asi-int8")
+    parser.add_argument("--method", default="asi", help="the job's method (odl_fed.training.methods), e.g. asi-int8")
     parser.add_argument("--rank-weighting", choices=WEIGHTINGS, default="absolute")
     parser.add_argument("--out", type=Path, default=Path("bench/results/tight_fleet.json"))
     parser.add_argument("--work", type=Path, default=Path("runs/tight_fleet"))

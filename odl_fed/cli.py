@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from odl_fed.checkpoint import RunDirInUse
-from odl_fed.compose import ComposeError
-from odl_fed.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
-from odl_fed.methods import get_method
-from odl_fed.models import MODELS, build_model, prepare_finetune, save_checkpoint
-from odl_fed.plan import GRIDS, WEIGHTINGS, BudgetTooSmallError, plan_ranks
-from odl_fed.report import REPORT_NAME
-from odl_fed.run_config import DEFAULTS
-from odl_fed.task import METHODS, apply_method, evaluate, train_epoch
-from odl_fed.units import parse_bytes
+from odl_fed.federation.checkpoint import RunDirInUse
+from odl_fed.deploy.compose import ComposeError
+from odl_fed.training.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
+from odl_fed.training.methods import get_method
+from odl_fed.training.models import MODELS, build_model, prepare_finetune, save_checkpoint
+from odl_fed.planning.ranks import GRIDS, WEIGHTINGS, BudgetTooSmallError, plan_ranks
+from odl_fed.dashboard.report import REPORT_NAME
+from odl_fed.spec.run_config import DEFAULTS
+from odl_fed.training.task import METHODS, apply_method, evaluate, train_epoch
+from odl_fed.spec.units import parse_bytes
 
 USER_ERRORS = (ComposeError, RunDirInUse, ValueError, KeyError, FileNotFoundError,
                DatasetUnavailableError, BudgetTooSmallError, ImportError)
@@ -122,7 +122,7 @@ def pretrain(args) -> dict:
 
 
 def simulate(args) -> Path:
-    from odl_fed.simulate import simulate as run
+    from odl_fed.federation.simulation import simulate as run
 
     config = _simulate_config(args)
     path = run(config, cpus=args.cpus, progress=not args.no_progress, verbose=args.verbose,
@@ -139,7 +139,7 @@ def _simulate_config(args) -> dict:
     from the run's checkpoint (and a fleet given is checked against it when the run starts)."""
     stored = {}
     if args.resume is not None:
-        from odl_fed.checkpoint import resume_config
+        from odl_fed.federation.checkpoint import resume_config
 
         if args.out_dir is not None and args.out_dir.absolute() != args.resume.absolute():
             raise ValueError(f"--resume {args.resume} is the run directory; --out-dir {args.out_dir} names another")
@@ -157,7 +157,7 @@ def _simulate_config(args) -> dict:
 
 
 def compose(args) -> str:
-    from odl_fed.compose import compose_file, render
+    from odl_fed.deploy.compose import compose_file, render
 
     text = render(compose_file(args.fleet, out_dir=args.out_dir, context=args.context, devices_file=args.devices,
                                memory_floor=parse_bytes(args.memory_floor, what="--memory-floor"),
@@ -169,7 +169,7 @@ def compose(args) -> str:
 
 
 def report(args) -> Path | None:
-    from odl_fed.report import default_path, load_reports, render, save
+    from odl_fed.dashboard.report import default_path, load_reports, render, save
 
     reports = load_reports(args.runs)
     for warning in (w for r in reports for w in r.log.warnings):
@@ -184,8 +184,8 @@ def report(args) -> Path | None:
 
 
 def watch(args) -> None:
-    from odl_fed.console import ConsoleDashboard
-    from odl_fed.run_log import LOG_NAME, LogFollower, RunLogError
+    from odl_fed.dashboard.console import ConsoleDashboard
+    from odl_fed.dashboard.run_log import LOG_NAME, LogFollower, RunLogError
 
     if not args.run_dir.is_dir():
         raise RunLogError(f"run directory {args.run_dir} does not exist")
@@ -207,7 +207,7 @@ def watch(args) -> None:
 
 
 def certs(args) -> list[Path]:
-    from odl_fed.certs import CA_CERT, make_certs, node_names
+    from odl_fed.deploy.certs import CA_CERT, make_certs, node_names
 
     names = node_names(args.nodes, args.node or ())
     written = make_certs(args.dir, nodes=names, hosts=args.host or (), days=args.days, force=args.force)

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from odl_fed.deploy import stop_tree
+from odl_fed.deploy.processes import stop_tree
 
 __all__ = ["Chromium", "chromium_or_reason"]
 

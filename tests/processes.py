@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from odl_fed.deploy import flower_env, stop_tree
+from odl_fed.deploy.processes import flower_env, stop_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,9 +19,9 @@ from bench.accuracy.settings import HEAD_ONLY
 from bench.accuracy.train import calibration_batches, fine_tune, prepared_tail
 from bench.tail import Cached, Tail, cache_features, first_block
 from odl_fed.asi import last_conv_names
-from odl_fed.data import batches, load_dataset
-from odl_fed.models import build_model
-from odl_fed.plan import plan_ranks
+from odl_fed.training.data import batches, load_dataset
+from odl_fed.training.models import build_model
+from odl_fed.planning.ranks import plan_ranks
 
 IMAGE_SIZE = 112
 LAYERS = 4

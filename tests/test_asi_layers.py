@@ -19,7 +19,7 @@ from odl_fed.asi import (
     last_conv_names,
     restore_model,
 )
-from odl_fed.saved_memory import SavedTensorMeter
+from odl_fed.training.saved_memory import SavedTensorMeter
 
 
 def test_batch_size_change_caps_the_batch_rank_and_keeps_the_other_bases_warm():

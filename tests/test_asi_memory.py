@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from odl_fed.asi import ASIConv2d, ASILinear, BitMaskReLU, FrozenBatchNorm2d, inject_asi, tucker_numel
-from odl_fed.saved_memory import SavedTensorMeter
+from odl_fed.training.saved_memory import SavedTensorMeter
 
 
 def _saved_bytes(module, x):

@@ -1,6 +1,6 @@
 """Contraction orders of the compressed conv: cheaper than the fixed order, exact on every path.
 
-The FLOPs are counted by ``torch.utils.flop_counter`` (``odl_fed.flops.count_flops``) on the
+The FLOPs are counted by ``torch.utils.flop_counter`` (``odl_fed.training.flops.count_flops``) on the
 layer shapes the accuracy benchmark trains at its planner's ranks (batch kept whole):
 EfficientNet-Lite0 at 224 px (7x7 maps; the depthwise conv's input is 9x9 after its static
 padding) and MobileNetV2 at 128 px (4x4 maps), batch 32. The "naive" order is the one used before
@@ -35,8 +35,8 @@ from odl_fed.asi.weight_grad import (
     conv2d_weight_from_tucker,
     conv2d_weight_order,
 )
-from odl_fed.flops import count_flops
-from odl_fed.saved_memory import SavedTensorMeter
+from odl_fed.training.flops import count_flops
+from odl_fed.training.saved_memory import SavedTensorMeter
 
 # name: (input shape, C_out, kernel, groups, padding)
 LAYERS = {

@@ -10,11 +10,11 @@ from odl_fed.asi import ASIConv2d, last_conv_names
 from odl_fed.asi.storage import dequantize_int8, quantize_int8, tucker_nbytes
 from odl_fed.asi.tucker import tucker_numel
 from odl_fed.asi.variants import get_variant
-from odl_fed.data import batches, load_dataset
-from odl_fed.methods import get_method
-from odl_fed.models import build_model, prepare_finetune
-from odl_fed.plan import plan_ranks
-from odl_fed.saved_memory import SavedTensorMeter
+from odl_fed.training.data import batches, load_dataset
+from odl_fed.training.methods import get_method
+from odl_fed.training.models import build_model, prepare_finetune
+from odl_fed.planning.ranks import plan_ranks
+from odl_fed.training.saved_memory import SavedTensorMeter
 
 # Relative error of dW against the same ranks stored in float32 (measured on these inputs:
 # fp16 about 3e-4, bf16 about 2.5e-3, int8 1e-2 to 1.5e-2; the bounds leave 2-4x room).

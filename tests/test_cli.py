@@ -5,7 +5,7 @@ import json
 import pytest
 
 from odl_fed.cli import main
-from odl_fed.methods import METHODS
+from odl_fed.training.methods import METHODS
 
 FAST = ["--image-size", "32", "--limit-train", "256", "--limit-test", "128", "--epochs", "1"]
 

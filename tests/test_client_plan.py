@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odl_fed.client_plan import PlanRefused, Setting, measure_training, next_setting, plan_client
-from odl_fed.data import batches, load_dataset
-from odl_fed.models import MODELS, build_model, prepare_finetune
-from odl_fed.profile import get_profile
-from odl_fed.saved_memory import SavedTensorMeter
-from odl_fed.task import apply_method
+from odl_fed.planning.device_plan import PlanRefused, Setting, measure_training, next_setting, plan_client
+from odl_fed.training.data import batches, load_dataset
+from odl_fed.training.models import MODELS, build_model, prepare_finetune
+from odl_fed.spec.profile import get_profile
+from odl_fed.training.saved_memory import SavedTensorMeter
+from odl_fed.training.task import apply_method
 
 
 IMAGE = 16
@@ -205,7 +205,7 @@ def test_every_model_the_project_builds_gets_a_plan(name, layers):
 def test_training_with_each_plan_gives_the_accuracy_ordering_expected(setting, roomy):
     """Real digits: the exact plan learns best, a plan squeezed to a few percent of the exact bytes
     less well, and the convs frozen (head only) worst."""
-    from odl_fed.task import evaluate, make_optimizer, train_epoch
+    from odl_fed.training.task import evaluate, make_optimizer, train_epoch
 
     train = load_dataset("digits", split="train")
     test = load_dataset("digits", split="test")

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from odl_fed import client_round
-from odl_fed.client_round import MEMORY_EXCEEDED, OK, REFUSED, PlanCache, run_client_round
-from odl_fed.job import client_data, global_model, trained_state
-from odl_fed.fleet import JobSpec
-from odl_fed.profile import get_profile
+from odl_fed.federation import client_round
+from odl_fed.federation.client_round import MEMORY_EXCEEDED, OK, REFUSED, PlanCache, run_client_round
+from odl_fed.federation.job_assets import client_data, global_model, trained_state
+from odl_fed.spec.fleet import JobSpec
+from odl_fed.spec.profile import get_profile
 
 JOB = JobSpec(model="mobilenet_v2", layers=2, method="asi", rounds=1, clients_per_round=2, local_epochs=1,
               batch_size=16, lr=1e-2, image_size=32, dataset="digits", dirichlet_alpha=None, seed=0,
@@ -200,8 +200,8 @@ def test_the_baselines_run_a_round(start, method):
 
 
 def test_the_model_is_built_once_per_process_and_each_client_gets_its_own_copy():
-    from odl_fed.job import _model_template
-    from odl_fed.models import build_model
+    from odl_fed.federation.job_assets import _model_template
+    from odl_fed.training.models import build_model
 
     _model_template.cache_clear()
     first, _ = global_model(JOB, num_classes=10)
@@ -222,8 +222,8 @@ def test_the_model_is_built_once_per_process_and_each_client_gets_its_own_copy()
 
 def test_a_process_reuses_one_working_model_reset_to_the_built_values_for_each_client():
     from odl_fed.asi import ASIConv2d
-    from odl_fed.job import client_model
-    from odl_fed.task import apply_method
+    from odl_fed.federation.job_assets import client_model
+    from odl_fed.training.task import apply_method
 
     first, convs = client_model(JOB, num_classes=10)
     fresh, _ = global_model(JOB, num_classes=10)

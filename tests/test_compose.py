@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from odl_fed.compose import MEMORY_FLOOR, ComposeError, compose_file, render
-from odl_fed.fleet import load_fleet
+from odl_fed.deploy.compose import MEMORY_FLOOR, ComposeError, compose_file, render
+from odl_fed.spec.fleet import load_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,8 +24,8 @@ import yaml
 
 from chromium import Chromium, chromium_or_reason
 from odl_fed.cli import main as cli
-from odl_fed.run_log import LogFollower, RunLogError, load_run
-from odl_fed.simulate import simulate
+from odl_fed.dashboard.run_log import LogFollower, RunLogError, load_run
+from odl_fed.federation.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 # `ODL_FED_SCREENSHOTS=docs/images make test` refreshes the README's screenshots from this run.

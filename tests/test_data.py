@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from odl_fed import data as data_module
-from odl_fed.data import DatasetUnavailableError, batches, load_dataset, partition
+from odl_fed.training import data as data_module
+from odl_fed.training.data import DatasetUnavailableError, batches, load_dataset, partition
 
 needs_fashion_mnist = pytest.mark.skipif(
     not data_module.FASHION_MNIST_SYSTEM_DIR.is_dir(),
@@ -84,7 +84,7 @@ def test_a_cached_partition_is_the_same_split_and_read_without_flwr_datasets(tmp
     (saved,) = tmp_path.glob("*.npz")
     assert all(np.array_equal(a, b) for a, b in zip(made, partition(labels, 7, alpha=0.3, seed=1)))
     # A fresh process (a simulated actor) reads the split without importing the HuggingFace stack.
-    code = ("import sys, numpy as np; from odl_fed.data import load_dataset, partition; "
+    code = ("import sys, numpy as np; from odl_fed.training.data import load_dataset, partition; "
             f"p = partition(load_dataset('mnist-digits').labels, 7, alpha=0.3, seed=1, cache={str(tmp_path)!r}); "
             "print(sum(map(len, p)), 'datasets' in sys.modules, 'flwr_datasets' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -117,7 +117,7 @@ def test_a_server_prepares_the_shares_in_a_child_and_never_loads_flwr_datasets(t
     import subprocess
     import sys
 
-    code = ("import sys; from odl_fed.fleet import JobSpec; from odl_fed.job import client_data, prepare_partitions; "
+    code = ("import sys; from odl_fed.spec.fleet import JobSpec; from odl_fed.federation.job_assets import client_data, prepare_partitions; "
             "job = JobSpec(model='resnet18', layers=1, method='asi', rounds=1, clients_per_round=1, local_epochs=1, "
             "batch_size=8, lr=1e-3, image_size=32, dataset='mnist-digits', dirichlet_alpha=0.3, seed=3); "
             "prepare_partitions(job, 9); print(len(client_data(job, 4, 9)), 'datasets' in sys.modules)")

@@ -14,8 +14,8 @@ import psutil
 import pytest
 import yaml
 
-from odl_fed.deploy import free_port
-from odl_fed.recorder import read_rounds
+from odl_fed.deploy.processes import free_port
+from odl_fed.federation.recorder import read_rounds
 from processes import ROOT, env, start, stop_all, tree
 
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "rounds": 2, "clients-per-round": 3,
@@ -107,7 +107,7 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
             assert clients_seen["desk-pi-1"]["train-memory"] == 384 * 2**20
             assert clients_seen["rpi4-0"]["train-memory"] == 512 * 2**20
         # RLIMIT_AS = runtime-memory + train-memory + torch's floor, read from the running ClientApp
-        from odl_fed.deploy import TORCH_ADDRESS_FLOOR
+        from odl_fed.deploy.processes import TORCH_ADDRESS_FLOOR
         assert capped == (912 * 2**20 + TORCH_ADDRESS_FLOOR,) * 2
 
         # The SuperLink is gone: each client says so and exits on its own within its reconnect timeout.

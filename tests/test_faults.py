@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from odl_fed.deploy import free_port
-from odl_fed.faults import FaultError, parse_fault
-from odl_fed.recorder import read_rounds
+from odl_fed.deploy.processes import free_port
+from odl_fed.federation.faults import FaultError, parse_fault
+from odl_fed.federation.recorder import read_rounds
 from processes import stop_all, tree
 from test_deploy import JOB, _start
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from odl_fed.flops import count_flops
+from odl_fed.training.flops import count_flops
 
 
 def test_qr_and_eigh_are_counted():

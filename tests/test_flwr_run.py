@@ -8,8 +8,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-from odl_fed.flwr_local import FLOWER_PROCESSES
-from odl_fed.recorder import read_rounds
+from odl_fed.deploy.flwr_local import FLOWER_PROCESSES
+from odl_fed.federation.recorder import read_rounds
 
 JOB = {"model": "resnet18", "layers": 2, "method": "asi", "rounds": 2, "clients-per-round": 4, "local-epochs": 1,
        "batch-size": 32, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits", "partition": "iid", "seed": 0,
@@ -33,7 +33,7 @@ def test_flwr_run_local_runs_the_fleet_to_the_end(tmp_path):
     fleet.write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 2}, {"device": "phone", "count": 1},
                                                  {"device": "tiny", "count": 1}], "job": JOB}))
     home = tmp_path / "flwr-home"
-    done = subprocess.run([sys.executable, "-m", "odl_fed.flwr_local", "--fleet", str(fleet), "--out-dir",
+    done = subprocess.run([sys.executable, "-m", "odl_fed.deploy.flwr_local", "--fleet", str(fleet), "--out-dir",
                            str(tmp_path / "out"), "--flwr-home", str(home)], capture_output=True, text=True,
                           timeout=900, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,7 +50,7 @@ def test_flwr_run_local_runs_the_fleet_to_the_end(tmp_path):
 def test_a_bad_fleet_is_one_clear_error_before_flower_starts(tmp_path):
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(yaml.safe_dump({"devices": [{"device": "rpi9", "count": 2}], "job": JOB}))
-    done = subprocess.run([sys.executable, "-m", "odl_fed.flwr_local", "--fleet", str(fleet), "--flwr-home",
+    done = subprocess.run([sys.executable, "-m", "odl_fed.deploy.flwr_local", "--fleet", str(fleet), "--flwr-home",
                            str(tmp_path / "home")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback

@@ -10,7 +10,7 @@ from torch import nn
 from conftest import relative_error
 from odl_fed.asi import ASIConv2d, ASILinear, inject_asi
 from odl_fed.asi.variants import GradFilterVariant
-from odl_fed.saved_memory import SavedTensorMeter
+from odl_fed.training.saved_memory import SavedTensorMeter
 from test_asi_gradients import CONV_CASES, _conv, _grads
 
 

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from odl_fed.data import load_dataset
-from odl_fed.memory_guard import MemoryBudgetExceeded, MemoryGuard
-from odl_fed.task import train_epoch
+from odl_fed.training.data import load_dataset
+from odl_fed.training.memory_guard import MemoryBudgetExceeded, MemoryGuard
+from odl_fed.training.task import train_epoch
 
 MiB = 2**20
 
@@ -79,7 +79,7 @@ def test_the_server_gives_large_blocks_back_when_they_are_freed():
 
     code = """
 import psutil
-from odl_fed.memory_guard import LARGE_BLOCK, mmap_threshold
+from odl_fed.training.memory_guard import LARGE_BLOCK, mmap_threshold
 P, keep = psutil.Process(), []
 def cycle():
     big = []

@@ -9,7 +9,7 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 from odl_fed.asi import ASIConv2d, inject_asi
-from odl_fed.models import MODELS, build_model, head_name, prepare_finetune, save_checkpoint
+from odl_fed.training.models import MODELS, build_model, head_name, prepare_finetune, save_checkpoint
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from odl_fed.plan import BudgetTooSmallError, LayerOption, RankPlan, choose, parse_bytes, plan_ranks
+from odl_fed.planning.ranks import BudgetTooSmallError, LayerOption, RankPlan, choose, parse_bytes, plan_ranks
 
 
 def _brute_force(options, budget):
@@ -103,7 +103,7 @@ def test_budget_below_the_cheapest_plan_says_the_minimum():
 
 def test_planned_ranks_drive_the_layers():
     from odl_fed.asi import inject_asi
-    from odl_fed.saved_memory import SavedTensorMeter
+    from odl_fed.training.saved_memory import SavedTensorMeter
 
     model, batches = _model_and_batches()
     plan = plan_ranks(model, ["2", "5"], batches, "6KB", model_name="tiny")
@@ -134,7 +134,7 @@ def test_whole_modes_widen_the_paper_grid_and_never_plan_worse(tmp_path):
 
 
 def test_whole_mode_choices_follow_the_layer():
-    from odl_fed.plan import whole_mode_choices
+    from odl_fed.planning.ranks import whole_mode_choices
 
     assert whole_mode_choices(nn.Conv2d(3, 4, 3), 4) == [{}, {"batch": (0,)}, {"spatial": (2, 3)},
                                                          {"batch": (0,), "spatial": (2, 3)}]
@@ -158,7 +158,7 @@ def test_the_default_grid_keeps_the_batch_whole_when_it_fits():
 
 
 def test_relative_weighting_divides_each_layers_perplexity_by_its_exact_gradient_norm():
-    from odl_fed.plan import calibrate
+    from odl_fed.planning.ranks import calibrate
 
     model, batches = _model_and_batches()
     layers = ["2", "5", "9"]

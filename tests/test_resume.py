@@ -16,15 +16,15 @@ import pytest
 import torch
 import yaml
 
-import odl_fed.checkpoint as checkpoint_module
-from odl_fed.checkpoint import (CHECKPOINT, SERVER_LOCK, Checkpoint, CheckpointError, RunDirInUse, RunLock,
+import odl_fed.federation.checkpoint as checkpoint_module
+from odl_fed.federation.checkpoint import (CHECKPOINT, SERVER_LOCK, Checkpoint, CheckpointError, RunDirInUse, RunLock,
                                 check_fleet_matches, check_run_dir, fleet_identity, load_checkpoint,
                                 save_checkpoint)
 from odl_fed.cli import main
-from odl_fed.fleet import load_fleet
-from odl_fed.recorder import RoundRecorder
-from odl_fed.run_log import load_run
-from odl_fed.strategy import load_strategy_state, strategy_state
+from odl_fed.spec.fleet import load_fleet
+from odl_fed.federation.recorder import RoundRecorder
+from odl_fed.dashboard.run_log import load_run
+from odl_fed.federation.strategy import load_strategy_state, strategy_state
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small enough for a few seconds a round on 2 cores; FedAdam, so the moments must survive the restart.
@@ -128,7 +128,7 @@ def test_a_new_run_never_overwrites_an_unfinished_one(tmp_path):
 
 
 def test_a_second_server_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from odl_fed.checkpoint import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from odl_fed.federation.checkpoint import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
     try:

@@ -20,11 +20,11 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from odl_fed import client, server
-from odl_fed.certs import check_certificate, check_node_key, make_certs, server_certs
+from odl_fed.deploy import supernode as client, superlink as server
+from odl_fed.deploy.certs import check_certificate, check_node_key, make_certs, server_certs
 from odl_fed.cli import main as cli_main
-from odl_fed.deploy import flower_command, free_port, wait_for_port
-from odl_fed.recorder import read_rounds
+from odl_fed.deploy.processes import flower_command, free_port, wait_for_port
+from odl_fed.federation.recorder import read_rounds
 from processes import ROOT, env, start, stop_all, tree
 
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "rounds": 1, "clients-per-round": 1,
@@ -262,6 +262,7 @@ def test_an_expired_server_certificate_stops_the_node_with_one_clear_error(certs
         superlink = start([flower_command("flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
                             "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile", str(certs / "server.key"),
                             "--enable-supernode-auth", "--host", "127.0.0.1",
+                            "--database", str(tmp_path / "superlink.db"),
                             "--port", str(port), "--disable-runtime-dependency-installation"],
                            tmp_path / "superlink.log")
         started.append(superlink)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from odl_fed.fleet import JobSpec
-from odl_fed.recorder import RoundRecorder, read_rounds
-from odl_fed.strategy import AGGREGATED_METRICS, make_strategy
-from odl_fed.validation import UpdateRejected, check_update, expected_layout
+from odl_fed.spec.fleet import JobSpec
+from odl_fed.federation.recorder import RoundRecorder, read_rounds
+from odl_fed.federation.strategy import AGGREGATED_METRICS, make_strategy
+from odl_fed.federation.validation import UpdateRejected, check_update, expected_layout
 
 GLOBAL = {"layer.weight": np.zeros((4, 3), np.float32), "fc.bias": np.zeros(2, np.float32)}
 EXPECTED = expected_layout(GLOBAL)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from odl_fed.asi import freeze_except
-from odl_fed.data import batches, load_dataset
-from odl_fed.task import apply_method, evaluate, train_epoch, train_steps
+from odl_fed.training.data import batches, load_dataset
+from odl_fed.training.task import apply_method, evaluate, train_epoch, train_steps
 
 
 def _model():

@@ -22,7 +22,7 @@ each case and budget, whether the planner's row is on the Pareto front of every 
 
 Speed on a CPU: the frozen prefix runs once per image (``bench.tail.cache_features``), and every
 method trains the fine-tuned tail over those cached features (``bench.tail.Tail``), through the
-library's own loop (``odl_fed.task.train_steps``).
+library's own loop (``odl_fed.training.task.train_steps``).
 
 Accuracy as a paper measures it (``configs/bench/accuracy_seeds.yaml``): several training seeds
 (``seeds``; top-1 as mean and standard deviation), the test top-1 after every epoch, and a

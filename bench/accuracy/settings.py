@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from bench.settings import check_keys, read_settings
-from odl_fed.plan import WEIGHTINGS
+from odl_fed.planning.ranks import WEIGHTINGS
 
 __all__ = ["HEAD_ONLY", "ASI_ONLY", "ASI_INT8", "ASI_PAPER", "PLANNER", "METHODS", "SCHEDULES", "WEIGHTINGS",
            "PretrainSpec", "Case", "Settings", "load_settings"]

@@ -1,4 +1,4 @@
-"""Training a method's tail over cached features, through the library's own loop (``odl_fed.task.train_steps``)."""
+"""Training a method's tail over cached features, through the library's own loop (``odl_fed.training.task.train_steps``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from bench.accuracy.settings import ASI_ONLY, ASI_PAPER, HEAD_ONLY, SCHEDULES
 from bench.tail import Cached, Tail, first_block
-from odl_fed.models import prepare_finetune
-from odl_fed.task import apply_method, train_steps
+from odl_fed.training.models import prepare_finetune
+from odl_fed.training.task import apply_method, train_steps
 
 __all__ = ["minibatches", "calibration_batches", "prepared_tail", "make_optimizer", "predict", "paired_difference",
            "fine_tune", "validation_split"]
@@ -44,7 +44,7 @@ def prepared_tail(base: nn.Module, *, layers: int, start: int, method: str = "va
                   ranks: Mapping[str, Sequence[int]] | None = None, radius: int = 2) -> tuple[Tail, list[str]]:
     """A fresh copy of ``base`` with its last ``layers`` convs (and head) trainable, as a Tail, ``method`` in place.
 
-    ``method`` is one of ``odl_fed.methods.METHODS``, ``"asi-paper-grid"`` (``asi-only`` at ranks
+    ``method`` is one of ``odl_fed.training.methods.METHODS``, ``"asi-paper-grid"`` (``asi-only`` at ranks
     planned on the paper's grid) or ``"head-only"`` (the convs stay frozen: the reference that says
     how much training them is worth). ``ranks`` None for a conv keeps it exact (``asi``). Returns the
     tail and the convs' names within it (``model.<name>``).
@@ -90,7 +90,7 @@ def paired_difference(reference: Tensor, other: Tensor, labels: Tensor) -> tuple
 def fine_tune(tail: nn.Module, train: Cached, test: Cached, *, layer_names: Sequence[str], epochs: int,
               batch_size: int, lr: float, seed: int, schedule: str = "constant",
               after_epoch: Callable[[int], None] | None = None) -> tuple[dict, torch.optim.Optimizer, Tensor]:
-    """Adam, ``epochs`` passes of shuffled fixed-size batches through ``odl_fed.task.train_steps``.
+    """Adam, ``epochs`` passes of shuffled fixed-size batches through ``odl_fed.training.task.train_steps``.
 
     ``schedule``: ``"constant"`` trains every epoch at ``lr``; ``"cosine"`` lowers the rate along a
     half cosine, one step per epoch (``CosineAnnealingLR`` with ``T_max=epochs``): epoch ``e``

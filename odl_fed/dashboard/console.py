@@ -1,0 +1,230 @@
+"""The server's live console view of a run: fed the round log's events as they are written.
+
+In a terminal it is a ``rich`` view: a progress bar over the rounds that stays at the bottom, and
+above it, as each round lands, a table per device type (plan, peak memory against budget,
+activation bytes, FLOPs, bytes down and up) with the round's totals and the reasons of every
+client that did not count. Anywhere else (a container's log, CI, a pipe) it writes one plain line
+per round and no escape codes.
+
+The view only reads events (:mod:`odl_fed.dashboard.run_log`); it never measures anything itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from odl_fed.dashboard.round_summary import RoundSummary, format_bytes, summarise_round
+
+__all__ = ["ConsoleDashboard", "plain_round_line", "flower_log_file", "FLOWER_LOG"]
+
+FLOWER_LOG = "flower.log"  # Flower's own lines, in the run directory
+
+REASON_WIDTH = 160  # a reason is cut to this many characters in the plain line
+
+
+def _change(summary: RoundSummary) -> str:
+    return "" if summary.accuracy_change is None else f" ({summary.accuracy_change:+.3f})"
+
+
+def _ratio_range(summary: RoundSummary) -> str:
+    ratios = [d.peak_ratio for d in summary.devices if d.peak_ratio]
+    if not ratios:
+        return "-"
+    return f"{min(r[0] for r in ratios):.2f}-{max(r[2] for r in ratios):.2f}"
+
+
+def _reasons(summary: RoundSummary, width: int | None = REASON_WIDTH) -> list[str]:
+    lines = []
+    for (status, reason), clients in sorted(summary.reasons.items()):
+        text = reason if width is None or len(reason) <= width else reason[: width - 3] + "..."
+        lines.append(f"{status} x{len(clients)} ({', '.join(clients)}): {text}")
+    return lines
+
+
+def plain_round_line(summary: RoundSummary, total: int | None) -> str:
+    """One round in one line (what a non-terminal gets)."""
+    of = f"/{total}" if total is not None else ""
+    if summary.round == 0:
+        return (f"round 0{of} | starting model: accuracy {summary.accuracy:.3f} loss {summary.loss:.3f} | "
+                f"{summary.seconds:.1f} s")
+    if summary.skipped:
+        return (f"round {summary.round}{of} | SKIPPED: {summary.skipped} | accuracy {summary.accuracy:.3f} "
+                f"loss {summary.loss:.3f} | {summary.seconds:.1f} s")
+    devices = " ".join(f"{d.device} {d.trained}/{d.asked}" for d in summary.devices)
+    line = (f"round {summary.round}{of} | accuracy {summary.accuracy:.3f}{_change(summary)} loss {summary.loss:.3f}"
+            f" | trained {summary.trained}/{summary.asked} refused {summary.refused} failed {summary.failed}"
+            f" lost {summary.lost} | peak/budget {_ratio_range(summary)}"
+            f" | activations {format_bytes(summary.activation_bytes)} | {summary.train_flops / 1e9:.1f} GFLOP"
+            f" | down {format_bytes(summary.bytes_down)} up {format_bytes(summary.bytes_up)}"
+            f" (whole model {format_bytes(summary.whole_model_bytes)}) | {summary.seconds:.1f} s | {devices}")
+    reasons = _reasons(summary)
+    return line + (" | " + "; ".join(reasons) if reasons else "")
+
+
+def _run_line(run: dict) -> str:
+    job = run.get("job", {})
+    devices = ", ".join(f"{name} x{count}" for name, count in (run.get("devices") or {}).items())
+    return (f"odl-fed: fleet {run.get('fleet')}: {run.get('clients')} clients ({devices}); {job.get('method')} "
+            f"on {job.get('model')}, {len(run.get('trained_convs') or [])} convs + head, {job.get('rounds')} rounds")
+
+
+def _end_line(end: dict, last: RoundSummary | None) -> str:
+    accuracy = f"accuracy {last.accuracy:.3f} " if last else ""
+    return f"done: {accuracy}after {end.get('rounds', last.round if last else '?')} rounds in {end.get('elapsed', 0):.1f} s"
+
+
+class ConsoleDashboard:
+    """Call it with each event of the round log; :meth:`close` when the run is over.
+
+    Parameters
+    ----------
+    stream:
+        Where to write (standard output by default).
+    live:
+        The ``rich`` view (True) or plain lines (False); by default, the view when ``stream`` is a terminal.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None):
+        self.stream = stream if stream is not None else sys.stdout
+        self.live = bool(self.stream.isatty()) if live is None else live
+        self.run: dict = {}
+        self.rounds: list[dict] = []
+        self.last: RoundSummary | None = None
+        self._view = None
+
+    @property
+    def total(self) -> int | None:
+        rounds = self.run.get("job", {}).get("rounds")
+        return int(rounds) if isinstance(rounds, (int, float)) else None
+
+    def __call__(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "run":
+            self.run, self.rounds = event, []
+            self._start()
+        elif kind == "round":
+            summary = summarise_round(event, previous=self.rounds[-1] if self.rounds else None, run=self.run)
+            self.rounds.append(event)
+            self.last = summary
+            self._round(summary)
+        elif kind == "end":
+            self._end(event)
+
+    # -- plain lines -------------------------------------------------------------------------
+    def _write(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _start(self) -> None:
+        if not self.live:
+            self._write(_run_line(self.run))
+            return
+        self._view = _LiveView(self.stream, total=self.total or 0)
+        self._view.console.print(_run_line(self.run), style="bold", highlight=False)
+
+    def _round(self, summary: RoundSummary) -> None:
+        if self._view is None:
+            self._write(plain_round_line(summary, self.total))
+        else:
+            self._view.show(summary, self.total)
+
+    def _end(self, end: dict) -> None:
+        if self._view is None:
+            self._write(_end_line(end, self.last))
+        else:
+            self._view.console.print(_end_line(end, self.last), style="bold green", highlight=False)
+            self.close()
+
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.stop()
+            self._view = None
+
+
+class _LiveView:
+    """The terminal view: tables printed above a live progress bar (``rich`` Live and Progress)."""
+
+    def __init__(self, stream: TextIO, *, total: int):
+        from rich.console import Console
+        from rich.live import Live
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(file=stream, force_terminal=True, highlight=False)
+        self.progress = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[status]}"), console=self.console)
+        self.task = self.progress.add_task("rounds", total=total, status="evaluating the starting model")
+        self.live = Live(self.progress, console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def show(self, summary: RoundSummary, total: int | None) -> None:
+        from rich.markup import escape
+        from rich.table import Table
+        from rich.text import Text
+
+        of = f"/{total}" if total is not None else ""
+        title = (f"round {summary.round}{of}: accuracy {summary.accuracy:.3f}{_change(summary)}, "
+                 f"loss {summary.loss:.3f}, {summary.seconds:.1f} s")
+        if summary.round == 0:
+            self.console.print(f"[bold]{title}[/] (the starting model)")
+        elif summary.skipped:
+            self.console.print(Text(f"{title}: skipped: {summary.skipped}", style="bold yellow"))
+        else:
+            table = Table(title=title, title_justify="left", title_style="bold", expand=False)
+            for column, justify in (("device", "left"), ("trained", "right"), ("plan", "left"),
+                                    ("peak/budget min mean max", "right"), ("budget", "right"),
+                                    ("activations", "right"), ("GFLOP", "right"), ("down / up", "right")):
+                table.add_column(column, justify=justify)
+            for d in summary.devices:
+                ratio = " ".join(f"{v:.2f}" for v in d.peak_ratio) if d.peak_ratio else "-"
+                style = "red" if d.peak_ratio and d.peak_ratio[2] > 1 else ("yellow" if d.trained < d.asked else "")
+                table.add_row(escape(d.device), f"{d.trained}/{d.asked}", escape(d.plan or "-"), ratio,
+                              format_bytes(d.budget_bytes) if d.budget_bytes else "-",
+                              format_bytes(d.activation_bytes) if d.trained else "-",
+                              f"{d.train_flops / 1e9:.1f}" if d.trained else "-",
+                              f"{format_bytes(d.bytes_down)} / {format_bytes(d.bytes_up)}", style=style)
+            table.caption = (f"trained {summary.trained}/{summary.asked}, refused {summary.refused}, failed "
+                             f"{summary.failed}, lost {summary.lost}; down {format_bytes(summary.bytes_down)}, up "
+                             f"{format_bytes(summary.bytes_up)} (the whole model: "
+                             f"{format_bytes(summary.whole_model_bytes)})")
+            table.caption_justify = "left"
+            self.console.print(table)
+            for reason in _reasons(summary, width=None):
+                self.console.print(Text("  " + reason, style="yellow"))
+        self.progress.update(self.task, completed=summary.round,
+                             status=f"accuracy {summary.accuracy:.3f}, waiting for round {summary.round + 1}"
+                             if total is None or summary.round < total else f"accuracy {summary.accuracy:.3f}")
+
+    def stop(self) -> None:
+        self.live.stop()
+
+
+@contextlib.contextmanager
+def flower_log_file(path: str | Path) -> Iterator[Path]:
+    """Flower's log lines (its ``flwr`` logger, INFO and up) go to ``path`` instead of the
+    terminal meanwhile; errors still show there too."""
+    logger = logging.getLogger("flwr")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    consoles = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
+    levels = [h.level for h in consoles]
+    previous_level = logger.level
+    for console in consoles:
+        console.setLevel(logging.ERROR)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(previous_level)
+        for console, level in zip(consoles, levels):
+            console.setLevel(level)

@@ -1,0 +1,278 @@
+"""A real board's (or a container's) client: a Flower SuperNode whose node config is its device.
+
+::
+
+    python -m odl_fed.client --device rpi4 --superlink 192.168.1.10:9092 --partition-id 0 --num-partitions 4 \
+        --root-certificates certs/ca.crt --auth-key certs/node-0.key
+    python -m odl_fed.client --device auto --superlink 127.0.0.1:9092 --insecure  # nearest profile, plaintext
+    python -m odl_fed.client --device my-board --devices my-devices.yaml --superlink ...
+
+``--root-certificates CA --auth-key KEY`` (files of ``odl-fed certs``, :mod:`odl_fed.deploy.certs`): TLS,
+checking the SuperLink's certificate against the CA, and the node's key for SuperNode
+authentication (its ``.pub`` must be registered on the server: ``python -m odl_fed.server --certs``
+registers every ``.pub`` in its directory). Before the SuperNode starts, the files are checked
+and a TLS handshake with the SuperLink is tried, so an expired certificate or one from another CA
+is one error saying which. A node the SuperLink refuses (its key is not registered) is tried
+again until ``--connect-timeout`` (the server registers keys just after its SuperLink starts),
+then ends in one error. ``--insecure`` (plaintext, no authentication) only when asked for, with a
+warning; one of the two is required.
+
+The node config carries the whole device profile and the client's share of the data
+(:mod:`odl_fed.spec.node_config`); Flower starts a fresh ClientApp process per message, which reads them.
+In a container with a memory limit, each round's ``train-memory`` is cut to what the limit leaves
+once the ClientApp is loaded (:func:`odl_fed.spec.machine.fit_to_memory_limit`), so the plan and
+the MemoryGuard stop training before the kernel would kill it. ``--hard-limit`` also caps the address space of the
+SuperNode and each ClientApp (RLIMIT_AS: ``runtime-memory + train-memory`` plus the floor torch
+needs to import at all).
+
+Exit status: 0 after Ctrl-C / SIGTERM, 1 when the SuperLink does not answer, refuses the node or
+is lost, 2 for bad input (one ``error:`` line), a certificate that does not verify included.
+Whatever it started is stopped by PID on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from odl_fed.deploy.certs import CertError, check_ca, check_node_key
+from odl_fed.deploy.processes import TORCH_ADDRESS_FLOOR, AddressError, Processes, flower_command, flower_env, free_port, \
+    parse_address, port_answers, speaks_tls, tls_problem
+from odl_fed.spec.machine import closest_profile, read_machine
+from odl_fed.federation.faults import FAULT_KEY, FAULTS, FaultError, parse_fault
+from odl_fed.spec.node_config import NodeConfigError, build_node_config, format_node_config
+from odl_fed.spec.profile import DeviceProfile, ProfileError, get_profile, load_profiles
+
+__all__ = ["main", "resolve_profile", "hard_limit"]
+
+PROG = "python -m odl_fed.client"
+
+
+class LinkError(RuntimeError):
+    """The SuperLink did not answer, or went away."""
+
+
+def resolve_profile(device: str, *, devices_file: Path | None) -> tuple[DeviceProfile, str]:
+    """The profile to run as, and a line saying where it came from (``auto``: which and why)."""
+    if devices_file is not None and not devices_file.is_file():
+        raise ProfileError(f"--devices: {devices_file} is not a readable file")
+    profiles = load_profiles(*(() if devices_file is None else (devices_file,)))
+    if device == "auto":
+        profile, reason = closest_profile(read_machine(), profiles)
+        return profile, f"--device auto: {reason}"
+    profile = get_profile(device, profiles)
+    return profile, f"device {profile.name}: {profile.description or 'from ' + str(devices_file)}"
+
+
+def hard_limit(profile: DeviceProfile) -> int:
+    """RLIMIT_AS for the client's processes: what the profile lets them hold, plus torch's floor."""
+    return profile.runtime_memory + profile.train_memory + TORCH_ADDRESS_FLOOR
+
+
+def _say(text: str) -> None:
+    print(f"odl-fed client: {text}", file=sys.stderr, flush=True)
+
+
+def _wait_for_link(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_answers(host, port):
+        if time.monotonic() >= deadline:
+            raise LinkError(f"the SuperLink at {host}:{port} does not answer (tried for {timeout:g} s); "
+                            f"is `python -m odl_fed.server` running there?")
+        time.sleep(0.5)
+
+
+# Flower's Fleet API errors when a SuperNode is refused: 2001 (no key while authentication is on),
+# 2004 (activation failed: the key is not registered).
+_REFUSED = re.compile(r"\[code: 200[14]\]")
+INSECURE_WARNING = ("WARNING: --insecure: plaintext, and the SuperLink cannot tell this node from another; use "
+                    "--root-certificates CA --auth-key KEY (odl-fed certs) outside a trusted dev network")
+
+
+class _Output(threading.Thread):
+    """Passes the SuperNode's output on to stderr, and notes whether Flower said it was refused."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.refused = stream, False
+
+    def run(self) -> None:
+        for line in self.stream:
+            self.refused = self.refused or bool(_REFUSED.search(line))
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def _security(args) -> list[str]:
+    if args.insecure:
+        return ["--insecure"]
+    return ["--root-certificates", str(args.root_certificates.absolute()),
+            "--auth-supernode-private-key", str(args.auth_key.absolute())]
+
+
+def _supernode_command(args, node_config: str, io_port: int) -> list[str]:
+    return [flower_command("flower-supernode"), *_security(args), "--superlink", args.superlink,
+            "--node-config", node_config, "--port", str(io_port), "--isolation", "subprocess",
+            "--max-wait-time", str(args.reconnect_timeout)]
+
+
+def _check_tls(args, host: str, port: int) -> None:
+    """A TLS handshake with the SuperLink: a wrong CA or an expired certificate is one error here,
+    not a SuperNode that Flower ends with its own words."""
+    problem = tls_problem(host, port, ca=args.root_certificates)
+    if problem is not None:
+        raise CertError(f"the SuperLink at {host}:{port}: {problem}")
+
+
+def run(args) -> int:
+    host, port = parse_address(args.superlink)
+    if not args.insecure:  # the files first: a wrong one is an error before anything else
+        check_ca(args.root_certificates)
+        check_node_key(args.auth_key)
+    profile, origin = resolve_profile(args.device, devices_file=args.devices)
+    _say(origin)
+    machine = read_machine()
+    if machine.cgroup_limit:
+        _say(f"memory limit here: {machine.cgroup_limit / 2**20:.0f} MiB (cgroup v{machine.cgroup_version}); each "
+             f"round's train-memory is cut to what it leaves")
+    fields = build_node_config(profile, partition_id=args.partition_id, num_partitions=args.num_partitions)
+    drill = parse_fault(args.fault)
+    if drill is not None:
+        fields[FAULT_KEY] = str(drill)
+        _say(f"fault drill: {drill} (this client misbehaves on purpose)")
+    node_config = format_node_config(fields)
+    # torch's threads: the cores this client may use (its profile's, at most what it has here),
+    # unless the caller chose; several clients on one machine otherwise fight over every core.
+    extra = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(min(profile.cores, machine.cores)))}
+    if args.data_root is not None:
+        extra["ODL_FED_DATA"] = str(args.data_root.absolute())
+    limit = hard_limit(profile) if args.hard_limit else None
+    deadline = time.monotonic() + args.connect_timeout
+    _wait_for_link(host, port, args.connect_timeout)
+    if not args.insecure:
+        _check_tls(args, host, port)
+    elif speaks_tls(host, port):
+        raise CertError(f"the SuperLink at {host}:{port} speaks TLS: give --root-certificates CA and --auth-key KEY "
+                        f"instead of --insecure")
+
+    def cap() -> None:  # runs in the SuperNode before exec; its ClientApp processes inherit it
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    # A Flower home of its own (the app Flower installs per run goes there), removed at exit.
+    with tempfile.TemporaryDirectory(prefix="odl-fed-client-") as home, Processes() as processes:
+        def start() -> subprocess.Popen:
+            supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
+                                        env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            _say(f"SuperNode {supernode.pid} connecting to {host}:{port} as partition {args.partition_id} of "
+                 f"{args.num_partitions}" + (", TLS" if not args.insecure else ", plaintext") +
+                 (f", address space capped at {limit / 2**30:.2f} GiB" if limit else ""))
+            return supernode
+
+        try:
+            _run_node(start, args, host, port, deadline)
+        except KeyboardInterrupt:
+            _say("stopping (interrupted)")
+            return 0
+
+
+def _run_node(start, args, host: str, port: int, deadline: float) -> None:
+    """Run SuperNodes (``start()``) until one ends: raise why. One the SuperLink refused (its key not
+    registered, or not yet: the server registers keys just after its SuperLink starts) is started
+    again until ``deadline``."""
+    while True:
+        supernode = start()
+        output = _Output(supernode.stdout)
+        output.start()
+        _watch(supernode, host, port, args.reconnect_timeout)
+        output.join(timeout=5)  # its last lines (a SuperExec it left may hold the pipe a while)
+        if not output.refused:
+            raise LinkError(f"the SuperNode exited with status {supernode.returncode}")
+        if time.monotonic() >= deadline:
+            raise LinkError(f"the SuperLink at {host}:{port} refused this node: its key {args.auth_key} is not "
+                            f"registered there (the server registers the .pub files in its --certs directory; "
+                            f"tried for {args.connect_timeout:g} s)")
+        _say("the SuperLink refused this node (its key is not registered, or not yet); trying again")
+        time.sleep(2.0)
+
+
+def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float) -> None:
+    """Return when the SuperNode exits while the SuperLink answers; raise when the link is lost."""
+    last_seen = time.monotonic()
+    while supernode.poll() is None:
+        time.sleep(1.0)
+        if port_answers(host, port):
+            last_seen = time.monotonic()
+        elif time.monotonic() - last_seen > reconnect_timeout:
+            raise LinkError(f"lost the SuperLink at {host}:{port} (no answer for {reconnect_timeout:g} s); "
+                            f"stopping the SuperNode")
+    if not port_answers(host, port):
+        raise LinkError(f"lost the SuperLink at {host}:{port}: the SuperNode exited ({supernode.returncode}) "
+                        f"after it stopped answering")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", required=True, help="a profile name (configs/devices.yaml or --devices), "
+                                                        "or 'auto' for the nearest to this machine")
+    parser.add_argument("--superlink", required=True, help="the server's SuperLink, HOST:PORT")
+    parser.add_argument("--devices", type=Path, help="extra device profiles (YAML)")
+    parser.add_argument("--partition-id", type=int, default=0, help="this client's share of the data")
+    parser.add_argument("--num-partitions", type=int, default=1, help="how many shares the data is cut into")
+    parser.add_argument("--data-root", type=Path, help="where the datasets' files are (ODL_FED_DATA)")
+    parser.add_argument("--hard-limit", action="store_true",
+                        help="cap the client's address space (RLIMIT_AS) at runtime + train memory + torch's floor")
+    parser.add_argument("--port", type=int, help="the SuperNode's local ClientApp port (default: a free one)")
+    parser.add_argument("--connect-timeout", type=float, default=30.0,
+                        help="seconds to wait for the SuperLink to answer at start")
+    parser.add_argument("--reconnect-timeout", type=float, default=30.0,
+                        help="seconds without the SuperLink before the client gives up")
+    parser.add_argument("--fault", metavar="KIND[:ARG][@ROUNDS]",
+                        help=f"a fault drill: this client misbehaves on purpose ({', '.join(FAULTS)}; "
+                             f"see odl_fed/federation/faults.py), e.g. nan@2 or slow:60")
+    parser.add_argument("--root-certificates", type=Path, metavar="CA",
+                        help="TLS: the CA certificate that signed the SuperLink's (ca.crt of odl-fed certs)")
+    parser.add_argument("--auth-key", type=Path, metavar="KEY",
+                        help="this node's private key for SuperNode authentication (node-NAME.key of odl-fed certs)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext, no node authentication (a trusted dev network only)")
+    return parser
+
+
+def _check_security_flags(parser: argparse.ArgumentParser, args) -> None:
+    tls = args.root_certificates is not None or args.auth_key is not None
+    if args.insecure and tls:
+        parser.error("--insecure cannot go with --root-certificates / --auth-key")
+    if not args.insecure and (args.root_certificates is None or args.auth_key is None):
+        parser.error("give --root-certificates CA and --auth-key KEY (TLS and node authentication; "
+                     "odl-fed certs makes them), or --insecure")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_security_flags(parser, args)
+    if args.insecure:
+        _say(INSECURE_WARNING)
+    try:
+        return run(args)
+    except (AddressError, ProfileError, NodeConfigError, FaultError, FileNotFoundError, CertError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except LinkError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""The Flower ClientApp: a device's side of a round, as messages.
+
+Which device a node is: its node config's ``device`` (and the profile's fields, which
+``python -m odl_fed.client`` puts there) when it has one, else the fleet's device for its
+``partition-id`` (simulation, where the node config holds only the partition); see
+:mod:`odl_fed.spec.node_config`. The work itself is
+:func:`odl_fed.federation.client_round.run_client_round`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from odl_fed.federation.client_round import PlanCache, run_client_round
+from odl_fed.spec.machine import cgroup_memory_limit, cgroup_memory_usage, fit_to_memory_limit
+from odl_fed.federation.faults import node_fault
+from odl_fed.federation.job_assets import client_data
+from odl_fed.spec.node_config import NodeConfigError, node_profile, partition
+from odl_fed.spec.profile import DeviceProfile
+from odl_fed.spec.run_config import RunSettings
+
+__all__ = ["app", "handle_train", "node_identity", "BASES_KEY"]
+
+app = ClientApp()
+BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
+log = logging.getLogger("flwr.odl_fed")
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_cache(directory: str | None) -> PlanCache:
+    return PlanCache(directory)
+
+
+def node_identity(settings: RunSettings, node_config: Mapping) -> tuple[str, DeviceProfile, int, int]:
+    """The client's name, device profile, partition id and number of partitions.
+
+    A deployed node's config carries its device (and the profile's fields); a simulated node's only
+    its partition, whose device the fleet says (:mod:`odl_fed.spec.node_config`).
+    """
+    fleet = settings.fleet()
+    partition_id, num_partitions = partition(node_config, default_partitions=fleet.num_clients)
+    profile = node_profile(node_config, devices_file=settings.devices_file)
+    if profile is None:
+        profiles = fleet.client_profiles()
+        if not 0 <= partition_id < len(profiles):
+            raise NodeConfigError(f"partition-id {partition_id} is outside the fleet {fleet.path} "
+                                  f"({len(profiles)} clients), and the node config names no device")
+        profile = profiles[partition_id]
+    profile, note = fit_to_memory_limit(profile, limit=cgroup_memory_limit()[0], usage=cgroup_memory_usage())
+    if note:
+        log.warning(note)
+    return f"{profile.name}-{partition_id}", profile, partition_id, num_partitions
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return handle_train(msg, context, context.run_config)
+
+
+def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message:
+    """Train on this node's data and reply with the trained layers, or with why it could not.
+
+    The node keeps its ASI bases in ``context.state`` (``asi-bases``), so its next round starts warm.
+    """
+    settings = RunSettings.from_config(run_config)
+    client, profile, partition_id, num_partitions = node_identity(settings, context.node_config)
+    job = settings.fleet().job
+    config = msg.content.config_records.get("config", ConfigRecord())
+    server_round = int(config.get("server-round", 0))
+    drill = node_fault(context.node_config)  # a fault drill (python -m odl_fed.client --fault), if any
+    kept = context.state.array_records.get(BASES_KEY)
+    outcome = run_client_round(
+        job, profile, msg.content["arrays"].to_torch_state_dict(), client=client,
+        data=client_data(job, partition_id, num_partitions),
+        cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)), server_round=server_round,
+        bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout,
+        budget_scale=drill.budget_scale(server_round) if drill else 1.0)
+    if drill is not None and drill.active(server_round):
+        log.warning("%s: fault drill %s in round %d", client, "+".join(map(str, drill.active(server_round))),
+                    server_round)
+        drill.damage(outcome.arrays if outcome.arrays is not None else {}, outcome.metrics, server_round)
+        time.sleep(drill.delay(server_round))
+    if outcome.bases:
+        context.state[BASES_KEY] = ArrayRecord(torch_state_dict=outcome.bases)
+    content = RecordDict({
+        "client": ConfigRecord({"client": outcome.client, "device": outcome.device, "status": outcome.status,
+                                "error": outcome.error, "plan": json.dumps(outcome.plan),
+                                "attempt-log": json.dumps(outcome.attempts)}),
+        "metrics": MetricRecord(outcome.metrics),
+    })
+    if outcome.arrays is not None:
+        content["arrays"] = ArrayRecord(torch_state_dict=outcome.arrays)
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,128 @@
+"""The Flower ServerApp: send the trained layers, aggregate the valid updates, evaluate, record.
+
+Only the trained layers (the last convs and the head) travel, both ways. Each round the global
+model is evaluated on the held-out split and the round is written to ``OUT-DIR/rounds.jsonl``
+(:mod:`odl_fed.federation.recorder`), TensorBoard's event files to ``OUT-DIR/tensorboard/`` as rounds land,
+and the final trained layers to ``OUT-DIR/trained_layers.pt``; at the end, the report
+``OUT-DIR/report.html`` (:mod:`odl_fed.dashboard.report`).
+
+After each round the run's state goes to ``OUT-DIR/checkpoint.pt`` (:mod:`odl_fed.federation.checkpoint`); with
+``resume`` in the run config the server goes on from it, with the same fleet, at the next round.
+The server holds ``OUT-DIR/writer.lock`` while it writes there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from odl_fed.federation.checkpoint import (CHECKPOINT, WRITER_LOCK, Checkpoint, RunLock, check_run_dir, fleet_identity,
+                                save_checkpoint)
+from odl_fed.federation.job_assets import global_model, held_out_data, train_size, trained_state
+from odl_fed.training.memory_guard import LARGE_BLOCK, LARGEST_THRESHOLD, mmap_threshold
+from odl_fed.federation.recorder import RoundRecorder
+from odl_fed.dashboard.report import write_report
+from odl_fed.spec.run_config import RunSettings
+from odl_fed.federation.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
+from odl_fed.training.task import evaluate
+from odl_fed.dashboard.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog
+from odl_fed.federation.validation import expected_layout
+
+__all__ = ["app", "run_server"]
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, context.run_config)
+
+
+def run_server(grid: Grid, run_config: Mapping, *, listeners: Sequence[Callable[[dict], None]] = ()) -> dict:
+    """The whole federated job of the run config's fleet; returns the last round's record.
+
+    ``listeners`` get each line of the round log as it is written (the simulation's console view).
+    """
+    settings = RunSettings.from_config(run_config)
+    # the round's replies (MBs each) go back to the system when freed (memory_guard.mmap_threshold)
+    with RunLock(settings.out_dir, WRITER_LOCK), mmap_threshold(LARGE_BLOCK):
+        return _run(grid, settings, dict(run_config), listeners=listeners)
+
+
+def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[Callable[[dict], None]]) -> dict:
+    fleet = settings.fleet()
+    job = fleet.job
+    identity = fleet_identity(fleet)
+    checkpoint_path = settings.out_dir / CHECKPOINT
+    resumed = check_run_dir(settings.out_dir, fleet, resume=settings.resume, writer_lock=False)
+    test = held_out_data(job)
+    model, convs = global_model(job, num_classes=test.num_classes)
+    initial = ArrayRecord(torch_state_dict=trained_state(model))
+    expected = expected_layout({name: array.numpy() for name, array in initial.items()})  # what clients send
+    if resumed is not None:
+        initial = ArrayRecord(torch_state_dict=resumed.arrays)
+
+    recorder = RoundRecorder(settings.out_dir / "rounds.jsonl",
+                             listeners=[TensorBoardLog(settings.out_dir / TENSORBOARD_DIR), *listeners],
+                             resume=None if resumed is None else (resumed.run, resumed.records))
+    if resumed is None:
+        recorder.start_run(fleet=fleet.path, job=asdict(job), clients=fleet.num_clients,
+                           devices={g.profile.name: g.count for g in fleet.groups}, trained_convs=convs,
+                           trained_bytes=parameter_bytes(initial),
+                           model_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+                           settings=settings.as_config())
+    done = 0 if resumed is None else resumed.round
+    log.info("fleet %s: %d clients, %s on %s, %d rounds%s; round log %s", fleet.path, fleet.num_clients, job.method,
+             job.model, job.rounds, f", resumed after round {done}" if resumed else "", recorder.path)
+
+    strategy = make_strategy(job, num_clients=fleet.num_clients, recorder=recorder, expected=expected,
+                             node_wait=settings.round_timeout, max_examples=train_size(job) * job.local_epochs)
+    strategy.round_offset = done
+    if resumed is not None:
+        load_strategy_state(strategy, {name: {k: t.numpy() for k, t in arrays.items()}
+                                       for name, arrays in resumed.strategy.items()})
+    latest = {"arrays": initial}
+
+    def checkpoint(server_round: int, *, finished: bool = False) -> None:
+        save_checkpoint(checkpoint_path, Checkpoint(
+            round=server_round, rounds=job.rounds, arrays=latest["arrays"].to_torch_state_dict(),
+            strategy={name: {k: torch.from_numpy(v) for k, v in arrays.items()}
+                      for name, arrays in strategy_state(strategy).items()},
+            run=recorder.run_line, records=recorder.rounds, fleet=identity, run_config=given,
+            finished=finished))
+
+    def evaluate_global(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if resumed is not None and flower_round == 0:
+            return None  # the checkpoint's model: evaluated and recorded before the server stopped
+        server_round = flower_round + done
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        started = time.perf_counter()
+        with mmap_threshold(LARGEST_THRESHOLD):  # batches reuse the heap; handed back after
+            result = evaluate(model, test, batch_size=256, image_size=job.image_size)
+        metrics = {"accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"],
+                   "eval-time": time.perf_counter() - started}
+        recorder.end_round(server_round, metrics)
+        latest["arrays"] = arrays
+        checkpoint(server_round)
+        return MetricRecord(metrics)
+
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=job.rounds - done,
+                   timeout=settings.round_timeout, evaluate_fn=evaluate_global)
+    torch.save(latest["arrays"].to_torch_state_dict(), settings.out_dir / "trained_layers.pt")
+    last = recorder.rounds[-1]
+    recorder.end_run(final_accuracy=last["global"]["accuracy"], rounds=job.rounds)
+    checkpoint(job.rounds, finished=True)
+    try:
+        report = write_report([settings.out_dir])
+        log.info("report: %s", report)
+    except Exception as error:  # the run is done and recorded; a report can be made again with odl-fed report
+        log.warning("the report was not written (%s: %s); make it with: odl-fed report %s", type(error).__name__,
+                    error, settings.out_dir)
+    log.info("done: global accuracy %.3f after %d rounds; round log %s", last["global"]["accuracy"], job.rounds,
+             recorder.path)
+    return last

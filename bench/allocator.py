@@ -42,7 +42,7 @@ def _one(policy: str, model_name: str, image_size: int, layers: int, watermark: 
     import torch.nn.functional as F
 
     from odl_fed.training.data import batches
-    from odl_fed.spec.fleet import JobSpec
+    from odl_fed.spec.job import JobSpec
     from odl_fed.federation.job_assets import client_data, global_model
     from odl_fed.training.task import apply_method, make_optimizer, warm_up
 

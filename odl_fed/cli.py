@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from odl_fed.training.allocator import own_process
 from odl_fed.federation.checkpoint import RunDirInUse
 from odl_fed.deploy.compose import ComposeError
 from odl_fed.training.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
@@ -332,6 +333,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.given = list(sys.argv[2:] if argv is None else argv[1:])
+    own_process()  # the odl-fed command is a process of the product's own (training.allocator)
     try:
         args.run(args)
     except USER_ERRORS as error:

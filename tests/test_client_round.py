@@ -10,7 +10,7 @@ import torch
 from odl_fed.federation import client_round
 from odl_fed.federation.client_round import MEMORY_EXCEEDED, OK, REFUSED, PlanCache, run_client_round
 from odl_fed.federation.job_assets import client_data, global_model, trained_state
-from odl_fed.spec.fleet import JobSpec
+from odl_fed.spec.job import JobSpec
 from odl_fed.spec.profile import get_profile
 
 JOB = JobSpec(model="mobilenet_v2", layers=2, method="asi", rounds=1, clients_per_round=2, local_epochs=1,

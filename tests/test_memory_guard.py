@@ -79,7 +79,7 @@ def test_the_server_gives_large_blocks_back_when_they_are_freed():
 
     code = """
 import psutil
-from odl_fed.training.memory_guard import LARGE_BLOCK, mmap_threshold
+from odl_fed.training.allocator import LARGE_BLOCK, mmap_threshold, own_process
 P, keep = psutil.Process(), []
 def cycle():
     big = []
@@ -89,12 +89,16 @@ def cycle():
     return P.memory_info().rss
 x = bytearray(8 * 2**20); del x  # glibc raises its threshold past 4 MiB here
 base = P.memory_info().rss; kept = cycle() - base
+with mmap_threshold(LARGE_BLOCK) as unowned:
+    pass
+own_process()
 with mmap_threshold(LARGE_BLOCK) as done:
     base = P.memory_info().rss; returned = cycle() - base
-print(done, kept, returned)
+print(done, unowned, kept, returned)
 """
-    done, kept, returned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    done, unowned, kept, returned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                           check=True).stdout.split()
     if done != "True":
         pytest.skip("this C library has no mallopt (not glibc): the server keeps its default")
+    assert unowned == "False", "a process that has not claimed its allocator had its mmap threshold changed"
     assert int(kept) > 150 * 2**20 and int(returned) < 20 * 2**20

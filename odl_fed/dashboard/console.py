@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import TextIO
 
 from odl_fed.dashboard.round_summary import RoundSummary, format_bytes, summarise_round
+from odl_fed.schema import EVENT, EndKey, Event, JobKey, RunKey
 
-__all__ = ["ConsoleDashboard", "plain_round_line", "flower_log_file", "FLOWER_LOG"]
-
-FLOWER_LOG = "flower.log"  # Flower's own lines, in the run directory
+__all__ = ["ConsoleDashboard", "plain_round_line"]
 
 REASON_WIDTH = 160  # a reason is cut to this many characters in the plain line
 
@@ -67,15 +66,17 @@ def plain_round_line(summary: RoundSummary, total: int | None) -> str:
 
 
 def _run_line(run: dict) -> str:
-    job = run.get("job", {})
-    devices = ", ".join(f"{name} x{count}" for name, count in (run.get("devices") or {}).items())
-    return (f"odl-fed: fleet {run.get('fleet')}: {run.get('clients')} clients ({devices}); {job.get('method')} "
-            f"on {job.get('model')}, {len(run.get('trained_convs') or [])} convs + head, {job.get('rounds')} rounds")
+    job = run.get(RunKey.JOB, {})
+    devices = ", ".join(f"{name} x{count}" for name, count in (run.get(RunKey.DEVICES) or {}).items())
+    return (f"odl-fed: fleet {run.get(RunKey.FLEET)}: {run.get(RunKey.CLIENTS)} clients ({devices}); "
+            f"{job.get(JobKey.METHOD)} on {job.get(JobKey.MODEL)}, {len(run.get(RunKey.TRAINED_CONVS) or [])} convs "
+            f"+ head, {job.get(JobKey.ROUNDS)} rounds")
 
 
 def _end_line(end: dict, last: RoundSummary | None) -> str:
     accuracy = f"accuracy {last.accuracy:.3f} " if last else ""
-    return f"done: {accuracy}after {end.get('rounds', last.round if last else '?')} rounds in {end.get('elapsed', 0):.1f} s"
+    return (f"done: {accuracy}after {end.get(EndKey.ROUNDS, last.round if last else '?')} rounds in "
+            f"{end.get(EndKey.ELAPSED, 0):.1f} s")
 
 
 class ConsoleDashboard:
@@ -99,20 +100,20 @@ class ConsoleDashboard:
 
     @property
     def total(self) -> int | None:
-        rounds = self.run.get("job", {}).get("rounds")
+        rounds = self.run.get(RunKey.JOB, {}).get(JobKey.ROUNDS)
         return int(rounds) if isinstance(rounds, (int, float)) else None
 
     def __call__(self, event: dict) -> None:
-        kind = event.get("event")
-        if kind == "run":
+        kind = event.get(EVENT)
+        if kind == Event.RUN:
             self.run, self.rounds = event, []
             self._start()
-        elif kind == "round":
+        elif kind == Event.ROUND:
             summary = summarise_round(event, previous=self.rounds[-1] if self.rounds else None, run=self.run)
             self.rounds.append(event)
             self.last = summary
             self._round(summary)
-        elif kind == "end":
+        elif kind == Event.END:
             self._end(event)
 
     # -- plain lines -------------------------------------------------------------------------
@@ -201,30 +202,3 @@ class _LiveView:
 
     def stop(self) -> None:
         self.live.stop()
-
-
-@contextlib.contextmanager
-def flower_log_file(path: str | Path) -> Iterator[Path]:
-    """Flower's log lines (its ``flwr`` logger, INFO and up) go to ``path`` instead of the
-    terminal meanwhile; errors still show there too."""
-    logger = logging.getLogger("flwr")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    consoles = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
-                and not isinstance(h, logging.FileHandler)]
-    levels = [h.level for h in consoles]
-    previous_level = logger.level
-    for console in consoles:
-        console.setLevel(logging.ERROR)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield path
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
-        logger.setLevel(previous_level)
-        for console, level in zip(consoles, levels):
-            console.setLevel(level)

@@ -16,10 +16,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from statistics import fmean
 
+from odl_fed.schema import ClientKey, GlobalKey, Metric, Outcome, RoundKey, RunKey, Status
+
 __all__ = ["DeviceRound", "RoundSummary", "summarise_round", "summarise_rounds", "plan_text", "format_bytes",
            "FAILED_STATUSES"]
 
-FAILED_STATUSES = ("memory-exceeded", "rejected", "error")
+FAILED_STATUSES = Status.FAILED
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class RoundSummary:
 
     @property
     def statuses(self) -> Counter:
-        return Counter({"trained": self.trained, "refused": self.refused, "failed": self.failed, "lost": self.lost})
+        return Counter({Outcome.TRAINED: self.trained, Outcome.REFUSED: self.refused, Outcome.FAILED: self.failed,
+                        Outcome.LOST: self.lost})
 
 
 def format_bytes(value: float) -> str:
@@ -111,50 +114,53 @@ def _number(value, default=0):
 
 
 def _device_round(device: str, clients: list[dict]) -> DeviceRound:
-    trained = [c for c in clients if c.get("status") == "ok"]
-    ratios = [c["peak-memory"] / c["memory-budget"] for c in clients
-              if _number(c.get("peak-memory")) > 0 and _number(c.get("memory-budget")) > 0]
-    plans = list(dict.fromkeys(plan_text(c.get("plan")) for c in trained if c.get("plan")))
-    budgets = [_number(c.get("memory-budget")) for c in clients if _number(c.get("memory-budget")) > 0]
+    trained = [c for c in clients if c.get(ClientKey.STATUS) == Status.OK]
+    ratios = [c[Metric.PEAK_MEMORY] / c[Metric.MEMORY_BUDGET] for c in clients
+              if _number(c.get(Metric.PEAK_MEMORY)) > 0 and _number(c.get(Metric.MEMORY_BUDGET)) > 0]
+    plans = list(dict.fromkeys(plan_text(c.get(ClientKey.PLAN)) for c in trained if c.get(ClientKey.PLAN)))
+    budgets = [_number(c.get(Metric.MEMORY_BUDGET)) for c in clients if _number(c.get(Metric.MEMORY_BUDGET)) > 0]
     return DeviceRound(
         device=device, asked=len(clients), trained=len(trained), plan=" / ".join(plans),
         peak_ratio=(min(ratios), fmean(ratios), max(ratios)) if ratios else None,
-        peak_bytes=int(max((_number(c.get("peak-memory")) for c in clients), default=0)),
+        peak_bytes=int(max((_number(c.get(Metric.PEAK_MEMORY)) for c in clients), default=0)),
         budget_bytes=int(min(budgets, default=0)),
-        activation_bytes=int(max((_number(c.get("activation-bytes")) for c in trained), default=0)),
-        train_flops=float(sum(_number(c.get("train-flops")) for c in trained)),
-        bytes_down=int(sum(_number(c.get("bytes-down")) for c in clients)),
-        bytes_up=int(sum(_number(c.get("bytes-up")) for c in trained)))
+        activation_bytes=int(max((_number(c.get(Metric.ACTIVATION_BYTES)) for c in trained), default=0)),
+        train_flops=float(sum(_number(c.get(Metric.TRAIN_FLOPS)) for c in trained)),
+        bytes_down=int(sum(_number(c.get(ClientKey.BYTES_DOWN)) for c in clients)),
+        bytes_up=int(sum(_number(c.get(ClientKey.BYTES_UP)) for c in trained)))
 
 
 def summarise_round(line: dict, *, previous: dict | None = None, run: dict | None = None) -> RoundSummary:
     """The summary of one round line (``previous``: the round line before it; ``run``: the run line)."""
-    clients = [c for c in line.get("clients", []) if isinstance(c, dict)]
-    statuses = Counter(str(c.get("status")) for c in clients)
+    clients = [c for c in line.get(RoundKey.CLIENTS, []) if isinstance(c, dict)]
+    statuses = Counter(str(c.get(ClientKey.STATUS)) for c in clients)
     by_device: dict[str, list[dict]] = defaultdict(list)
     for client in clients:
-        by_device[str(client.get("device") or "unknown")].append(client)
+        by_device[str(client.get(ClientKey.DEVICE) or "unknown")].append(client)
     reasons: dict[tuple[str, str], list[str]] = defaultdict(list)
     for client in clients:
-        if client.get("status") != "ok":
-            reasons[(str(client.get("status")), str(client.get("reason") or ""))].append(str(client.get("client")))
-    asked = int(_number(line.get("clients-asked"), len(clients)))
-    accuracy = float(line["global"].get("accuracy", float("nan")))
-    before = previous["global"].get("accuracy") if previous else None
-    model_bytes = int(_number((run or {}).get("model_bytes")))
+        if client.get(ClientKey.STATUS) != Status.OK:
+            reasons[(str(client.get(ClientKey.STATUS)), str(client.get(ClientKey.REASON) or ""))].append(
+                str(client.get(ClientKey.CLIENT)))
+    asked = int(_number(line.get(RoundKey.CLIENTS_ASKED), len(clients)))
+    accuracy = float(line[RoundKey.GLOBAL].get(GlobalKey.ACCURACY, float("nan")))
+    before = previous[RoundKey.GLOBAL].get(GlobalKey.ACCURACY) if previous else None
+    model_bytes = int(_number((run or {}).get(RunKey.MODEL_BYTES)))
     devices = [_device_round(name, members) for name, members in sorted(by_device.items())]
     return RoundSummary(
-        round=int(line["round"]), accuracy=accuracy, loss=float(line["global"].get("loss", float("nan"))),
+        round=int(line[RoundKey.ROUND]), accuracy=accuracy,
+        loss=float(line[RoundKey.GLOBAL].get(GlobalKey.LOSS, float("nan"))),
         accuracy_change=accuracy - before if isinstance(before, (int, float)) else None,
-        asked=asked, trained=statuses["ok"], refused=statuses["refused"],
-        failed=sum(n for status, n in statuses.items() if status not in ("ok", "refused", "lost")),
-        lost=statuses["lost"] + max(asked - len(clients), 0),
-        seconds=float(_number(line.get("elapsed")) - (_number(previous.get("elapsed")) if previous else 0.0)),
-        bytes_down=int(_number(line.get("bytes-down"))), bytes_up=int(_number(line.get("bytes-up"))),
+        asked=asked, trained=statuses[Status.OK], refused=statuses[Status.REFUSED],
+        failed=sum(n for status, n in statuses.items() if status not in (Status.OK, Status.REFUSED, Status.LOST)),
+        lost=statuses[Status.LOST] + max(asked - len(clients), 0),
+        seconds=float(_number(line.get(RoundKey.ELAPSED))
+                      - (_number(previous.get(RoundKey.ELAPSED)) if previous else 0.0)),
+        bytes_down=int(_number(line.get(RoundKey.BYTES_DOWN))), bytes_up=int(_number(line.get(RoundKey.BYTES_UP))),
         whole_model_bytes=model_bytes * (asked + statuses["ok"]),
         activation_bytes=max((d.activation_bytes for d in devices), default=0),
         train_flops=sum(d.train_flops for d in devices), devices=devices, reasons=dict(reasons),
-        skipped=str(line.get("skipped") or ""))
+        skipped=str(line.get(RoundKey.SKIPPED) or ""))
 
 
 def summarise_rounds(rounds: list[dict], run: dict | None = None) -> list[RoundSummary]:

@@ -14,9 +14,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from odl_fed.schema import EVENT, ROUND_LOG, Event, JobKey, RoundKey, RunKey
+
 __all__ = ["LOG_NAME", "RunLog", "RunLogError", "LogFollower", "load_run", "find_runs"]
 
-LOG_NAME = "rounds.jsonl"
+LOG_NAME = ROUND_LOG
 
 
 class RunLogError(ValueError):
@@ -43,7 +45,7 @@ class RunLog:
 
     @property
     def job(self) -> dict:
-        return self.run.get("job", {})
+        return self.run.get(RunKey.JOB, {})
 
     @property
     def finished(self) -> bool:
@@ -51,13 +53,13 @@ class RunLog:
 
     @property
     def planned_rounds(self) -> int | None:
-        rounds = self.job.get("rounds")
+        rounds = self.job.get(JobKey.ROUNDS)
         return int(rounds) if isinstance(rounds, (int, float)) else None
 
     def add(self, event: dict) -> None:
         """Take one event of the log, in order (what a follower feeds in as the file grows)."""
-        kind = event.get("event")
-        if kind == "run":
+        kind = event.get(EVENT)
+        if kind == Event.RUN:
             if self.run and _identity(self.run) != _identity(event):
                 dropped = len(self.rounds)
                 self.warnings.append(
@@ -65,26 +67,28 @@ class RunLog:
                     f"showing the last one ({dropped} round line(s) of the first left out)")
                 self.rounds, self.end = [], None
             self.run = event
-        elif kind == "round":
-            if not isinstance(event.get("round"), int) or not isinstance(event.get("global"), dict):
+        elif kind == Event.ROUND:
+            if not isinstance(event.get(RoundKey.ROUND), int) or not isinstance(event.get(RoundKey.GLOBAL), dict):
                 self.warnings.append(f"{self.path}: a round line without a round number or global metrics, skipped")
                 return
-            kept = [r for r in self.rounds if r["round"] != event["round"]]
+            kept = [r for r in self.rounds if r[RoundKey.ROUND] != event[RoundKey.ROUND]]
             if len(kept) != len(self.rounds):
-                self.warnings.append(f"{self.path}: round {event['round']} is logged twice; showing the later line")
-            self.rounds = sorted([*kept, event], key=lambda r: r["round"])
-        elif kind == "end":
+                self.warnings.append(f"{self.path}: round {event[RoundKey.ROUND]} is logged twice; "
+                                     f"showing the later line")
+            self.rounds = sorted([*kept, event], key=lambda r: r[RoundKey.ROUND])
+        elif kind == Event.END:
             self.end = event
         # other events (``resume``) carry no numbers the dashboard shows
 
 
 def _identity(run: dict) -> tuple:
-    return run.get("fleet"), json.dumps(run.get("job"), sort_keys=True)
+    return run.get(RunKey.FLEET), json.dumps(run.get(RunKey.JOB), sort_keys=True)
 
 
 def _describe(run: dict) -> str:
-    job = run.get("job", {})
-    return f"fleet {run.get('fleet')} ({job.get('method')} on {job.get('model')}, {job.get('rounds')} rounds)"
+    job = run.get(RunKey.JOB, {})
+    return (f"fleet {run.get(RunKey.FLEET)} ({job.get(JobKey.METHOD)} on {job.get(JobKey.MODEL)}, "
+            f"{job.get(JobKey.ROUNDS)} rounds)")
 
 
 def _log_path(path: str | Path) -> Path:
@@ -124,7 +128,7 @@ def load_run(path: str | Path) -> RunLog:
         log.warnings.append(f"{log_path} has no run line: the fleet and the job are unknown")
     if log.end is None:
         planned = log.planned_rounds
-        log.warnings.append(f"{log_path}: the run has not ended (round {log.rounds[-1]['round']}"
+        log.warnings.append(f"{log_path}: the run has not ended (round {log.rounds[-1][RoundKey.ROUND]}"
                             + (f" of {planned})" if planned is not None else ")")
                             + ": still running, or stopped early")
     return log

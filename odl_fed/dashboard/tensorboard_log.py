@@ -18,10 +18,12 @@ import logging
 from pathlib import Path
 
 from odl_fed.dashboard.round_summary import summarise_round
+from odl_fed import schema
+from odl_fed.schema import EVENT, Event, RunKey
 
 __all__ = ["TensorBoardLog", "TENSORBOARD_DIR"]
 
-TENSORBOARD_DIR = "tensorboard"  # under the run directory
+TENSORBOARD_DIR = schema.TENSORBOARD_DIR  # under the run directory
 log = logging.getLogger("flwr.odl_fed")
 
 
@@ -47,20 +49,21 @@ class TensorBoardLog:
         return self._writer
 
     def __call__(self, event: dict) -> None:
-        kind = event.get("event")
-        if kind == "run":
+        kind = event.get(EVENT)
+        if kind == Event.RUN:
             self.run, self._previous = event, None
             writer = self._open()
             if writer is not None:
-                given = {k: event.get(k) for k in ("fleet", "clients", "devices", "trained_convs", "job")}
+                given = {k: event.get(k) for k in (RunKey.FLEET, RunKey.CLIENTS, RunKey.DEVICES, RunKey.TRAINED_CONVS,
+                                                   RunKey.JOB)}
                 writer.add_text("run/fleet", "```\n" + json.dumps(given, indent=2, default=str) + "\n```", 0)
                 writer.flush()
-        elif kind == "round":
+        elif kind == Event.ROUND:
             writer = self._open()
             if writer is not None:
                 self._round(writer, event)
             self._previous = event
-        elif kind == "end":
+        elif kind == Event.END:
             self.close()
 
     def _round(self, writer, line: dict) -> None:

@@ -24,7 +24,7 @@ from odl_fed.planning.preflight import check_fleet
 from odl_fed.training.data import DatasetUnavailableError
 from odl_fed.spec.fleet import FleetError, load_fleet
 from odl_fed.spec.run_config import DEFAULTS
-from odl_fed.federation.simulation import OFFLINE_ENV
+from odl_fed.federation.flower_env import OFFLINE_ENV
 
 __all__ = ["flwr_run", "stop_local_superlink"]
 

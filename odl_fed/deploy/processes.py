@@ -23,14 +23,11 @@ from pathlib import Path
 
 import psutil
 
+from odl_fed.federation.flower_env import OFFLINE_ENV
+
 __all__ = ["OFFLINE_ENV", "AddressError", "parse_address", "flower_command", "flower_env", "port_answers",
            "wait_for_port", "tls_problem", "speaks_tls", "free_port", "stop_tree", "Processes", "TORCH_ADDRESS_FLOOR", "SERVER_HOME",
            "READY"]
-
-# Flower's settings for a machine without network (see Flower's docs on offline runs).
-OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-               "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_DATASETS_OFFLINE": "1",
-               "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 # Address space a process needs to import torch at all (measured: ~3.1 GiB of mappings before any
 # tensor exists); a hard RLIMIT_AS cap is the memory budget plus this, never the budget alone.

@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from odl_fed.spec.fleet import FleetSpec, JobSpec
-from odl_fed.federation.recorder import _jsonable
+from odl_fed.spec.fleet import FleetSpec
+from odl_fed.spec.job import JobSpec
+from odl_fed.schema import CHECKPOINT_FILE, RoundKey, to_json_value
 
 __all__ = ["Checkpoint", "CheckpointError", "RunLock", "RunDirInUse", "CHECKPOINT", "SERVER_LOCK", "WRITER_LOCK",
            "FORMAT_VERSION", "fleet_identity", "save_checkpoint", "load_checkpoint", "check_fleet_matches",
            "check_fresh_run_dir", "check_run_dir", "resume_config", "lock_holder"]
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = CHECKPOINT_FILE
 SERVER_LOCK = "server.lock"
 WRITER_LOCK = "writer.lock"
 # 1: round, planned rounds, finished, arrays, strategy state, run line, round lines, fleet, run config
@@ -96,7 +97,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     path = Path(path)
     payload = asdict(checkpoint)
     for key in ("run", "records", "fleet", "run_config"):  # plain JSON text: loadable with weights_only
-        payload[key] = json.dumps(payload[key], default=_jsonable)
+        payload[key] = json.dumps(payload[key], default=to_json_value)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as file:
@@ -130,7 +131,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as error:  # torch.load fails in many ways on a damaged file (zip, pickle, EOF)
         raise CheckpointError(f"checkpoint {path} is damaged and cannot be read ({type(error).__name__}: "
                               f"{error}); the run cannot be resumed from it") from error
-    rounds = [line.get("round") for line in checkpoint.records]
+    rounds = [line.get(RoundKey.ROUND) for line in checkpoint.records]
     if rounds != list(range(checkpoint.round + 1)):
         raise CheckpointError(f"checkpoint {path} is damaged: round {checkpoint.round} with the records of "
                               f"rounds {rounds}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from collections.abc import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,11 +19,12 @@ from flwr.clientapp import ClientApp
 
 from odl_fed.federation.client_round import PlanCache, run_client_round
 from odl_fed.spec.machine import cgroup_memory_limit, cgroup_memory_usage, fit_to_memory_limit
-from odl_fed.federation.faults import node_fault
+from odl_fed.federation.faults import drill_hook
 from odl_fed.federation.job_assets import client_data
 from odl_fed.spec.node_config import NodeConfigError, node_profile, partition
 from odl_fed.spec.profile import DeviceProfile
 from odl_fed.spec.run_config import RunSettings
+from odl_fed.schema import ClientKey, ConfigKey, Record
 
 __all__ = ["app", "handle_train", "node_identity", "BASES_KEY"]
 
@@ -72,30 +72,27 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     settings = RunSettings.from_config(run_config)
     client, profile, partition_id, num_partitions = node_identity(settings, context.node_config)
     job = settings.fleet().job
-    config = msg.content.config_records.get("config", ConfigRecord())
-    server_round = int(config.get("server-round", 0))
-    drill = node_fault(context.node_config)  # a fault drill (python -m odl_fed.client --fault), if any
+    config = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
+    server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
+    drills = drill_hook(context.node_config)  # fault drills (python -m odl_fed.client --fault); none on a real node
     kept = context.state.array_records.get(BASES_KEY)
     outcome = run_client_round(
-        job, profile, msg.content["arrays"].to_torch_state_dict(), client=client,
+        job, profile, msg.content[Record.ARRAYS].to_torch_state_dict(), client=client,
         data=client_data(job, partition_id, num_partitions),
         cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)), server_round=server_round,
+        proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)), server_round=server_round,
         bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout,
-        budget_scale=drill.budget_scale(server_round) if drill else 1.0)
-    if drill is not None and drill.active(server_round):
-        log.warning("%s: fault drill %s in round %d", client, "+".join(map(str, drill.active(server_round))),
-                    server_round)
-        drill.damage(outcome.arrays if outcome.arrays is not None else {}, outcome.metrics, server_round)
-        time.sleep(drill.delay(server_round))
+        budget_scale=drills.budget_scale(server_round))
+    drills.after_round(client, outcome.arrays, outcome.metrics, server_round)
     if outcome.bases:
         context.state[BASES_KEY] = ArrayRecord(torch_state_dict=outcome.bases)
     content = RecordDict({
-        "client": ConfigRecord({"client": outcome.client, "device": outcome.device, "status": outcome.status,
-                                "error": outcome.error, "plan": json.dumps(outcome.plan),
-                                "attempt-log": json.dumps(outcome.attempts)}),
-        "metrics": MetricRecord(outcome.metrics),
+        Record.CLIENT: ConfigRecord({ClientKey.CLIENT: outcome.client, ClientKey.DEVICE: outcome.device,
+                                     ClientKey.STATUS: outcome.status, ClientKey.ERROR: outcome.error,
+                                     ClientKey.PLAN: json.dumps(outcome.plan),
+                                     ClientKey.ATTEMPT_LOG: json.dumps(outcome.attempts)}),
+        Record.METRICS: MetricRecord(outcome.metrics),
     })
     if outcome.arrays is not None:
-        content["arrays"] = ArrayRecord(torch_state_dict=outcome.arrays)
+        content[Record.ARRAYS] = ArrayRecord(torch_state_dict=outcome.arrays)
     return Message(content=content, reply_to=msg)

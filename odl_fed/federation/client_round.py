@@ -37,9 +37,10 @@ from torch import Tensor, nn
 
 from odl_fed.asi import restore_model
 from odl_fed.asi.layers import ASIConv2d
+from odl_fed.schema import AttemptKey, Metric, Status
 from odl_fed.planning.device_plan import ClientPlan, PlanRefused, Setting, nbytes, next_setting, plan_client
 from odl_fed.training.data import ImageData, batches
-from odl_fed.spec.fleet import JobSpec
+from odl_fed.spec.job import JobSpec
 from odl_fed.federation.job_assets import client_model
 from odl_fed.training.memory_guard import MemoryBudgetExceeded, MemoryGuard
 from odl_fed.training.models import prepare_finetune
@@ -48,7 +49,7 @@ from odl_fed.training.task import apply_method, make_optimizer, train_epoch, war
 
 __all__ = ["ClientOutcome", "PlanCache", "run_client_round", "asi_bases", "OK", "REFUSED", "MEMORY_EXCEEDED"]
 
-OK, REFUSED, MEMORY_EXCEEDED = "ok", "refused", "memory-exceeded"
+OK, REFUSED, MEMORY_EXCEEDED = Status.OK, Status.REFUSED, Status.MEMORY_EXCEEDED  # odl_fed.schema.Status
 
 
 @dataclass
@@ -207,7 +208,7 @@ def _client_round(model: nn.Module, job: JobSpec, profile: DeviceProfile, global
                   started: float) -> ClientOutcome:
     clock = _Deadline(deadline)
     _load_global(model, global_arrays, client)
-    base = {"train-memory": profile.train_memory, "server-round": server_round}
+    base = {Metric.TRAIN_MEMORY: profile.train_memory, Metric.SERVER_ROUND: server_round}
     cache = cache if cache is not None else PlanCache()
     key = PlanCache.key(job, profile)
 
@@ -237,7 +238,7 @@ def _client_round(model: nn.Module, job: JobSpec, profile: DeviceProfile, global
                              train_memory=int(profile.train_memory * budget_scale),
                              step_flops=cache.step_flops, plan_key=key)
         except MemoryBudgetExceeded as error:
-            attempts.append(_attempt(plan, "memory-exceeded", error.peak, error.budget, str(error)))
+            attempts.append(_attempt(plan, MEMORY_EXCEEDED, error.peak, error.budget, str(error)))
             restore_model(model)
             after = next_setting(plan, layers=job.layers, batch_size=job.batch_size)
             took = time.perf_counter() - attempt_started
@@ -245,31 +246,32 @@ def _client_round(model: nn.Module, job: JobSpec, profile: DeviceProfile, global
                 why = "no smaller setting to retreat to" if after is None else \
                     f"{clock.left():.0f} s left of the round, the last attempt took {took:.0f} s"
                 return ClientOutcome(client, profile.name, MEMORY_EXCEEDED,
-                                     base | {"peak-memory": error.peak, "memory-budget": error.budget,
-                                             "attempts": len(attempts)},
+                                     base | {Metric.PEAK_MEMORY: error.peak, Metric.MEMORY_BUDGET: error.budget,
+                                             Metric.ATTEMPTS: len(attempts)},
                                      plan=plan.to_dict(), error=f"{error}; {why}", attempts=attempts)
             try:
                 plan = make_plan(after)
             except PlanRefused as refused:
                 return ClientOutcome(client, profile.name, MEMORY_EXCEEDED,
-                                     base | {"peak-memory": error.peak, "memory-budget": error.budget,
-                                             "attempts": len(attempts)},
+                                     base | {Metric.PEAK_MEMORY: error.peak, Metric.MEMORY_BUDGET: error.budget,
+                                             Metric.ATTEMPTS: len(attempts)},
                                      plan=plan.to_dict(), error=f"{error}; retreating: {refused}", attempts=attempts)
             cache.put(key, plan)
             continue
         break
     metrics, arrays, kept = trained
-    attempts.append(_attempt(plan, OK, metrics["peak-memory"], metrics["memory-budget"]))
-    metrics = base | metrics | {"plan-time": plan_seconds, "plan-cached": int(cached), "attempts": len(attempts),
-                                "client-time": time.perf_counter() - started}
+    attempts.append(_attempt(plan, OK, metrics[Metric.PEAK_MEMORY], metrics[Metric.MEMORY_BUDGET]))
+    metrics = base | metrics | {Metric.PLAN_TIME: plan_seconds, Metric.PLAN_CACHED: int(cached),
+                                Metric.ATTEMPTS: len(attempts), Metric.CLIENT_TIME: time.perf_counter() - started}
     return ClientOutcome(client, profile.name, OK, metrics, plan=plan.to_dict(), arrays=arrays, bases=kept,
                          attempts=attempts)
 
 
 def _attempt(plan: ClientPlan, status: str, peak: int, budget: int, error: str = "") -> dict:
-    return {"status": status, "layers": len(plan.layers), "batch-size": plan.batch_size,
-            "activation-scale": plan.activation_scale, "peak-memory": peak, "memory-budget": budget,
-            "planned-need": plan.measured_need + plan.margin, "error": error}
+    return {AttemptKey.STATUS: status, AttemptKey.LAYERS: len(plan.layers), AttemptKey.BATCH_SIZE: plan.batch_size,
+            AttemptKey.ACTIVATION_SCALE: plan.activation_scale, AttemptKey.PEAK_MEMORY: peak,
+            AttemptKey.MEMORY_BUDGET: budget, AttemptKey.PLANNED_NEED: plan.measured_need + plan.margin,
+            AttemptKey.ERROR: error}
 
 
 def _train(model: nn.Module, job: JobSpec, plan: ClientPlan, data: ImageData, global_arrays, *, client: str,
@@ -311,23 +313,23 @@ def _train(model: nn.Module, job: JobSpec, plan: ClientPlan, data: ImageData, gl
             stats["step_saved_bytes"] = max(stats["step_saved_bytes"], epoch_stats["step_saved_bytes"])
     steps = -(-len(data) // plan.batch_size) * job.local_epochs
     metrics = {
-        "num-examples": stats["examples"],
-        "train-loss": stats["loss"],
-        "train-time": stats["seconds"],
-        "batch-size": plan.batch_size,
-        "layers-trained": len(plan.layers),
-        "exact-layers": len(plan.exact_layers),
-        "activation-bytes": stats["activation_bytes"],
-        "planned-activation-bytes": plan.predicted_activation_bytes,
-        "step-saved-bytes": stats["step_saved_bytes"],
-        "peak-memory": guard.peak,
-        "memory-budget": guard.budget,
-        "planned-need": plan.measured_need + plan.margin,
-        "guard-samples": guard.samples,
-        "guard-reclaims": guard.reclaims,
-        "warm-bases": warm,
-        "flops-per-step": flops_per_step,
-        "train-flops": flops_per_step * steps,
+        Metric.NUM_EXAMPLES: stats["examples"],
+        Metric.TRAIN_LOSS: stats["loss"],
+        Metric.TRAIN_TIME: stats["seconds"],
+        Metric.BATCH_SIZE: plan.batch_size,
+        Metric.LAYERS_TRAINED: len(plan.layers),
+        Metric.EXACT_LAYERS: len(plan.exact_layers),
+        Metric.ACTIVATION_BYTES: stats["activation_bytes"],
+        Metric.PLANNED_ACTIVATION_BYTES: plan.predicted_activation_bytes,
+        Metric.STEP_SAVED_BYTES: stats["step_saved_bytes"],
+        Metric.PEAK_MEMORY: guard.peak,
+        Metric.MEMORY_BUDGET: guard.budget,
+        Metric.PLANNED_NEED: plan.measured_need + plan.margin,
+        Metric.GUARD_SAMPLES: guard.samples,
+        Metric.GUARD_RECLAIMS: guard.reclaims,
+        Metric.WARM_BASES: warm,
+        Metric.FLOPS_PER_STEP: flops_per_step,
+        Metric.TRAIN_FLOPS: flops_per_step * steps,
     }
     # every layer that travels (a plan with fewer layers leaves the others at their global values)
     arrays = {name: p.detach().clone() for name, p in travelling.items()}

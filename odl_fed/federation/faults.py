@@ -14,19 +14,25 @@ ClientApp applies each to the rounds it names (all rounds without ``@``):
   train-memory (another app took the rest mid-round): a real breach, read with psutil.
 
 The server must reject every bad reply before aggregation and close every round on time; these
-are the drills the fault tests and the README's fault table run. Pure Python and torch: the
+are the drills the fault tests and the fault table of docs/operations.md run. Pure Python and torch: the
 ClientApp turns records into tensors and back.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["FAULTS", "FaultDrill", "FaultDrills", "FaultError", "parse_fault", "node_fault", "FAULT_KEY",
+from odl_fed.schema import Metric
+
+log = logging.getLogger("flwr.odl_fed")
+
+__all__ = ["FAULTS", "FaultDrill", "FaultDrills", "FaultError", "parse_fault", "node_fault", "drill_hook", "NoDrills", "FAULT_KEY",
            "ABSURD_EXAMPLES"]
 
 FAULTS = ("nan", "inf", "wrong-shape", "wrong-name", "absurd-examples", "slow", "crash", "squeeze")
@@ -80,7 +86,7 @@ class FaultDrill:
         elif self.kind == "wrong-name":
             arrays[f"{first}.renamed"] = arrays.pop(first)
         elif self.kind == "absurd-examples":
-            metrics["num-examples"] = ABSURD_EXAMPLES
+            metrics[Metric.NUM_EXAMPLES] = ABSURD_EXAMPLES
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,31 @@ class FaultDrills:
     def damage(self, arrays: dict[str, Tensor], metrics: dict, server_round: int) -> None:
         for drill in self.drills:
             drill.damage(arrays, metrics, server_round)
+
+    def after_round(self, client: str, arrays: dict[str, Tensor] | None, metrics: dict, server_round: int) -> None:
+        """The round's reply as these drills change it: damaged, and held back for their delay."""
+        active = self.active(server_round)
+        if not active:
+            return
+        log.warning("%s: fault drill %s in round %d", client, "+".join(map(str, active)), server_round)
+        self.damage(arrays if arrays is not None else {}, metrics, server_round)
+        time.sleep(self.delay(server_round))
+
+
+class NoDrills:
+    """A node with no drills: its rounds go as they went (the hook every real node gets)."""
+
+    def budget_scale(self, server_round: int) -> float:
+        return 1.0
+
+    def after_round(self, client: str, arrays: dict[str, Tensor] | None, metrics: dict, server_round: int) -> None:
+        return None
+
+
+def drill_hook(node_config: Mapping) -> FaultDrills | NoDrills:
+    """The one hook the ClientApp calls each round: before training (``budget_scale``) and on its reply
+    (``after_round``); a node config with no ``fault`` gets :class:`NoDrills`."""
+    return node_fault(node_config) or NoDrills()
 
 
 def _parse_one(text: str, what: str) -> FaultDrill:

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from odl_fed.asi import restore_model
-from odl_fed.training.data import PARTITIONS_DIR, ImageData, load_dataset, partition, partition_file
-from odl_fed.spec.fleet import JobSpec
+from odl_fed.training.data import ImageData, partitions_dir, load_dataset, partition, partition_file
+from odl_fed.spec.job import JobSpec
 from odl_fed.training.models import build_model, prepare_finetune
 
 __all__ = ["global_model", "client_model", "trained_state", "client_data", "prepare_partitions", "held_out_data", "train_size"]
@@ -93,18 +93,18 @@ def _dataset(name: str, split: str) -> ImageData:
 @functools.lru_cache(maxsize=4)
 def _partitions(name: str, num_partitions: int, alpha: float | None, seed: int) -> tuple:
     return tuple(partition(_dataset(name, "train").labels, num_partitions, alpha=alpha, seed=seed,
-                           cache=PARTITIONS_DIR))
+                           cache=partitions_dir()))
 
 
 def prepare_partitions(job: JobSpec, num_partitions: int) -> None:
     """Make the clients' shares once, in a short-lived child process, when they are not cached yet.
 
-    The simulation's clients then read them (:data:`~odl_fed.training.data.PARTITIONS_DIR`) without loading
+    The simulation's clients then read them (:func:`~odl_fed.training.data.partitions_dir`) without loading
     flwr-datasets' HuggingFace stack, and neither does this process (a server that runs for hours
     keeps what it imports: about 180 MB).
     """
     labels = _dataset(job.dataset, "train").labels
-    if partition_file(labels, num_partitions, alpha=job.dirichlet_alpha, seed=job.seed, cache=PARTITIONS_DIR).is_file():
+    if partition_file(labels, num_partitions, alpha=job.dirichlet_alpha, seed=job.seed, cache=partitions_dir()).is_file():
         return
     child = multiprocessing.get_context("spawn").Process(
         target=_partitions, args=(job.dataset, num_partitions, job.dirichlet_alpha, job.seed))

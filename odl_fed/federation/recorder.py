@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from odl_fed.schema import EVENT, ClientKey, EndKey, Event, ResumeKey, RoundKey, RunKey, Status, to_json_value
+
 __all__ = ["RoundRecorder", "read_rounds", "cut_back"]
 
 log = logging.getLogger("flwr.odl_fed")
@@ -59,15 +61,16 @@ class RoundRecorder:
         else:
             self.run_line, rounds = resume[0], list(resume[1])
             self.rounds = rounds
-            self._started -= float(rounds[-1].get("elapsed", 0.0))  # the time the server was down is left out
+            self._started -= float(rounds[-1].get(RoundKey.ELAPSED, 0.0))  # the time the server was down is left out
             cut_back(self.path, self.run_line, rounds)
             for line in (self.run_line, *rounds):  # the views start with what the log already holds
-                self._tell(json.loads(json.dumps(line, default=_jsonable)))
+                self._tell(json.loads(json.dumps(line, default=to_json_value)))
             self._file = self.path.open("a")
-            self._write({"event": "resume", "time": time.time(), "from-round": rounds[-1]["round"]})
+            self._write({EVENT: Event.RESUME, ResumeKey.TIME: time.time(),
+                         ResumeKey.FROM_ROUND: rounds[-1][RoundKey.ROUND]})
 
     def _write(self, line: dict) -> None:
-        text = json.dumps(line, default=_jsonable)
+        text = json.dumps(line, default=to_json_value)
         self._file.write(text + "\n")
         self._file.flush()
         self._tell(json.loads(text))  # listeners see what the file holds, as a reader of it would
@@ -78,17 +81,17 @@ class RoundRecorder:
                 listener(event)
             except Exception as error:  # a view must never stop the run
                 log.warning("%s failed on a %s line and is dropped: %s: %s", type(listener).__name__,
-                            event.get("event"), type(error).__name__, error)
+                            event.get(EVENT), type(error).__name__, error)
                 self.listeners.remove(listener)
 
     def start_run(self, **info) -> None:
-        self.run_line = {"event": "run", "time": self._started, **info}
+        self.run_line = {EVENT: Event.RUN, RunKey.TIME: self._started, **info}
         self._write(self.run_line)
 
     def sent(self, server_round: int, nodes: int, nbytes: int, record_bytes: int | None = None) -> None:
         """The server sent ``nbytes`` of parameters (``record_bytes`` with Flower's headers) to each of ``nodes``."""
-        self._traffic[server_round] = {"clients-asked": nodes, "bytes-down": nodes * nbytes,
-                                       "record-bytes-down": nodes * (record_bytes or nbytes)}
+        self._traffic[server_round] = {RoundKey.CLIENTS_ASKED: nodes, RoundKey.BYTES_DOWN: nodes * nbytes,
+                                       RoundKey.RECORD_BYTES_DOWN: nodes * (record_bytes or nbytes)}
 
     def skipped(self, server_round: int, reason: str) -> None:
         """The round trains no one (too few clients connected); its line says why."""
@@ -99,62 +102,55 @@ class RoundRecorder:
 
     def end_round(self, server_round: int, global_metrics: dict) -> dict:
         clients = self._clients.pop(server_round, [])
-        aggregated = [c for c in clients if c.get("status") == "ok"]
+        aggregated = [c for c in clients if c.get(ClientKey.STATUS) == Status.OK]
         line = {
-            "event": "round",
-            "round": server_round,
-            "time": time.time(),
-            "elapsed": time.time() - self._started,
-            "global": global_metrics,
-            **self._traffic.pop(server_round, {"clients-asked": 0, "bytes-down": 0, "record-bytes-down": 0}),
-            "bytes-up": sum(c.get("bytes-up", 0) for c in aggregated),
-            "record-bytes-up": sum(c.get("record-bytes-up", 0) for c in aggregated),
-            "aggregated": len(aggregated),
-            "failed": len(clients) - len(aggregated),
-            "clients": sorted(clients, key=lambda c: str(c.get("client"))),
+            EVENT: Event.ROUND,
+            RoundKey.ROUND: server_round,
+            RoundKey.TIME: time.time(),
+            RoundKey.ELAPSED: time.time() - self._started,
+            RoundKey.GLOBAL: global_metrics,
+            **self._traffic.pop(server_round, {RoundKey.CLIENTS_ASKED: 0, RoundKey.BYTES_DOWN: 0,
+                                               RoundKey.RECORD_BYTES_DOWN: 0}),
+            RoundKey.BYTES_UP: sum(c.get(ClientKey.BYTES_UP, 0) for c in aggregated),
+            RoundKey.RECORD_BYTES_UP: sum(c.get(ClientKey.RECORD_BYTES_UP, 0) for c in aggregated),
+            RoundKey.AGGREGATED: len(aggregated),
+            RoundKey.FAILED: len(clients) - len(aggregated),
+            RoundKey.CLIENTS: sorted(clients, key=lambda c: str(c.get(ClientKey.CLIENT))),
         }
         if server_round in self._skipped:
-            line["skipped"] = self._skipped.pop(server_round)
+            line[RoundKey.SKIPPED] = self._skipped.pop(server_round)
         self._write(line)
         self.rounds.append(line)
         return line
 
     def end_run(self, **info) -> None:
-        self._write({"event": "end", "time": time.time(), "elapsed": time.time() - self._started, **info})
+        self._write({EVENT: Event.END, EndKey.TIME: time.time(), EndKey.ELAPSED: time.time() - self._started, **info})
         self._file.close()
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)
 
 
 def cut_back(path: Path, run_line: dict, rounds: Sequence[dict]) -> None:
     """Rewrite the log at ``path`` (atomically) to end with ``rounds``' last round: a partial last line and
     rounds logged after it go; the run line and the rounds come from the checkpoint when the log lacks them."""
-    last = rounds[-1]["round"]
+    last = rounds[-1][RoundKey.ROUND]
     kept, seen = [], set()
     for text in (path.read_text().splitlines() if path.exists() else []):
         try:
             line = json.loads(text)
         except json.JSONDecodeError:
             break  # the line the server was writing when it stopped
-        if line.get("event") == "round":
-            if line.get("round") in seen or line.get("round", last + 1) > last:
+        if line.get(EVENT) == Event.ROUND:
+            if line.get(RoundKey.ROUND) in seen or line.get(RoundKey.ROUND, last + 1) > last:
                 continue
-            seen.add(line["round"])
-        elif line.get("event") == "end":
+            seen.add(line[RoundKey.ROUND])
+        elif line.get(EVENT) == Event.END:
             continue
         kept.append(line)
-    if seen != set(range(last + 1)) or not kept or kept[0].get("event") != "run":
-        others = [line for line in kept if line.get("event") not in ("run", "round")]
+    if seen != set(range(last + 1)) or not kept or kept[0].get(EVENT) != Event.RUN:
+        others = [line for line in kept if line.get(EVENT) not in (Event.RUN, Event.ROUND)]
         kept = [dict(run_line), *rounds, *others]
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w") as file:
-        file.writelines(json.dumps(line, default=_jsonable) + "\n" for line in kept)
+        file.writelines(json.dumps(line, default=to_json_value) + "\n" for line in kept)
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
@@ -163,4 +159,4 @@ def cut_back(path: Path, run_line: dict, rounds: Sequence[dict]) -> None:
 def read_rounds(path: str | Path) -> list[dict]:
     """The round lines of a run's record (what a dashboard plots)."""
     lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [line for line in lines if line.get("event") == "round"]
+    return [line for line in lines if line.get(EVENT) == Event.ROUND]

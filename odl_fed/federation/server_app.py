@@ -24,8 +24,9 @@ from flwr.serverapp import Grid, ServerApp
 from odl_fed.federation.checkpoint import (CHECKPOINT, WRITER_LOCK, Checkpoint, RunLock, check_run_dir, fleet_identity,
                                 save_checkpoint)
 from odl_fed.federation.job_assets import global_model, held_out_data, train_size, trained_state
-from odl_fed.training.memory_guard import LARGE_BLOCK, LARGEST_THRESHOLD, mmap_threshold
+from odl_fed.training.allocator import LARGE_BLOCK, LARGEST_THRESHOLD, mmap_threshold, own_process
 from odl_fed.federation.recorder import RoundRecorder
+from odl_fed.schema import ROUND_LOG, TRAINED_LAYERS_FILE, EndKey, GlobalKey, RoundKey, RunKey
 from odl_fed.dashboard.report import write_report
 from odl_fed.spec.run_config import RunSettings
 from odl_fed.federation.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
@@ -40,6 +41,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    own_process()  # Flower's ServerApp process is the server's own: its allocator may be set (training.allocator)
     run_server(grid, context.run_config)
 
 
@@ -49,7 +51,7 @@ def run_server(grid: Grid, run_config: Mapping, *, listeners: Sequence[Callable[
     ``listeners`` get each line of the round log as it is written (the simulation's console view).
     """
     settings = RunSettings.from_config(run_config)
-    # the round's replies (MBs each) go back to the system when freed (memory_guard.mmap_threshold)
+    # the round's replies (MBs each) go back to the system when freed (training.allocator.mmap_threshold)
     with RunLock(settings.out_dir, WRITER_LOCK), mmap_threshold(LARGE_BLOCK):
         return _run(grid, settings, dict(run_config), listeners=listeners)
 
@@ -67,15 +69,16 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     if resumed is not None:
         initial = ArrayRecord(torch_state_dict=resumed.arrays)
 
-    recorder = RoundRecorder(settings.out_dir / "rounds.jsonl",
+    recorder = RoundRecorder(settings.out_dir / ROUND_LOG,
                              listeners=[TensorBoardLog(settings.out_dir / TENSORBOARD_DIR), *listeners],
                              resume=None if resumed is None else (resumed.run, resumed.records))
     if resumed is None:
-        recorder.start_run(fleet=fleet.path, job=asdict(job), clients=fleet.num_clients,
-                           devices={g.profile.name: g.count for g in fleet.groups}, trained_convs=convs,
-                           trained_bytes=parameter_bytes(initial),
-                           model_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
-                           settings=settings.as_config())
+        recorder.start_run(**{RunKey.FLEET: fleet.path, RunKey.JOB: asdict(job), RunKey.CLIENTS: fleet.num_clients,
+                              RunKey.DEVICES: {g.profile.name: g.count for g in fleet.groups},
+                              RunKey.TRAINED_CONVS: convs, RunKey.TRAINED_BYTES: parameter_bytes(initial),
+                              RunKey.MODEL_BYTES: sum(t.numel() * t.element_size()
+                                                      for t in model.state_dict().values()),
+                              RunKey.SETTINGS: settings.as_config()})
     done = 0 if resumed is None else resumed.round
     log.info("fleet %s: %d clients, %s on %s, %d rounds%s; round log %s", fleet.path, fleet.num_clients, job.method,
              job.model, job.rounds, f", resumed after round {done}" if resumed else "", recorder.path)
@@ -104,8 +107,8 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
         started = time.perf_counter()
         with mmap_threshold(LARGEST_THRESHOLD):  # batches reuse the heap; handed back after
             result = evaluate(model, test, batch_size=256, image_size=job.image_size)
-        metrics = {"accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"],
-                   "eval-time": time.perf_counter() - started}
+        metrics = {GlobalKey.ACCURACY: result["accuracy"], GlobalKey.LOSS: result["loss"],
+                   GlobalKey.EXAMPLES: result["examples"], GlobalKey.EVAL_TIME: time.perf_counter() - started}
         recorder.end_round(server_round, metrics)
         latest["arrays"] = arrays
         checkpoint(server_round)
@@ -113,9 +116,10 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
 
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=job.rounds - done,
                    timeout=settings.round_timeout, evaluate_fn=evaluate_global)
-    torch.save(latest["arrays"].to_torch_state_dict(), settings.out_dir / "trained_layers.pt")
+    torch.save(latest["arrays"].to_torch_state_dict(), settings.out_dir / TRAINED_LAYERS_FILE)
     last = recorder.rounds[-1]
-    recorder.end_run(final_accuracy=last["global"]["accuracy"], rounds=job.rounds)
+    final_accuracy = last[RoundKey.GLOBAL][GlobalKey.ACCURACY]
+    recorder.end_run(**{EndKey.FINAL_ACCURACY: final_accuracy, EndKey.ROUNDS: job.rounds})
     checkpoint(job.rounds, finished=True)
     try:
         report = write_report([settings.out_dir])
@@ -123,6 +127,6 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     except Exception as error:  # the run is done and recorded; a report can be made again with odl-fed report
         log.warning("the report was not written (%s: %s); make it with: odl-fed report %s", type(error).__name__,
                     error, settings.out_dir)
-    log.info("done: global accuracy %.3f after %d rounds; round log %s", last["global"]["accuracy"], job.rounds,
+    log.info("done: global accuracy %.3f after %d rounds; round log %s", final_accuracy, job.rounds,
              recorder.path)
     return last

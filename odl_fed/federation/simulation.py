@@ -20,25 +20,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.federation.checkpoint import SERVER_LOCK, RunLock, check_run_dir
 from odl_fed.federation.client_app import handle_train
-from odl_fed.dashboard.console import FLOWER_LOG, ConsoleDashboard, flower_log_file
-from odl_fed.deploy.processes import OFFLINE_ENV
+from odl_fed.dashboard.console import ConsoleDashboard
+from odl_fed.federation.flower_env import FLOWER_LOG, OFFLINE_ENV, flower_log_file, known_notices_hidden, offline
 from odl_fed.federation.job_assets import held_out_data, prepare_partitions, train_size
 from odl_fed.planning.preflight import check_fleet
 from odl_fed.spec.run_config import RunSettings
+from odl_fed.schema import ROUND_LOG
 from odl_fed.federation.server_app import run_server
 
 __all__ = ["simulate", "build_apps", "OFFLINE_ENV"]
-
-
-class _KnownNotices(logging.Filter):
-    """Drops two warnings that say nothing to a fleet's user: this entry point is the documented
-    reason for using ``run_simulation``, and the server evaluates the global model itself."""
-
-    NOTICES = ("`run_simulation` function is deprecated", "This is a deprecated feature",
-               "fraction_evaluate is set to 0.0")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(notice in record.getMessage() for notice in self.NOTICES)
 
 
 TrainHandler = Callable[[Message, Context, Mapping], Message]
@@ -74,7 +64,13 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
     With ``resume`` in the run config it goes on from ``out-dir``'s checkpoint. It holds
     ``out-dir/server.lock`` while it runs.
     """
-    os.environ.update(OFFLINE_ENV)
+    with offline():  # this process's environment, and so the Ray workers', for this run only
+        return _simulate(run_config, cpus=cpus, cpus_per_client=cpus_per_client, progress=progress,
+                         verbose=verbose, train=train, ray_address=ray_address)
+
+
+def _simulate(run_config: Mapping, *, cpus: int | None, cpus_per_client: float, progress: bool | TextIO,
+              verbose: bool, train: TrainHandler, ray_address: str | None) -> Path:
     from flwr.simulation import run_simulation
 
     settings = RunSettings.from_config(run_config)
@@ -92,8 +88,6 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
         if progress is not False:
             console = ConsoleDashboard(None if progress is True else progress)
 
-        if not verbose:
-            logging.getLogger("flwr").addFilter(_KnownNotices())
         server, client = build_apps(config, listeners=[console] if console else [], train=train)
         init_args = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose}
         init_args |= {"address": ray_address} if ray_address else {"num_cpus": cpus}
@@ -101,9 +95,10 @@ def simulate(run_config: Mapping, *, cpus: int | None = None, cpus_per_client: f
         settings.out_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             if not verbose:
+                stack.enter_context(known_notices_hidden())
                 stack.enter_context(flower_log_file(settings.out_dir / FLOWER_LOG))
             if console is not None:
                 stack.callback(console.close)
             run_simulation(server_app=server, client_app=client, num_supernodes=fleet.num_clients,
                            backend_config=backend, verbose_logging=verbose)
-    return settings.out_dir / "rounds.jsonl"
+    return settings.out_dir / ROUND_LOG

@@ -28,8 +28,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from odl_fed.spec.fleet import JobSpec
+from odl_fed.spec import names
+from odl_fed.spec.job import JobSpec
+from odl_fed.spec.names import check_registry
 from odl_fed.federation.recorder import RoundRecorder
+from odl_fed.schema import ClientKey, Metric, Record, Status
 from odl_fed.federation.validation import UpdateRejected, check_update
 
 __all__ = ["make_strategy", "parameter_bytes", "strategy_state", "load_strategy_state", "STRATEGY_CLASSES",
@@ -39,8 +42,10 @@ __all__ = ["make_strategy", "parameter_bytes", "strategy_state", "load_strategy_
 log = logging.getLogger("flwr.odl_fed")
 
 STRATEGY_CLASSES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
+check_registry("strategy", names.STRATEGIES, STRATEGY_CLASSES)
 # What every valid reply carries, and all that is averaged across clients.
-AGGREGATED_METRICS = ("num-examples", "train-loss", "train-time", "activation-bytes", "peak-memory", "train-flops")
+AGGREGATED_METRICS = (Metric.NUM_EXAMPLES, Metric.TRAIN_LOSS, Metric.TRAIN_TIME, Metric.ACTIVATION_BYTES,
+                      Metric.PEAK_MEMORY, Metric.TRAIN_FLOPS)
 # What a strategy carries from round to round (Flower's FedOpt family: first and second moments);
 # ``current_arrays`` is not among them: ``configure_train`` sets it from the arrays it sends.
 STATE_ATTRIBUTES = ("m_t", "v_t")
@@ -120,16 +125,16 @@ class ValidatedUpdates:
         for message in replies:
             entry = self._inspect(message, self._node(message))
             self.recorder.client(server_round, entry)
-            if entry["status"] == "ok":
-                valid.append((entry["client"], message))
+            if entry[ClientKey.STATUS] == Status.OK:
+                valid.append((entry[ClientKey.CLIENT], message))
             else:
-                log.warning("round %d: %s (%s) not aggregated: %s: %s", server_round, entry["client"],
-                            entry.get("device", "?"), entry["status"], entry.get("reason", ""))
+                log.warning("round %d: %s (%s) not aggregated: %s: %s", server_round, entry[ClientKey.CLIENT],
+                            entry.get(ClientKey.DEVICE, "?"), entry[ClientKey.STATUS], entry.get(ClientKey.REASON, ""))
         for node in sorted(self._asked - {self._node(m) for m in replies}):
             name = self._names.get(node, f"node-{node}")
-            self.recorder.client(server_round, {"client": name, "node": node, "status": "lost",
-                                                "bytes-down": self._bytes_down,
-                                                "reason": "no reply within the round's timeout"})
+            self.recorder.client(server_round, {ClientKey.CLIENT: name, ClientKey.NODE: node,
+                                                ClientKey.STATUS: Status.LOST, ClientKey.BYTES_DOWN: self._bytes_down,
+                                                ClientKey.REASON: "no reply within the round's timeout"})
             log.warning("round %d: %s lost: no reply within the round's timeout", server_round, name)
         if not valid:
             log.warning("round %d: no valid update; the global model is unchanged", server_round)
@@ -143,28 +148,30 @@ class ValidatedUpdates:
     def _inspect(self, message: Message, node: int) -> dict:
         """The client's entry for the record; a valid message's content is reduced to what aggregation needs."""
         if message.has_error():
-            return {"client": self._names.get(node, f"node-{node}"), "node": node, "status": "error",
-                    "reason": message.error.reason, "bytes-down": self._bytes_down}
+            return {ClientKey.CLIENT: self._names.get(node, f"node-{node}"), ClientKey.NODE: node,
+                    ClientKey.STATUS: Status.ERROR, ClientKey.REASON: message.error.reason,
+                    ClientKey.BYTES_DOWN: self._bytes_down}
         content = message.content
-        info = dict(content.config_records.get("client", ConfigRecord()))
-        client = str(info.get("client", f"node-{node}"))
+        info = dict(content.config_records.get(Record.CLIENT, ConfigRecord()))
+        client = str(info.get(ClientKey.CLIENT, f"node-{node}"))
         self._names[node] = client
-        metrics_record = content.metric_records.get("metrics")
+        metrics_record = content.metric_records.get(Record.METRICS)
         metrics = dict(metrics_record) if metrics_record is not None else {}
-        entry = {"client": client, "node": node, "device": info.get("device"), "status": info.get("status", "ok"),
-                 "bytes-down": self._bytes_down, **metrics}
-        for key in ("plan", "attempt-log"):
+        entry = {ClientKey.CLIENT: client, ClientKey.NODE: node, ClientKey.DEVICE: info.get(ClientKey.DEVICE),
+                 ClientKey.STATUS: info.get(ClientKey.STATUS, Status.OK), ClientKey.BYTES_DOWN: self._bytes_down,
+                 **metrics}
+        for key in (ClientKey.PLAN, ClientKey.ATTEMPT_LOG):
             if key in info:
                 try:
                     entry[key] = json.loads(str(info[key]))
                 except json.JSONDecodeError:
                     entry[key] = None
-        if entry["status"] != "ok":
-            entry["reason"] = str(info.get("error", ""))
+        if entry[ClientKey.STATUS] != Status.OK:
+            entry[ClientKey.REASON] = str(info.get(ClientKey.ERROR, ""))
             return entry
-        arrays = content.array_records.get("arrays")
+        arrays = content.array_records.get(Record.ARRAYS)
         try:
-            if set(content.array_records) - {"arrays"} or set(content.metric_records) - {"metrics"}:
+            if set(content.array_records) - {Record.ARRAYS} or set(content.metric_records) - {Record.METRICS}:
                 raise UpdateRejected(f"client {client}: unexpected records "
                                      f"{sorted(set(content.array_records) | set(content.metric_records))}")
             check_update(client, None if arrays is None else _numpy(arrays), metrics, self.expected,
@@ -173,11 +180,11 @@ class ValidatedUpdates:
             if lacking:
                 raise UpdateRejected(f"client {client}: its metrics lack {lacking}")
         except UpdateRejected as error:
-            return entry | {"status": "rejected", "reason": str(error)}
-        entry["bytes-up"] = parameter_bytes(arrays)
-        entry["record-bytes-up"] = arrays.count_bytes()
-        message.content = RecordDict({"arrays": arrays,
-                                      "metrics": MetricRecord({k: metrics[k] for k in AGGREGATED_METRICS})})
+            return entry | {ClientKey.STATUS: Status.REJECTED, ClientKey.REASON: str(error)}
+        entry[ClientKey.BYTES_UP] = parameter_bytes(arrays)
+        entry[ClientKey.RECORD_BYTES_UP] = arrays.count_bytes()
+        message.content = RecordDict({Record.ARRAYS: arrays,
+                                      Record.METRICS: MetricRecord({k: metrics[k] for k in AGGREGATED_METRICS})})
         return entry
 
 
@@ -223,7 +230,7 @@ def make_strategy(job: JobSpec, *, num_clients: int, recorder: RoundRecorder, ex
     base = STRATEGY_CLASSES[job.strategy]
     kwargs = dict(fraction_train=job.clients_per_round / num_clients, fraction_evaluate=0.0,
                   min_train_nodes=job.clients_per_round, min_available_nodes=num_clients,
-                  weighted_by_key="num-examples")
+                  weighted_by_key=Metric.NUM_EXAMPLES)
     if job.strategy == "fedprox":
         kwargs["proximal_mu"] = job.proximal_mu
     if job.strategy == "fedadam":

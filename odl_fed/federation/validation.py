@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from odl_fed.schema import Metric
+
 __all__ = ["UpdateRejected", "check_update", "expected_layout"]
 
 
@@ -26,7 +28,7 @@ def expected_layout(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[i
 
 
 def check_update(client: str, arrays: Mapping[str, np.ndarray] | None, metrics: Mapping | None,
-                 expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], *, weight_key: str = "num-examples",
+                 expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], *, weight_key: str = Metric.NUM_EXAMPLES,
                  max_examples: int | None = None) -> None:
     """Raise :class:`UpdateRejected` naming ``client`` unless the update can be averaged in.
 

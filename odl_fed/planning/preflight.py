@@ -20,14 +20,25 @@ import psutil
 import torch
 
 from odl_fed.spec.fleet import FleetError, FleetSpec
-from odl_fed.training.models import build_model, frozen_signal
+from odl_fed.training.models import build_model, check_model_input, frozen_signal
 
-__all__ = ["check_fleet", "check_signal", "MIN_SHARE", "ACTOR_BASELINE", "DEAD_SIGNAL"]
+__all__ = ["check_fleet", "check_model", "check_signal", "MIN_SHARE", "ACTOR_BASELINE", "DEAD_SIGNAL"]
 
 MIN_SHARE = 10  # examples per client (flwr-datasets' smallest Dirichlet partition)
 ACTOR_BASELINE = int(0.8 * 2**30)  # a Ray actor with torch and Flower loaded (shared/FLOWER.md)
 DEAD_SIGNAL = 1e-4  # below this spread at the first trained conv, the frozen part passes nothing to learn from
 log = logging.getLogger("odl_fed.planning.preflight")
+
+
+def check_model(fleet: FleetSpec) -> None:
+    """Raise a clear error when the model cannot train ``layers`` convs on ``image-size`` images
+    (checked on a model without storage: nothing is computed)."""
+    job = fleet.job
+    try:
+        check_model_input(job.model, layers=job.layers, image_size=job.image_size)
+    except ValueError as error:
+        field = "layers" if "layers" in str(error).split(":")[0] else "image-size"
+        raise FleetError(f"{fleet.path}: job.{field}: {error}") from None
 
 
 def check_signal(fleet: FleetSpec) -> str | None:
@@ -57,7 +68,7 @@ def check_fleet(fleet: FleetSpec, *, train_examples: int, simulated_cpus: int | 
     simulation gets (None: not simulated here).
     """
     fleet.check_files()
-    fleet.check_model()
+    check_model(fleet)
     if (warning := check_signal(fleet)) is not None:
         log.warning(warning)
     job = fleet.job

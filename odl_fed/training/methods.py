@@ -28,6 +28,8 @@ from odl_fed.asi import inject_asi
 from odl_fed.asi.layers import Ranks
 from odl_fed.asi.surgery import inject_companions
 from odl_fed.asi.variants import GradFilterVariant, Variant, get_variant
+from odl_fed.spec import names
+from odl_fed.spec.names import check_registry
 from odl_fed.spec.suggest import did_you_mean
 
 __all__ = ["Method", "METHODS", "get_method"]
@@ -98,6 +100,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("asi-fp16", variant="asi-fp16", plans_ranks=True, keeps_exact=True),
     Method("asi-int8", variant="asi-int8", plans_ranks=True, keeps_exact=True),
 )}
+
+
+check_registry("method", names.METHODS, METHODS)
 
 
 def get_method(name: str | Method) -> Method:

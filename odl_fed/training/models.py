@@ -15,6 +15,8 @@ import torchvision
 from torch import nn
 
 from odl_fed.asi.surgery import freeze_except, last_conv_names
+from odl_fed.spec import names
+from odl_fed.spec.names import check_registry
 
 __all__ = ["MODELS", "build_model", "check_model_input", "frozen_signal", "head_name", "prepare_finetune",
            "save_checkpoint"]
@@ -22,6 +24,7 @@ __all__ = ["MODELS", "build_model", "check_model_input", "frozen_signal", "head_
 TORCHVISION_MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34")
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 MODELS = (*TORCHVISION_MODELS, EFFICIENTNET_LITE0)
+check_registry("model", names.MODELS, MODELS)
 
 
 def head_name(model: nn.Module) -> str:

@@ -1,0 +1,285 @@
+"""Everything that crosses a process or file boundary, by name: the one place its keys are spelled.
+
+The round log (``RUN_DIR/rounds.jsonl``) is the product's contract between processes: clients reply
+to the server in Flower records (:class:`ClientInfo`, :class:`ClientMetrics`), the server writes
+one JSON line per event (:class:`RunLine`, :class:`RoundLine` with its :class:`ClientEntry` per
+client, :class:`ResumeLine`, :class:`EndLine`), and every view (console, TensorBoard, report), the
+benchmarks and the tests read it back. Writers and readers use the names here instead of string
+literals, so a key cannot be renamed on one side only; ``tests/test_schema.py`` checks that what the
+recorder writes is what is declared here, and that every reader sees it.
+
+The values are plain ``str`` (not an ``Enum``), so the JSON written and Flower's records stay byte
+for byte what they were: old round logs still read. Keys are kebab-case, except a few of the run
+and end lines' (``trained_convs``, ``model_bytes``, ``final_accuracy``), which were written so first.
+
+Pure Python: nothing from odl_fed, no torch, no Flower.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, TypedDict
+
+__all__ = ["ROUND_LOG", "CHECKPOINT_FILE", "TRAINED_LAYERS_FILE", "REPORT_FILE", "TENSORBOARD_DIR", "DEFAULT_PORT",
+           "EVENT", "Event", "RunKey", "JobKey", "RoundKey", "GlobalKey", "ResumeKey", "EndKey", "ClientKey",
+           "Metric", "AttemptKey", "Status", "Outcome", "Record", "ConfigKey", "MethodName", "METHOD_NAMES",
+           "RunLine", "RoundLine", "GlobalMetrics", "ResumeLine", "EndLine", "ClientEntry", "ClientInfo",
+           "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value"]
+
+# -- files of a run directory, and the SuperLink's port --------------------------------------
+ROUND_LOG: Final = "rounds.jsonl"  # the round log (odl_fed.federation.recorder)
+CHECKPOINT_FILE: Final = "checkpoint.pt"  # the run's state after its last round (odl_fed.federation.checkpoint)
+TRAINED_LAYERS_FILE: Final = "trained_layers.pt"  # the final global trained layers (a torch state dict)
+REPORT_FILE: Final = "report.html"  # the run's report (odl_fed.dashboard.report)
+TENSORBOARD_DIR: Final = "tensorboard"  # TensorBoard's event files (odl_fed.dashboard.tensorboard_log)
+DEFAULT_PORT: Final = 9092  # the SuperLink's port the deployed fleet's entries default to (Flower's Fleet API)
+
+
+def names(namespace: type) -> tuple[str, ...]:
+    """The values a namespace class below holds, in the order it declares them (``ALL`` and friends left out)."""
+    return tuple(v for k, v in vars(namespace).items() if k.isupper() and isinstance(v, str))
+
+
+# -- the round log's events --------------------------------------------------------------------
+EVENT: Final = "event"  # every line's key: which event it is
+
+
+class Event:
+    """The values of a line's ``event``, in the order a run writes them."""
+
+    RUN: Final = "run"
+    ROUND: Final = "round"
+    RESUME: Final = "resume"
+    END: Final = "end"
+
+
+class RunKey:
+    """The ``run`` line: the fleet, the job and the server's settings (first line of a run)."""
+
+    TIME: Final = "time"
+    FLEET: Final = "fleet"  # the fleet file's path
+    JOB: Final = "job"  # the job as the fleet gave it: odl_fed.spec.fleet.JobSpec's fields (JobKey)
+    CLIENTS: Final = "clients"  # how many clients the fleet has
+    DEVICES: Final = "devices"  # device name -> count
+    TRAINED_CONVS: Final = "trained_convs"
+    TRAINED_BYTES: Final = "trained_bytes"  # what the trained layers weigh (one transfer)
+    MODEL_BYTES: Final = "model_bytes"  # what the whole model weighs
+    SETTINGS: Final = "settings"  # the run config (odl_fed.spec.run_config)
+
+
+class JobKey:
+    """The job's fields (``JobSpec``, snake_case) that the views show."""
+
+    MODEL: Final = "model"
+    METHOD: Final = "method"
+    ROUNDS: Final = "rounds"
+
+
+class RoundKey:
+    """A ``round`` line: one per evaluated round (0: the starting model)."""
+
+    ROUND: Final = "round"
+    TIME: Final = "time"
+    ELAPSED: Final = "elapsed"  # seconds since the run started (a resumed run leaves its downtime out)
+    GLOBAL: Final = "global"  # GlobalKey
+    CLIENTS_ASKED: Final = "clients-asked"
+    BYTES_DOWN: Final = "bytes-down"  # parameter bytes sent to the clients asked
+    RECORD_BYTES_DOWN: Final = "record-bytes-down"  # the same with Flower's headers
+    BYTES_UP: Final = "bytes-up"  # parameter bytes received from the clients aggregated
+    RECORD_BYTES_UP: Final = "record-bytes-up"
+    AGGREGATED: Final = "aggregated"  # clients whose update was aggregated (status ok)
+    FAILED: Final = "failed"  # clients asked that were not
+    CLIENTS: Final = "clients"  # one ClientEntry per client, sorted by name
+    SKIPPED: Final = "skipped"  # only in a round that asked no one: why
+
+
+class GlobalKey:
+    """A round's ``global``: the global model on the held-out split."""
+
+    ACCURACY: Final = "accuracy"
+    LOSS: Final = "loss"
+    EXAMPLES: Final = "examples"
+    EVAL_TIME: Final = "eval-time"
+
+
+class ResumeKey:
+    """A ``resume`` line: the server went on from its checkpoint after round ``from-round``."""
+
+    TIME: Final = "time"
+    FROM_ROUND: Final = "from-round"
+
+
+class EndKey:
+    """The ``end`` line."""
+
+    TIME: Final = "time"
+    ELAPSED: Final = "elapsed"
+    FINAL_ACCURACY: Final = "final_accuracy"
+    ROUNDS: Final = "rounds"
+
+
+class ClientKey:
+    """A client's entry in a round line, as the server records it (its reply's metrics beside these)."""
+
+    CLIENT: Final = "client"  # the client's name: DEVICE-PARTITION, or node-ID before it answered
+    NODE: Final = "node"  # Flower's node id
+    DEVICE: Final = "device"
+    STATUS: Final = "status"  # Status
+    BYTES_DOWN: Final = "bytes-down"
+    BYTES_UP: Final = "bytes-up"  # aggregated clients only
+    RECORD_BYTES_UP: Final = "record-bytes-up"
+    PLAN: Final = "plan"  # the plan it trained with (odl_fed.planning.device_plan.ClientPlan.to_dict), or null
+    ATTEMPT_LOG: Final = "attempt-log"  # a list of AttemptEntry
+    REASON: Final = "reason"  # why it was not aggregated
+    ERROR: Final = "error"  # in the reply's ClientInfo only: what the server records as ``reason``
+
+
+class Metric:
+    """The client's metrics (Flower's MetricRecord ``metrics``), recorded in its entry as they came.
+
+    A client that trained sends them all; a refused one only ``train-memory`` and ``server-round``;
+    one that broke its budget also ``peak-memory``, ``memory-budget`` and ``attempts``.
+    """
+
+    TRAIN_MEMORY: Final = "train-memory"  # the device's training memory (its profile)
+    SERVER_ROUND: Final = "server-round"
+    NUM_EXAMPLES: Final = "num-examples"  # what aggregation weighs the update by
+    TRAIN_LOSS: Final = "train-loss"
+    TRAIN_TIME: Final = "train-time"
+    BATCH_SIZE: Final = "batch-size"
+    LAYERS_TRAINED: Final = "layers-trained"
+    EXACT_LAYERS: Final = "exact-layers"
+    ACTIVATION_BYTES: Final = "activation-bytes"  # measured, saved for backward (saved_tensors_hooks)
+    PLANNED_ACTIVATION_BYTES: Final = "planned-activation-bytes"
+    STEP_SAVED_BYTES: Final = "step-saved-bytes"
+    PEAK_MEMORY: Final = "peak-memory"  # the memory guard's peak (psutil), bytes
+    MEMORY_BUDGET: Final = "memory-budget"  # the guard's budget, bytes
+    PLANNED_NEED: Final = "planned-need"
+    GUARD_SAMPLES: Final = "guard-samples"
+    GUARD_RECLAIMS: Final = "guard-reclaims"
+    WARM_BASES: Final = "warm-bases"
+    FLOPS_PER_STEP: Final = "flops-per-step"
+    TRAIN_FLOPS: Final = "train-flops"
+    PLAN_TIME: Final = "plan-time"
+    PLAN_CACHED: Final = "plan-cached"
+    ATTEMPTS: Final = "attempts"  # how many plans the round tried
+    CLIENT_TIME: Final = "client-time"
+
+
+class AttemptKey:
+    """One entry of a client's ``attempt-log``: a plan it tried this round and what became of it."""
+
+    STATUS: Final = "status"  # Status.OK or Status.MEMORY_EXCEEDED
+    LAYERS: Final = "layers"
+    BATCH_SIZE: Final = "batch-size"
+    ACTIVATION_SCALE: Final = "activation-scale"
+    PEAK_MEMORY: Final = "peak-memory"
+    MEMORY_BUDGET: Final = "memory-budget"
+    PLANNED_NEED: Final = "planned-need"
+    ERROR: Final = "error"
+
+
+class Status:
+    """A client's ``status`` in a round: what the client says (ok, refused, memory-exceeded), or the server."""
+
+    OK: Final = "ok"  # trained; its update was aggregated
+    REFUSED: Final = "refused"  # its plan found no setting that fits its budget (it did not train)
+    MEMORY_EXCEEDED: Final = "memory-exceeded"  # it broke its memory budget and could not retreat in time
+    REJECTED: Final = "rejected"  # the server rejected its reply (odl_fed.federation.validation)
+    ERROR: Final = "error"  # an error reply (the ClientApp failed, or the node was lost to the SuperLink)
+    LOST: Final = "lost"  # no reply by the round's timeout
+    # what the views count as ``failed``: it was asked, answered, and did not count
+    FAILED: Final = (MEMORY_EXCEEDED, REJECTED, ERROR)
+
+
+class Outcome:
+    """How the views group a round's clients (``odl_fed.dashboard.round_summary``): trained is ``ok``."""
+
+    TRAINED: Final = "trained"
+    REFUSED: Final = "refused"
+    FAILED: Final = "failed"
+    LOST: Final = "lost"
+
+
+class Record:
+    """The records of Flower's messages between ServerApp and ClientApp (RecordDict keys)."""
+
+    CONFIG: Final = "config"  # server -> client: ConfigKey
+    ARRAYS: Final = "arrays"  # both ways: the trained layers
+    CLIENT: Final = "client"  # client -> server: ClientInfo (a ConfigRecord)
+    METRICS: Final = "metrics"  # client -> server: ClientMetrics (a MetricRecord)
+
+
+class ConfigKey:
+    """The server's train instruction (its ConfigRecord ``config``; Flower's strategies fill it)."""
+
+    SERVER_ROUND: Final = "server-round"
+    PROXIMAL_MU: Final = "proximal-mu"  # FedProx
+
+
+class MethodName:
+    """The fine-tuning methods (odl_fed.training.methods.METHODS holds exactly these, in this order)."""
+
+    VANILLA: Final = "vanilla"
+    ASI: Final = "asi"
+    ASI_ONLY: Final = "asi-only"
+    HOSVD: Final = "hosvd"
+    GRADFILT: Final = "gradfilt"
+    ASI_FP16: Final = "asi-fp16"
+    ASI_INT8: Final = "asi-int8"
+
+
+METHOD_NAMES: Final = names(MethodName)
+
+# -- the lines and records, typed (kebab-case keys, hence the functional syntax) ----------------
+RunLine = TypedDict("RunLine", {
+    "event": str, "time": float, "fleet": str, "job": dict[str, Any], "clients": int, "devices": dict[str, int],
+    "trained_convs": list[str], "trained_bytes": int, "model_bytes": int, "settings": dict[str, Any]}, total=False)
+
+GlobalMetrics = TypedDict("GlobalMetrics", {"accuracy": float, "loss": float, "examples": int, "eval-time": float},
+                          total=False)
+
+ClientMetrics = TypedDict("ClientMetrics", {
+    "train-memory": int, "server-round": int, "num-examples": int, "train-loss": float, "train-time": float,
+    "batch-size": int, "layers-trained": int, "exact-layers": int, "activation-bytes": int,
+    "planned-activation-bytes": int, "step-saved-bytes": int, "peak-memory": int, "memory-budget": int,
+    "planned-need": int, "guard-samples": int, "guard-reclaims": int, "warm-bases": int, "flops-per-step": int,
+    "train-flops": int, "plan-time": float, "plan-cached": int, "attempts": int, "client-time": float},
+    total=False)
+
+AttemptEntry = TypedDict("AttemptEntry", {
+    "status": str, "layers": int, "batch-size": int, "activation-scale": float, "peak-memory": int,
+    "memory-budget": int, "planned-need": int, "error": str})
+
+# The client's ConfigRecord ``client`` (plan and attempt-log as JSON text there).
+ClientInfo = TypedDict("ClientInfo", {"client": str, "device": str, "status": str, "error": str, "plan": str,
+                                      "attempt-log": str})
+
+# A client's entry in a round line: these keys, and its ClientMetrics as it sent them.
+ClientEntry = TypedDict("ClientEntry", {
+    "client": str, "node": int, "device": str | None, "status": str, "bytes-down": int, "bytes-up": int,
+    "record-bytes-up": int, "plan": dict[str, Any] | None, "attempt-log": list[AttemptEntry] | None,
+    "reason": str}, total=False)
+
+RoundLine = TypedDict("RoundLine", {
+    "event": str, "round": int, "time": float, "elapsed": float, "global": GlobalMetrics, "clients-asked": int,
+    "bytes-down": int, "record-bytes-down": int, "bytes-up": int, "record-bytes-up": int, "aggregated": int,
+    "failed": int, "clients": list[ClientEntry], "skipped": str}, total=False)
+
+ResumeLine = TypedDict("ResumeLine", {"event": str, "time": float, "from-round": int})
+
+EndLine = TypedDict("EndLine", {"event": str, "time": float, "elapsed": float, "final_accuracy": float,
+                                "rounds": int}, total=False)
+
+# each event's line, and the key namespace its keys are named by (the event key aside)
+LINE_TYPES: Final = {Event.RUN: (RunLine, RunKey), Event.ROUND: (RoundLine, RoundKey),
+                     Event.RESUME: (ResumeLine, ResumeKey), Event.END: (EndLine, EndKey)}
+
+
+def to_json_value(value):
+    """What ``json.dumps(..., default=to_json_value)`` writes for a value JSON has no type for: a NumPy or
+    torch scalar as its number, a set or tuple as a list, anything else as its ``str``."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)

@@ -1,0 +1,120 @@
+"""The federated job a fleet runs: what model, which layers, which method, how many rounds, on what data.
+
+It is the ``job`` mapping of a fleet file (:mod:`odl_fed.spec.fleet`), checked field by field in plain
+Python: names are checked against :mod:`odl_fed.spec.names`, and whether the model can train ``layers``
+convs on ``image-size`` images is checked by :mod:`odl_fed.planning.preflight` before a run starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from odl_fed.spec import names
+from odl_fed.spec.errors import JobError
+from odl_fed.spec.suggest import did_you_mean
+
+__all__ = ["JobSpec", "JobError", "STRATEGIES", "parse_job"]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str
+    layers: int
+    method: str
+    rounds: int
+    clients_per_round: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    image_size: int
+    dataset: str
+    dirichlet_alpha: float | None
+    seed: int
+    weights: str | None = None
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    server_lr: float = 0.0
+    examples_per_client: int | None = None
+    eval_examples: int | None = None
+    min_clients: int = 1  # fewer connected clients than this and a round is skipped
+    # how the clients' rank planner sums the layers' gradient errors (odl_fed.spec.names.WEIGHTINGS)
+    rank_weighting: str = "absolute"
+
+
+
+STRATEGIES = names.STRATEGIES
+_POSITIVE_INTS = ("layers", "rounds", "clients-per-round", "local-epochs", "batch-size", "image-size")
+_OPTIONAL_INTS = ("examples-per-client", "eval-examples", "min-clients")
+_CHOICES = {"model": names.MODELS, "method": names.METHODS, "dataset": names.DATASETS}
+_STRATEGY_KEYS = {"proximal-mu": ("fedprox", 0.01), "server-lr": ("fedadam", 0.01)}
+_JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights", "strategy", *_STRATEGY_KEYS,
+             *_OPTIONAL_INTS, "rank-weighting")
+_REQUIRED = (*_POSITIVE_INTS, *_CHOICES, "lr")
+
+
+def parse_job(raw, where: str) -> JobSpec:
+    """A fleet's ``job`` mapping, checked field by field (``where`` starts every error: the file and ``job``)."""
+    if not isinstance(raw, Mapping):
+        raise JobError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _JOB_KEYS:
+            raise JobError(f"{where}: unknown field {key!r}{did_you_mean(key, _JOB_KEYS)}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise JobError(f"{where}: missing field(s) {', '.join(missing)}")
+    for key in _POSITIVE_INTS:
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise JobError(f"{where}.{key}: must be a positive integer, but got {value!r}")
+    for key, options in _CHOICES.items():
+        if raw[key] not in options:
+            raise JobError(f"{where}.{key}: must be one of {list(options)}, but got {raw[key]!r}"
+                             f"{did_you_mean(raw[key], options)}")
+    _positive_number(raw["lr"], f"{where}.lr")
+    for key in _OPTIONAL_INTS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise JobError(f"{where}.{key}: must be a positive integer, but got {value!r}")
+    strategy = raw.get("strategy", "fedavg")
+    if strategy not in STRATEGIES:
+        raise JobError(f"{where}.strategy: must be one of {list(STRATEGIES)}, but got {strategy!r}"
+                         f"{did_you_mean(strategy, STRATEGIES)}")
+    knobs = {}
+    for key, (owner, default) in _STRATEGY_KEYS.items():
+        if key in raw and strategy != owner:
+            raise JobError(f"{where}.{key}: only applies to strategy {owner!r}, but strategy is {strategy!r}")
+        knobs[key] = _positive_number(raw.get(key, default), f"{where}.{key}") if strategy == owner else 0.0
+    partition = raw.get("partition", "iid")
+    if partition == "iid":
+        alpha = None
+    elif isinstance(partition, Mapping) and set(partition) == {"dirichlet"} and \
+            isinstance(partition["dirichlet"], (int, float)) and 0 < partition["dirichlet"] < math.inf:
+        alpha = float(partition["dirichlet"])
+    else:
+        raise JobError(f"{where}.partition: must be 'iid' or {{dirichlet: ALPHA}} with a finite ALPHA > 0, "
+                         f"but got {partition!r}")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise JobError(f"{where}.seed: must be an integer, but got {seed!r}")
+    weights = raw.get("weights")
+    if weights is not None and not isinstance(weights, str):
+        raise JobError(f"{where}.weights: must be a file path, but got {weights!r}")
+    weighting = raw.get("rank-weighting", "absolute")
+    if weighting not in names.WEIGHTINGS:
+        raise JobError(f"{where}.rank-weighting: must be one of {list(names.WEIGHTINGS)}, but got {weighting!r}"
+                         f"{did_you_mean(str(weighting), names.WEIGHTINGS)}")
+    return JobSpec(model=raw["model"], layers=raw["layers"], method=raw["method"], rounds=raw["rounds"],
+                   clients_per_round=raw["clients-per-round"], local_epochs=raw["local-epochs"],
+                   batch_size=raw["batch-size"], lr=float(raw["lr"]), image_size=raw["image-size"],
+                   dataset=raw["dataset"], dirichlet_alpha=alpha, seed=seed, weights=weights, strategy=strategy,
+                   proximal_mu=knobs["proximal-mu"], server_lr=knobs["server-lr"],
+                   examples_per_client=raw.get("examples-per-client"), eval_examples=raw.get("eval-examples"),
+                   min_clients=raw.get("min-clients", 1), rank_weighting=weighting)
+
+
+def _positive_number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise JobError(f"{where}: must be a positive finite number, but got {value!r}")
+    return float(value)

@@ -92,6 +92,21 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
         os.chmod(path, 0o600)
 
 
+def _clear_stand_ins(directories: list[Path], *, force: bool) -> None:
+    """Directories where certificate files belong: what Docker leaves when a bind-mounted file is missing.
+    With ``force`` an empty one is removed (the file is written in its place); anything else is one error
+    naming the path."""
+    for path in directories:
+        empty = not any(path.iterdir())
+        if force and empty:
+            path.rmdir()
+            continue
+        how = (f"remove it (rmdir {path}) or run again with --force" if empty else
+               f"it is not empty, so it is left alone: move it away and run again")
+        raise CertError(f"{path} is a directory where the file {path.name} belongs (Docker makes one where a "
+                        f"bind-mounted file is missing): {how}")
+
+
 def make_certs(directory: Path, *, nodes: list[str], hosts: tuple[str, ...] | list[str] = (),
                days: int = DEFAULT_DAYS, force: bool = False,
                now: dt.datetime | None = None) -> list[Path]:
@@ -101,7 +116,10 @@ def make_certs(directory: Path, *, nodes: list[str], hosts: tuple[str, ...] | li
     if days < 1:
         raise CertError(f"--days must be at least 1, but got {days}")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CertError(f"{directory} is a file, not a directory: give odl-fed certs a directory to write in")
     files = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY] + [f"node-{n}.{e}" for n in nodes for e in ("key", "pub")]
+    _clear_stand_ins([directory / f for f in files if (directory / f).is_dir()], force=force)
     existing = [f for f in files if (directory / f).exists()]
     if existing and not force:
         raise CertError(f"{directory} already holds {', '.join(existing)}: not overwriting keys "

@@ -104,6 +104,8 @@ def prepare_partitions(job: JobSpec, num_partitions: int) -> None:
     keeps what it imports: about 180 MB).
     """
     labels = _dataset(job.dataset, "train").labels
+    if len(labels) < num_partitions:  # said here, not in a child process's traceback
+        raise ValueError(f"cannot split {len(labels)} examples of {job.dataset} into {num_partitions} partitions")
     if partition_file(labels, num_partitions, alpha=job.dirichlet_alpha, seed=job.seed, cache=partitions_dir()).is_file():
         return
     child = multiprocessing.get_context("spawn").Process(

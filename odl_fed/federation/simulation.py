@@ -77,10 +77,10 @@ def _simulate(run_config: Mapping, *, cpus: int | None, cpus_per_client: float, 
     fleet = settings.fleet()  # a bad fleet file or a missing file or dataset fails here, before Ray starts
     cpus = cpus or os.cpu_count() or 1
     held_out_data(fleet.job)
-    prepare_partitions(fleet.job, fleet.num_clients)  # the clients' shares made once: the actors read them
     # on a cluster, this machine's free memory says nothing of the other hosts'
     check_fleet(fleet, train_examples=train_size(fleet.job),
                 simulated_cpus=None if ray_address else max(1, int(cpus / cpus_per_client)))
+    prepare_partitions(fleet.job, fleet.num_clients)  # the clients' shares made once: the actors read them
     with RunLock(settings.out_dir, SERVER_LOCK):
         check_run_dir(settings.out_dir, fleet, resume=settings.resume)  # before Ray starts; changes nothing
         config = settings.as_config()

@@ -34,12 +34,13 @@ import yaml
 
 from odl_fed.deploy.processes import READY, SERVER_HOME
 from odl_fed.spec.fleet import FleetSpec, load_fleet
+from odl_fed.schema import DEFAULT_PORT
 
 __all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT",
            "IMAGE"]
 
 IMAGE = "odl-fed:latest"
-SERVER_PORT = 9092
+SERVER_PORT = DEFAULT_PORT  # the SuperLink's, inside the compose network
 APP_DIR = PurePosixPath("/app")
 MEMORY_FLOOR = 2 * 2**30          # measured: SuperNode + SuperExec + a ClientApp with torch take ~1.5 GiB
 DOCKER_MIN_MEMORY = 6 * 2**20     # the smallest mem_limit Docker accepts
@@ -178,7 +179,7 @@ def render(compose: dict, *, command: str) -> str:
               + ("# Plaintext, any node may join (--insecure): a trusted dev network only.\n" if make is None else
                  f"# TLS and node keys: run `{make}` first (throwaway dev certificates).\n") +
               "# `docker compose up` runs the fleet to the end (server + one container per client, each limited\n"
-              "# to its device's RAM and cores); the round log lands in ./runs. See README: 'A containerised fleet'.\n")
+              "# to its device's RAM and cores); the round log lands in ./runs. See docs/deployment.md.\n")
     return header + yaml.dump(compose, Dumper=_Dumper, sort_keys=False, width=120, default_flow_style=None)
 
 

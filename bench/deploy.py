@@ -35,6 +35,7 @@ import yaml
 
 from odl_fed.deploy.processes import free_port, stop_tree
 from odl_fed.federation.recorder import read_rounds
+from odl_fed.schema import ROUND_LOG, GlobalKey, Metric, RoundKey
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "local-epochs": 1, "batch-size": 16, "lr": 0.001,
@@ -60,11 +61,12 @@ def _round_times(log: Path) -> list[float]:
 
 def _client_work(log: Path) -> list[float]:
     """Per round, the slowest client's plan + train time (what the round waits for)."""
-    return [max(c.get("plan-time", 0) + c.get("train-time", 0) for c in r["clients"]) for r in read_rounds(log)[1:]]
+    return [max(c.get(Metric.PLAN_TIME, 0) + c.get(Metric.TRAIN_TIME, 0) for c in r[RoundKey.CLIENTS])
+            for r in read_rounds(log)[1:]]
 
 
 def _eval_times(log: Path) -> list[float]:
-    return [r["global"]["eval-time"] for r in read_rounds(log)[1:]]
+    return [r[RoundKey.GLOBAL][GlobalKey.EVAL_TIME] for r in read_rounds(log)[1:]]
 
 
 def simulate_fleet(fleet: Path, out: Path) -> Path:
@@ -73,7 +75,7 @@ def simulate_fleet(fleet: Path, out: Path) -> Path:
                           capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise SystemExit(f"error: the simulation failed: {done.stderr[-2000:]}")
-    return out / "rounds.jsonl"
+    return out / ROUND_LOG
 
 
 def deploy_fleet(fleet: Path, out: Path, devices: list[str]) -> Path:
@@ -98,7 +100,7 @@ def deploy_fleet(fleet: Path, out: Path, devices: list[str]) -> Path:
     finally:
         for process in processes:
             stop_tree(process.pid)
-    return out / "rounds.jsonl"
+    return out / ROUND_LOG
 
 
 def clientapp_start(clients: int) -> float:

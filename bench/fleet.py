@@ -31,6 +31,7 @@ from odl_fed.federation.job_assets import client_data, global_model
 from odl_fed.spec.fleet import load_fleet
 from odl_fed.training.memory_guard import MemoryGuard
 from odl_fed.federation.recorder import read_rounds
+from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, RunKey, Status
 from odl_fed.federation.simulation import simulate
 from odl_fed.training.task import train_epoch
 
@@ -64,12 +65,13 @@ def guard_overhead(fleet, *, repeats: int = 3) -> dict:
 def where_time_goes(rounds: list[dict], wall: float) -> dict:
     """Wall time against the 2-core floor, and what the clients and the server spent it on."""
     cpus = psutil.cpu_count()
-    ok = [c for r in rounds for c in r["clients"] if c["status"] == "ok"]
-    done = [c for r in rounds for c in r["clients"] if "client-time" in c or c["status"] == "refused"]
-    train = sum(c.get("train-time", 0) for c in ok)
-    plan = sum(c.get("plan-time", 0) for c in done)
-    client = sum(c.get("client-time", 0) for c in done)
-    evaluation = sum(r["global"].get("eval-time", 0) for r in rounds)
+    ok = [c for r in rounds for c in r[RoundKey.CLIENTS] if c[ClientKey.STATUS] == Status.OK]
+    done = [c for r in rounds for c in r[RoundKey.CLIENTS]
+            if Metric.CLIENT_TIME in c or c[ClientKey.STATUS] == Status.REFUSED]
+    train = sum(c.get(Metric.TRAIN_TIME, 0) for c in ok)
+    plan = sum(c.get(Metric.PLAN_TIME, 0) for c in done)
+    client = sum(c.get(Metric.CLIENT_TIME, 0) for c in done)
+    evaluation = sum(r[RoundKey.GLOBAL].get(GlobalKey.EVAL_TIME, 0) for r in rounds)
     return {"cpus": cpus, "train_seconds": train, "floor_seconds": train / cpus, "wall_over_floor": wall / (train / cpus),
             "plan_seconds": plan, "setup_seconds": max(client - train - plan, 0), "eval_seconds": evaluation,
             "rest_seconds": wall - client / cpus - evaluation}
@@ -95,17 +97,17 @@ def main(argv=None) -> dict:
     start = json.loads(log.read_text().splitlines()[0])
     traffic = []
     for r in rounds[1:]:
-        sent = r["bytes-down"] + r["bytes-up"]
-        whole = (r["clients-asked"] + r["aggregated"]) * start["model_bytes"]
-        traffic.append({"round": r["round"], "bytes": sent, "whole_model_bytes": whole, "ratio": sent / whole,
-                        "aggregated": r["aggregated"], "failed": r["failed"],
-                        "accuracy": r["global"]["accuracy"]})
+        sent = r[RoundKey.BYTES_DOWN] + r[RoundKey.BYTES_UP]
+        whole = (r[RoundKey.CLIENTS_ASKED] + r[RoundKey.AGGREGATED]) * start[RunKey.MODEL_BYTES]
+        traffic.append({"round": r[RoundKey.ROUND], "bytes": sent, "whole_model_bytes": whole, "ratio": sent / whole,
+                        "aggregated": r[RoundKey.AGGREGATED], "failed": r[RoundKey.FAILED],
+                        "accuracy": r[RoundKey.GLOBAL][GlobalKey.ACCURACY]})
     result = {
         "fleet": str(args.fleet), "clients": fleet.num_clients, "rounds": fleet.job.rounds,
         "clients_per_round": fleet.job.clients_per_round, "model": fleet.job.model, "method": fleet.job.method,
         "wall_seconds": wall, "peak_rss_bytes": memory.peak, "peak_rss_by_role": memory.peak_roles,
         "round_log": str(log),
-        "round_0_accuracy": rounds[0]["global"]["accuracy"], "traffic": traffic, "guard": overhead,
+        "round_0_accuracy": rounds[0][RoundKey.GLOBAL][GlobalKey.ACCURACY], "traffic": traffic, "guard": overhead,
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
     }
     result["where"] = where_time_goes(rounds, wall)

@@ -24,6 +24,7 @@ import yaml
 
 from bench.process_tree import TreeSampler, write_result
 from odl_fed.federation.recorder import read_rounds
+from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, Status
 from odl_fed.federation.simulation import simulate
 
 MIX = {"rpi4": 0.3, "rpi5": 0.2, "jetson-nano": 0.1, "phone": 0.3, "tiny": 0.1}  # configs/fleets/mixed.yaml
@@ -50,11 +51,13 @@ def run_fleet(directory: Path, clients: int, **kwargs) -> dict:
                        progress=False, **kwargs)
     wall = time.perf_counter() - started
     rounds = read_rounds(log)
-    train = sum(c.get("train-time", 0) for r in rounds for c in r["clients"] if c["status"] == "ok")
+    train = sum(c.get(Metric.TRAIN_TIME, 0) for r in rounds for c in r[RoundKey.CLIENTS]
+                if c[ClientKey.STATUS] == Status.OK)
     cpus = psutil.cpu_count()
     return {"clients": clients, "wall_seconds": wall, "train_seconds": train, "floor_seconds": train / cpus,
             "wall_over_floor": wall / (train / cpus) if train else None, "peak_rss_bytes": memory.peak,
-            "trained": [r["aggregated"] for r in rounds[1:]], "accuracy": rounds[-1]["global"]["accuracy"]}
+            "trained": [r[RoundKey.AGGREGATED] for r in rounds[1:]],
+            "accuracy": rounds[-1][RoundKey.GLOBAL][GlobalKey.ACCURACY]}
 
 
 def on_two_nodes(directory: Path, clients: int = 10) -> dict:

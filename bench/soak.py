@@ -22,6 +22,7 @@ import yaml
 
 from bench.process_tree import TreeSampler, write_result
 from odl_fed.federation.recorder import read_rounds
+from odl_fed.schema import GlobalKey, RoundKey
 from odl_fed.federation.simulation import simulate
 
 JOB = {"model": "resnet18", "layers": 2, "method": "asi", "clients-per-round": 4, "local-epochs": 1,
@@ -37,9 +38,9 @@ def per_round(samples: list[dict], rounds: list[dict]) -> list[dict]:
     """Each round's reading: the last sample taken before its line was written."""
     found = []
     for line in rounds:
-        before = [s for s in samples if s["time"] <= line["time"]]
+        before = [s for s in samples if s["time"] <= line[RoundKey.TIME]]
         if before:
-            found.append({"round": line["round"], **{k: v for k, v in before[-1].items() if k != "time"}})
+            found.append({"round": line[RoundKey.ROUND], **{k: v for k, v in before[-1].items() if k != "time"}})
     return found
 
 
@@ -66,8 +67,9 @@ def main(argv=None) -> dict:
     rounds = read_rounds(log)
     readings = per_round(sampler.samples, rounds[1:])
     result = {"rounds": args.rounds, "wall_seconds": wall, "warm_up_rounds": WARM_UP, "window": WINDOW,
-              "limit": LIMIT, "per_round": readings, "growth": {}, "final_accuracy": rounds[-1]["global"]["accuracy"],
-              "trained_per_round": [r["aggregated"] for r in rounds[1:]]}
+              "limit": LIMIT, "per_round": readings, "growth": {},
+              "final_accuracy": rounds[-1][RoundKey.GLOBAL][GlobalKey.ACCURACY],
+              "trained_per_round": [r[RoundKey.AGGREGATED] for r in rounds[1:]]}
     print(f"\nsoak: {args.rounds} rounds of {sum(d['count'] for d in DEVICES)} clients in {wall:.0f} s; "
           f"growth = last {WINDOW} rounds over rounds {WARM_UP + 1}-{WARM_UP + WINDOW}")
     print(f"  {'':8} {'rss first':>10} {'rss last':>10} {'growth':>8}   {'fds first':>9} {'fds last':>8} {'growth':>8}")

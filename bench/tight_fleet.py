@@ -28,6 +28,7 @@ from odl_fed.federation.job_assets import client_data, global_model
 from odl_fed.planning.ranks import WEIGHTINGS
 from odl_fed.spec.profile import get_profile
 from odl_fed.federation.recorder import read_rounds
+from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, Status
 from odl_fed.federation.simulation import simulate
 
 MiB = 2**20
@@ -76,21 +77,24 @@ def run(root: Path, *, rounds: int = 2, model: str = "mobilenet_v2", layers: int
     log = simulate({"fleet": str(fleet_file), "devices-file": str(devices_file), "out-dir": str(root / "out"),
                     "plan-cache": str(root / "plans")}, progress=False)
     rounds_ = read_rounds(log)[1:]
-    clients = [c | {"round": r["round"]} for r in rounds_ for c in r["clients"]]
-    trained = [c for c in clients if c["status"] == "ok"]
+    clients = [c | {RoundKey.ROUND: r[RoundKey.ROUND]} for r in rounds_ for c in r[RoundKey.CLIENTS]]
+    trained = [c for c in clients if c[ClientKey.STATUS] == Status.OK]
     per_device = {}
     for c in trained:
-        per_device.setdefault(c["device"], []).append(c["peak-memory"] / c["memory-budget"])
+        per_device.setdefault(c[ClientKey.DEVICE], []).append(c[Metric.PEAK_MEMORY] / c[Metric.MEMORY_BUDGET])
     return {
         "need_bytes": need, "rounds": rounds, "job": job,
-        "clients": [{k: c.get(k) for k in ("round", "client", "device", "status", "attempts", "peak-memory",
-                                           "memory-budget", "train-memory", "batch-size", "layers-trained",
-                                           "exact-layers", "guard-reclaims", "reason")} for c in clients],
+        "clients": [{k: c.get(k) for k in (RoundKey.ROUND, ClientKey.CLIENT, ClientKey.DEVICE, ClientKey.STATUS,
+                                           Metric.ATTEMPTS, Metric.PEAK_MEMORY, Metric.MEMORY_BUDGET,
+                                           Metric.TRAIN_MEMORY, Metric.BATCH_SIZE, Metric.LAYERS_TRAINED,
+                                           Metric.EXACT_LAYERS, Metric.GUARD_RECLAIMS, ClientKey.REASON)}
+                    for c in clients],
         "peak_over_budget": {device: statistics.mean(v) for device, v in sorted(per_device.items())},
-        "mean_peak_over_budget": statistics.mean(c["peak-memory"] / c["memory-budget"] for c in trained)
+        "mean_peak_over_budget": statistics.mean(c[Metric.PEAK_MEMORY] / c[Metric.MEMORY_BUDGET] for c in trained)
         if trained else 0.0,
-        "breaches_after_plan": sum(1 for c in clients if c["status"] == "memory-exceeded" or c.get("attempts", 1) > 1),
-        "accuracy": [r["global"]["accuracy"] for r in read_rounds(log)],
+        "breaches_after_plan": sum(1 for c in clients if c[ClientKey.STATUS] == Status.MEMORY_EXCEEDED
+                                   or c.get(Metric.ATTEMPTS, 1) > 1),
+        "accuracy": [r[RoundKey.GLOBAL][GlobalKey.ACCURACY] for r in read_rounds(log)],
     }
 
 
@@ -113,9 +117,11 @@ def main(argv=None) -> dict:
     print("| round | client | status | attempts | batch | layers | peak / budget (MiB) | reason |")
     print("|---|---|---|---|---|---|---|---|")
     for c in result["clients"]:
-        ratio = f"{c['peak-memory'] / MiB:.1f} / {c['memory-budget'] / MiB:.1f}" if c.get("peak-memory") else "-"
-        print(f"| {c['round']} | {c['client']} | {c['status']} | {c.get('attempts') or '-'} | "
-              f"{c.get('batch-size') or '-'} | {c.get('layers-trained') or '-'} | {ratio} | {(c.get('reason') or '')[:90]} |")
+        peak, budget = c.get(Metric.PEAK_MEMORY), c.get(Metric.MEMORY_BUDGET)
+        ratio = f"{peak / MiB:.1f} / {budget / MiB:.1f}" if peak else "-"
+        print(f"| {c[RoundKey.ROUND]} | {c[ClientKey.CLIENT]} | {c[ClientKey.STATUS]} | "
+              f"{c.get(Metric.ATTEMPTS) or '-'} | {c.get(Metric.BATCH_SIZE) or '-'} | "
+              f"{c.get(Metric.LAYERS_TRAINED) or '-'} | {ratio} | {(c.get(ClientKey.REASON) or '')[:90]} |")
     print(f"peak over budget, mean of trained client-rounds: {result['mean_peak_over_budget']:.2f}; "
           f"breaches after a plan: {result['breaches_after_plan']}")
     return result

@@ -32,6 +32,7 @@ from odl_fed.training.methods import get_method
 from odl_fed.training.models import MODELS, build_model, prepare_finetune, save_checkpoint
 from odl_fed.planning.ranks import GRIDS, WEIGHTINGS, BudgetTooSmallError, plan_ranks
 from odl_fed.dashboard.report import REPORT_NAME
+from odl_fed.schema import CHECKPOINT_FILE, DEFAULT_PORT, EVENT, REPORT_FILE, ROUND_LOG, Event
 from odl_fed.spec.run_config import DEFAULTS
 from odl_fed.training.task import METHODS, apply_method, evaluate, train_epoch
 from odl_fed.spec.units import parse_bytes
@@ -186,11 +187,11 @@ def report(args) -> Path | None:
 
 def watch(args) -> None:
     from odl_fed.dashboard.console import ConsoleDashboard
-    from odl_fed.dashboard.run_log import LOG_NAME, LogFollower, RunLogError
+    from odl_fed.dashboard.run_log import LogFollower, RunLogError
 
     if not args.run_dir.is_dir():
         raise RunLogError(f"run directory {args.run_dir} does not exist")
-    follower, console = LogFollower(args.run_dir / LOG_NAME), ConsoleDashboard()
+    follower, console = LogFollower(args.run_dir / ROUND_LOG), ConsoleDashboard()
     if not follower.path.exists():
         print(f"odl-fed watch: waiting for {follower.path}", file=sys.stderr, flush=True)
     try:
@@ -198,7 +199,7 @@ def watch(args) -> None:
             events = follower.poll()
             for event in events:
                 console(event)
-            if (args.once and not events) or any(e.get("event") == "end" for e in events):
+            if (args.once and not events) or any(e.get(EVENT) == Event.END for e in events):
                 break
             time.sleep(args.interval)
     except KeyboardInterrupt:
@@ -217,7 +218,7 @@ def certs(args) -> list[Path]:
         print(f"  {path.name}")
     first = names[0] if names else "NAME"
     print(f"next:\n  python -m odl_fed.server --fleet FLEET --certs {args.dir}   # TLS; registers every *.pub there\n"
-          f"  python -m odl_fed.client --device DEVICE --superlink HOST:9092 --root-certificates "
+          f"  python -m odl_fed.client --device DEVICE --superlink HOST:{DEFAULT_PORT} --root-certificates "
           f"{args.dir / CA_CERT} --auth-key {args.dir / f'node-{first}.key'}   # each node its own key")
     return written
 
@@ -275,10 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fleet", type=Path, help="a fleet file, e.g. configs/fleets/demo.yaml (with --resume: "
                                                 "the run's own, read from its checkpoint)")
     sim.add_argument("--devices", type=Path, help="extra device profiles (YAML) that override the built-in ones")
-    sim.add_argument("--out-dir", type=Path, help=f"where rounds.jsonl and checkpoint.pt go "
+    sim.add_argument("--out-dir", type=Path, help=f"where {ROUND_LOG} and {CHECKPOINT_FILE} go "
                                                   f"(default: {DEFAULTS['out-dir']})")
     sim.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                     help="go on with the run in RUN_DIR from its last finished round (its checkpoint.pt)")
+                     help=f"go on with the run in RUN_DIR from its last finished round (its {CHECKPOINT_FILE})")
     sim.add_argument("--plan-cache", type=Path, help=f"where client plans are kept (default: {DEFAULTS['plan-cache']})")
     sim.add_argument("--round-timeout", type=float,
                      help=f"seconds to wait for a round's replies (default: {DEFAULTS['round-timeout']})")
@@ -305,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("report", help="write the report of a run (or compare runs): HTML or Markdown")
     rep.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
-                     help="run directories (holding rounds.jsonl), or a directory of them")
+                     help=f"run directories (holding {ROUND_LOG}), or a directory of them")
     rep.add_argument("--format", choices=("html", "md"), default="html",
                      help="html: one self-contained page; md: Markdown (to stdout unless --out)")
-    rep.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/report.html, or ./report.html "
+    rep.add_argument("--out", type=Path, help=f"where to write (default: RUN_DIR/{REPORT_FILE}, or ./{REPORT_FILE} "
                                               "for several runs)")
     rep.set_defaults(run=report)
 

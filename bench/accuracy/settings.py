@@ -8,17 +8,26 @@ from pathlib import Path
 
 from bench.settings import check_keys, read_settings
 from odl_fed.planning.ranks import WEIGHTINGS
+from odl_fed.schema import METHOD_NAMES, MethodName
 
 __all__ = ["HEAD_ONLY", "ASI_ONLY", "ASI_INT8", "ASI_PAPER", "PLANNER", "METHODS", "SCHEDULES", "WEIGHTINGS",
            "PretrainSpec", "Case", "Settings", "load_settings"]
 
-HEAD_ONLY = "head-only"
-ASI_ONLY = "asi-only"  # pure ASI on every trained conv, at ranks planned on the default grid
-ASI_INT8 = "asi-int8"  # pure ASI, its Tucker forms stored in 8 bits, at ranks planned for those bytes
+# The benchmark's own rows, which odl_fed.training.methods does not hold:
+HEAD_ONLY = "head-only"  # the convs frozen, the head trained
 ASI_PAPER = "asi-paper-grid"  # pure ASI with ranks planned on the paper's grid (one threshold for every mode)
-PLANNER = "asi"  # the planner's choice: plan_ranks(exact=True), layers kept exact where the budget allows
-# Every method a group can run; hosvd and the paper grid run at the reference budgets only.
-METHODS = ("vanilla", "gradfilt", HEAD_ONLY, ASI_ONLY, ASI_INT8, PLANNER, "hosvd", ASI_PAPER)
+BENCH_ONLY = (HEAD_ONLY, ASI_PAPER)
+# The registry's methods (odl_fed.schema.METHOD_NAMES), by their names there:
+ASI_ONLY = MethodName.ASI_ONLY  # pure ASI on every trained conv, at ranks planned on the default grid
+ASI_INT8 = MethodName.ASI_INT8  # pure ASI, its Tucker forms stored in 8 bits, at ranks planned for those bytes
+PLANNER = MethodName.ASI  # the planner's choice: plan_ranks(exact=True), layers kept exact where the budget allows
+# Every method a group can run; hosvd and the paper grid run at the reference budgets only (asi-fp16 has its
+# own benchmark, bench/asi_storage.py).
+METHODS = (MethodName.VANILLA, MethodName.GRADFILT, HEAD_ONLY, ASI_ONLY, ASI_INT8, PLANNER, MethodName.HOSVD,
+           ASI_PAPER)
+if unknown := sorted(set(METHODS) - set(BENCH_ONLY) - set(METHOD_NAMES)):
+    raise ImportError(f"bench.accuracy.settings.METHODS names {unknown}, which the methods registry "
+                      f"(odl_fed.schema.METHOD_NAMES: {list(METHOD_NAMES)}) does not hold")
 SCHEDULES = ("constant", "cosine")  # the learning rate over the epochs (fine_tune's ``schedule``)
 DEFAULT_VALIDATION = 0.1  # the share of the training set held out to choose a learning rate
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 from odl_fed.dashboard.round_summary import RoundSummary, format_bytes, summarise_rounds
 from odl_fed.dashboard.run_log import RunLog, find_runs, load_run
+from odl_fed.schema import REPORT_FILE, EndKey, JobKey, Outcome, RoundKey, RunKey
 
 __all__ = ["RunReport", "html_report", "markdown_report", "render", "save", "default_path", "write_report",
            "load_reports", "REPORT_NAME", "FORMATS"]
 
-REPORT_NAME = "report.html"
+REPORT_NAME = REPORT_FILE
 FORMATS = ("html", "md")
 
 STYLE = """
@@ -57,7 +58,7 @@ class RunReport:
     @property
     def label(self) -> str:
         job = self.log.job
-        return f"{self.name} ({job.get('method', '?')})"
+        return f"{self.name} ({job.get(JobKey.METHOD, '?')})"
 
     @property
     def final(self) -> RoundSummary:
@@ -91,15 +92,15 @@ def _rounds_text(rounds: list[int]) -> str:
 
 def _given(log: RunLog) -> str:
     """The fleet file as given, when it is still readable; else the job the run recorded."""
-    fleet = log.run.get("fleet")
+    fleet = log.run.get(RunKey.FLEET)
     if fleet and Path(fleet).is_file():
         return f"# {fleet}\n" + Path(fleet).read_text()
-    return json.dumps({k: log.run.get(k) for k in ("fleet", "devices", "job")}, indent=2, default=str)
+    return json.dumps({k: log.run.get(k) for k in (RunKey.FLEET, RunKey.DEVICES, RunKey.JOB)}, indent=2, default=str)
 
 
 # -- tables as rows, shared by the HTML and the Markdown -------------------------------------
-ROUND_COLUMNS = ("round", "accuracy", "loss", "trained", "refused", "failed", "lost", "bytes down", "bytes up",
-                 "whole model", "seconds")
+ROUND_COLUMNS = ("round", "accuracy", "loss", Outcome.TRAINED, Outcome.REFUSED, Outcome.FAILED, Outcome.LOST,
+                 "bytes down", "bytes up", "whole model", "seconds")
 
 
 def _round_row(s: RoundSummary) -> list[tuple[object, str]]:
@@ -129,7 +130,7 @@ def _device_rows(summaries: Sequence[RoundSummary]) -> list[list[tuple[object, s
 
 def _failure_rows(summaries: Sequence[RoundSummary]) -> list[tuple[int, str, list[str], str]]:
     return [row for s in summaries
-            for row in ([(s.round, "skipped", [], s.skipped)] if s.skipped else [])
+            for row in ([(s.round, RoundKey.SKIPPED, [], s.skipped)] if s.skipped else [])
             + [(s.round, status, clients, reason) for (status, reason), clients in sorted(s.reasons.items())]]
 
 
@@ -161,15 +162,16 @@ def _run_section(report: RunReport, *, prefix: str) -> str:
     log, s = report.log, report.summaries
     job = log.job
     end = log.end or {}
-    facts = [("fleet", log.run.get("fleet", "?")), ("clients", log.run.get("clients", "?")),
-             ("devices", ", ".join(f"{k} x{v}" for k, v in (log.run.get("devices") or {}).items())),
-             ("method / model", f"{job.get('method', '?')} on {job.get('model', '?')}, trained: "
-                                f"{', '.join(log.run.get('trained_convs') or [])} + head"),
-             ("rounds", f"{report.final.round} of {job.get('rounds', '?')}" + ("" if log.finished else " (not ended)")),
+    facts = [("fleet", log.run.get(RunKey.FLEET, "?")), ("clients", log.run.get(RunKey.CLIENTS, "?")),
+             ("devices", ", ".join(f"{k} x{v}" for k, v in (log.run.get(RunKey.DEVICES) or {}).items())),
+             ("method / model", f"{job.get(JobKey.METHOD, '?')} on {job.get(JobKey.MODEL, '?')}, trained: "
+                                f"{', '.join(log.run.get(RunKey.TRAINED_CONVS) or [])} + head"),
+             ("rounds", f"{report.final.round} of {job.get(JobKey.ROUNDS, '?')}"
+              + ("" if log.finished else " (not ended)")),
              ("final accuracy", f"{report.final.accuracy:.3f}"),
-             ("wall time", f"{end['elapsed']:.1f} s" if "elapsed" in end else "-"),
-             ("trained layers", format_bytes(log.run.get("trained_bytes", 0)) + " per transfer, of a "
-              + format_bytes(log.run.get("model_bytes", 0)) + " model")]
+             ("wall time", f"{end[EndKey.ELAPSED]:.1f} s" if EndKey.ELAPSED in end else "-"),
+             ("trained layers", format_bytes(log.run.get(RunKey.TRAINED_BYTES, 0)) + " per transfer, of a "
+              + format_bytes(log.run.get(RunKey.MODEL_BYTES, 0)) + " model")]
     parts = [f'<section class="run" id="{prefix}">',
              "".join(f'<div class="warning">{_e(w)}</div>' for w in log.warnings),
              '<table class="facts">' + "".join(f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>'
@@ -201,8 +203,8 @@ def _run_section(report: RunReport, *, prefix: str) -> str:
 
 
 def _compare_rows(reports: Sequence[RunReport]) -> list[list[tuple[object, str]]]:
-    return [[(r.name, r.name), (r.log.job.get("method"), str(r.log.job.get("method"))),
-             (r.log.job.get("model"), str(r.log.job.get("model"))),
+    return [[(r.name, r.name), (r.log.job.get(JobKey.METHOD), str(r.log.job.get(JobKey.METHOD))),
+             (r.log.job.get(JobKey.MODEL), str(r.log.job.get(JobKey.MODEL))),
              (r.activation_bytes, format_bytes(r.activation_bytes)), (r.final.accuracy, f"{r.final.accuracy:.3f}"),
              (r.final.round, str(r.final.round)),
              (sum(x.bytes_up + x.bytes_down for x in r.summaries), format_bytes(sum(x.bytes_up + x.bytes_down
@@ -214,7 +216,7 @@ def html_report(reports: Sequence[RunReport]) -> str:
     """The page for one run, or a comparison of several followed by each one's section."""
     from odl_fed.dashboard import report_plots as plots
 
-    fleet = Path(str(reports[0].log.run.get("fleet", ""))).name
+    fleet = Path(str(reports[0].log.run.get(RunKey.FLEET, ""))).name
     title = (f"odl-fed run {reports[0].name}" + (f" (fleet {fleet})" if fleet else "") if len(reports) == 1
              else f"odl-fed: {len(reports)} runs compared")
     body = [f"<h1>{_e(title)}</h1>"]
@@ -258,8 +260,9 @@ def markdown_report(reports: Sequence[RunReport]) -> str:
         job = log.job
         out += [f"{'##' if len(reports) > 1 else '#'} odl-fed run {report.name}", ""]
         out += [f"> **warning:** {w}" for w in log.warnings] + ([""] if log.warnings else [])
-        out += [f"{job.get('method', '?')} on {job.get('model', '?')}, fleet `{log.run.get('fleet', '?')}` "
-                f"({log.run.get('clients', '?')} clients); round {report.final.round} of {job.get('rounds', '?')}"
+        out += [f"{job.get(JobKey.METHOD, '?')} on {job.get(JobKey.MODEL, '?')}, "
+                f"fleet `{log.run.get(RunKey.FLEET, '?')}` ({log.run.get(RunKey.CLIENTS, '?')} clients); "
+                f"round {report.final.round} of {job.get(JobKey.ROUNDS, '?')}"
                 f"{'' if log.finished else ' (not ended)'}; final accuracy {report.final.accuracy:.3f}", "",
                 "**Rounds**", "", _md_table(ROUND_COLUMNS, [[shown for _, shown in _round_row(x)] for x in s]), "",
                 "**Plans**", "", _md_table(("device", "plan", "rounds"),

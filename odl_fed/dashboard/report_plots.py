@@ -10,12 +10,14 @@ import io
 from collections.abc import Sequence
 
 from odl_fed.dashboard.round_summary import RoundSummary
+from odl_fed.schema import Outcome
 
 __all__ = ["accuracy_plot", "memory_plot", "traffic_plot", "clients_plot", "compare_accuracy_plot",
            "memory_accuracy_plot"]
 
 WIDTH, HEIGHT = 6.4, 3.2  # inches; 100 dpi in the page
-STATUS_COLOURS = {"trained": "#2e7d32", "refused": "#f9a825", "failed": "#c62828", "lost": "#6d4c41"}
+STATUS_COLOURS = {Outcome.TRAINED: "#2e7d32", Outcome.REFUSED: "#f9a825", Outcome.FAILED: "#c62828",
+                  Outcome.LOST: "#6d4c41"}
 
 
 def _figure():

@@ -157,7 +157,7 @@ def summarise_round(line: dict, *, previous: dict | None = None, run: dict | Non
         seconds=float(_number(line.get(RoundKey.ELAPSED))
                       - (_number(previous.get(RoundKey.ELAPSED)) if previous else 0.0)),
         bytes_down=int(_number(line.get(RoundKey.BYTES_DOWN))), bytes_up=int(_number(line.get(RoundKey.BYTES_UP))),
-        whole_model_bytes=model_bytes * (asked + statuses["ok"]),
+        whole_model_bytes=model_bytes * (asked + statuses[Status.OK]),
         activation_bytes=max((d.activation_bytes for d in devices), default=0),
         train_flops=sum(d.train_flops for d in devices), devices=devices, reasons=dict(reasons),
         skipped=str(line.get(RoundKey.SKIPPED) or ""))

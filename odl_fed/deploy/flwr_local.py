@@ -24,6 +24,7 @@ from odl_fed.planning.preflight import check_fleet
 from odl_fed.training.data import DatasetUnavailableError
 from odl_fed.spec.fleet import FleetError, load_fleet
 from odl_fed.spec.run_config import DEFAULTS
+from odl_fed.schema import EVENT, ROUND_LOG, Event
 from odl_fed.federation.flower_env import OFFLINE_ENV
 
 __all__ = ["flwr_run", "stop_local_superlink"]
@@ -65,7 +66,7 @@ def flwr_run(fleet: Path, *, out_dir: Path, flwr_home: Path, devices_file: Path 
                                       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     run_config = (f'fleet="{fleet.absolute()}" out-dir="{out_dir.absolute()}" plan-cache="{plan_cache}" '
                   f'devices-file="{devices_file.absolute() if devices_file else ""}"')
-    log = out_dir.absolute() / "rounds.jsonl"
+    log = out_dir.absolute() / ROUND_LOG
     log.unlink(missing_ok=True)
     command = [flwr, "run", str(PROJECT), "local", "--stream", "--run-config", run_config,
                "--federation-config", f"num-supernodes={spec.num_clients}"]
@@ -74,9 +75,9 @@ def flwr_run(fleet: Path, *, out_dir: Path, flwr_home: Path, devices_file: Path 
     finally:
         stop_local_superlink(flwr_home)
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    if not lines or lines[-1].get("event") != "end":
+    if not lines or lines[-1].get(EVENT) != Event.END:
         raise RuntimeError(f"flwr run did not finish the job of {fleet} (round log {log}: "
-                           f"{len([l for l in lines if l.get('event') == 'round'])} round line(s))")
+                           f"{len([l for l in lines if l.get(EVENT) == Event.ROUND])} round line(s))")
     return log
 
 

@@ -48,13 +48,14 @@ from odl_fed.federation.job_assets import held_out_data, train_size
 from odl_fed.planning.preflight import check_fleet
 from odl_fed.federation.recorder import cut_back
 from odl_fed.dashboard.report import REPORT_NAME
+from odl_fed.schema import CHECKPOINT_FILE, DEFAULT_PORT, EVENT, ROUND_LOG, TRAINED_LAYERS_FILE, Event
 from odl_fed.spec.run_config import DEFAULTS
 from odl_fed.dashboard.run_log import LogFollower
 
 __all__ = ["main", "serve", "DEFAULT_LISTEN", "ServerError"]
 
 PROG = "python -m odl_fed.server"
-DEFAULT_LISTEN = "0.0.0.0:9092"
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 FEDERATION = "deployed"
 
 
@@ -143,7 +144,7 @@ def serve(fleet: Path, *, out_dir: Path, listen: str = DEFAULT_LISTEN, devices_f
 def _serve(spec, out_dir: Path, run_config: dict, resumed: Checkpoint | None, *, checked: ServerCerts | None,
            certs: Path | None, host: str, port: int, listen: str, start_timeout: float, verbose: bool,
            console: ConsoleDashboard | None) -> Path:
-    log = out_dir / "rounds.jsonl"
+    log = out_dir / ROUND_LOG
     if resumed is None:
         log.unlink(missing_ok=True)
     else:  # as the ServerApp will: the console then shows the rounds done, once
@@ -187,9 +188,9 @@ def _serve(spec, out_dir: Path, run_config: dict, resumed: Checkpoint | None, *,
         for event in follower.poll():
             console(event)
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    if not lines or lines[-1].get("event") != "end":
+    if not lines or lines[-1].get(EVENT) != Event.END:
         raise ServerError(f"the run did not finish the job of {spec.path} (round log {log}: "
-                          f"{sum(1 for line in lines if line.get('event') == 'round')} round line(s)); "
+                          f"{sum(1 for line in lines if line.get(EVENT) == Event.ROUND)} round line(s)); "
                           f"flwr run exited with {submit.returncode}"
                           + ("" if verbose else f"; its output is in {out_dir / 'flwr-run.log'}"))
     return log
@@ -208,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fleet", type=Path, help="a fleet file, e.g. configs/fleets/demo.yaml (with --resume: "
                                                    "the run's own, read from its checkpoint)")
     parser.add_argument("--out-dir", type=Path,
-                        help="the run directory: rounds.jsonl, checkpoint.pt, trained_layers.pt, superlink.db "
+                        help=f"the run directory: {ROUND_LOG}, {CHECKPOINT_FILE}, {TRAINED_LAYERS_FILE}, superlink.db "
                              "(default: runs/deployed)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                        help="go on with the run in RUN_DIR from its last finished round (its checkpoint.pt)")
+                        help=f"go on with the run in RUN_DIR from its last finished round (its {CHECKPOINT_FILE})")
     parser.add_argument("--listen", default=DEFAULT_LISTEN, help="the SuperLink's address, HOST:PORT")
     parser.add_argument("--devices", type=Path, help="extra device profiles (YAML) the fleet names")
     security = parser.add_mutually_exclusive_group(required=True)

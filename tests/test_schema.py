@@ -1,0 +1,297 @@
+"""The round log's contract (odl_fed.schema): what the server writes is what the schema declares, and
+every reader (run log, follower, round summary, console, TensorBoard, report) sees what was written.
+
+The run is real, in one process: the ServerApp's ``run_server`` with the real strategy and recorder,
+each train message handled by the real ClientApp (``handle_train``: planning and training a small
+MobileNetV2 on scikit-learn's digits), through a grid that delivers them in place of a SuperLink.
+Three clients are asked in round 1: ``rpi4`` trains, ``tiny`` is refused (it cannot hold the model)
+and ``phone`` never answers (lost).
+"""
+
+import io
+import json
+
+import pytest
+import yaml
+from flwr.app import Context, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from odl_fed import schema
+from odl_fed.dashboard.console import ConsoleDashboard, plain_round_line
+from odl_fed.dashboard.report import write_report
+from odl_fed.dashboard.round_summary import format_bytes, summarise_round, summarise_rounds
+from odl_fed.dashboard.run_log import LogFollower, load_run
+from odl_fed.federation.client_app import handle_train
+from odl_fed.federation.recorder import RoundRecorder, read_rounds
+from odl_fed.federation.server_app import run_server
+from odl_fed.schema import (EVENT, ROUND_LOG, AttemptKey, ClientKey, EndKey, Event, GlobalKey, Metric, Outcome, Record,
+                            RoundKey, RunKey, Status)
+from odl_fed.training.methods import METHODS
+
+JOB = {"model": "mobilenet_v2", "layers": 2, "method": "asi", "rounds": 1, "clients-per-round": 3,
+       "local-epochs": 1, "batch-size": 16, "lr": 0.01, "image-size": 32, "dataset": "digits", "partition": "iid",
+       "seed": 0, "examples-per-client": 64, "eval-examples": 100}
+DEVICES = ("rpi4", "tiny", "phone")  # partitions 0, 1, 2 = nodes 101, 102, 103
+FIRST_NODE = 101
+LOST_NODE = 103  # the phone: asked, never answers
+
+
+class LocalGrid:
+    """Flower's Grid in one process: a train message goes straight to the real ClientApp handler of its
+    node (as a SuperLink would deliver it), and ``silent`` nodes never answer."""
+
+    def __init__(self, run_config: dict, *, silent=()):
+        self.run_config = run_config
+        self.silent = set(silent)
+        self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
+                                       node_config={"partition-id": node - FIRST_NODE, "num-partitions": len(DEVICES)})
+                         for node in range(FIRST_NODE, FIRST_NODE + len(DEVICES))}
+        self.replies: list[tuple[dict, set]] = []  # each reply's ClientInfo and metric keys, as it was sent
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node not in self.silent:
+                replies.append(reply := handle_train(message, self.contexts[node], self.run_config))
+                # the strategy empties a reply's content once it is aggregated: what was sent is kept here
+                self.replies.append(({name: dict(record) for name, record in reply.content.config_records.items()},
+                                     {name: set(record) for name, record in reply.content.metric_records.items()}))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("schema")
+    fleet = root / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"devices": [{"device": d, "count": 1} for d in DEVICES], "job": JOB}))
+    out = root / "out"
+    config = {"fleet": str(fleet), "out-dir": str(out), "plan-cache": "", "round-timeout": 60}
+    grid = LocalGrid(config, silent={LOST_NODE})
+    console = io.StringIO()
+    # what Flower's ServerApp runtime sets before the app runs (its messages carry the run and node)
+    before = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    try:
+        run_server(grid, config, listeners=[ConsoleDashboard(console, live=False)])
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+    lines = [json.loads(text) for text in (out / ROUND_LOG).read_text().splitlines()]
+    return {"out": out, "lines": lines, "console": console.getvalue(), "replies": grid.replies}
+
+
+def _by_event(lines, event):
+    return [line for line in lines if line[EVENT] == event]
+
+
+def _clients(run) -> dict[str, dict]:
+    (last,) = [line for line in _by_event(run["lines"], Event.ROUND) if line[RoundKey.ROUND] == 1]
+    return {c[ClientKey.CLIENT]: c for c in last[RoundKey.CLIENTS]}
+
+
+def test_the_run_wrote_what_the_test_expects(run):
+    """The premise of the reader tests: one trained, one refused, one lost client in round 1."""
+    assert [line[EVENT] for line in run["lines"]] == [Event.RUN, Event.ROUND, Event.ROUND, Event.END]
+    clients = _clients(run)
+    assert {name: c[ClientKey.STATUS] for name, c in clients.items()} == {
+        "rpi4-0": Status.OK, "tiny-1": Status.REFUSED, f"node-{LOST_NODE}": Status.LOST}
+    ok = clients["rpi4-0"]
+    assert ok[Metric.NUM_EXAMPLES] == JOB["examples-per-client"] and ok[ClientKey.DEVICE] == "rpi4"
+    assert 0 < ok[Metric.PEAK_MEMORY] <= ok[Metric.MEMORY_BUDGET]
+
+
+def test_every_reader_sees_what_the_writer_wrote(run):
+    out, lines = run["out"], run["lines"]
+    run_line, rounds, end = lines[0], _by_event(lines, Event.ROUND), lines[-1]
+    clients = _clients(run)
+    ok, refused = clients["rpi4-0"], clients["tiny-1"]
+    accuracy = [r[RoundKey.GLOBAL][GlobalKey.ACCURACY] for r in rounds]
+
+    # the recorder's own reader, the run log and the follower
+    assert read_rounds(out / ROUND_LOG) == rounds
+    log = load_run(out)
+    assert log.run == run_line and log.rounds == rounds and log.end == end and not log.warnings
+    assert log.planned_rounds == JOB["rounds"] and log.job[schema.JobKey.METHOD] == JOB["method"]
+    assert LogFollower(out / ROUND_LOG).poll() == lines
+
+    # the round summary (what every view shows)
+    s0, s1 = summarise_rounds(log.rounds, log.run)
+    assert [s0.accuracy, s1.accuracy] == accuracy and s1.round == 1
+    assert (s1.asked, s1.trained, s1.refused, s1.failed, s1.lost) == (3, 1, 1, 0, 1)
+    assert s1.statuses == {Outcome.TRAINED: 1, Outcome.REFUSED: 1, Outcome.FAILED: 0, Outcome.LOST: 1}
+    devices = {d.device: d for d in s1.devices}
+    rpi4 = devices["rpi4"]
+    assert (rpi4.asked, rpi4.trained) == (1, 1) and (devices["tiny"].asked, devices["tiny"].trained) == (1, 0)
+    assert rpi4.peak_bytes == ok[Metric.PEAK_MEMORY] and rpi4.budget_bytes == ok[Metric.MEMORY_BUDGET]
+    ratio = ok[Metric.PEAK_MEMORY] / ok[Metric.MEMORY_BUDGET]
+    assert rpi4.peak_ratio == pytest.approx((ratio, ratio, ratio))
+    assert rpi4.activation_bytes == ok[Metric.ACTIVATION_BYTES] > 0
+    assert rpi4.train_flops == ok[Metric.TRAIN_FLOPS] > 0 and rpi4.bytes_up == ok[ClientKey.BYTES_UP] > 0
+    assert s1.bytes_up == rounds[1][RoundKey.BYTES_UP] == ok[ClientKey.BYTES_UP]
+    assert s1.bytes_down == rounds[1][RoundKey.BYTES_DOWN] > 0
+    assert s1.whole_model_bytes == run_line[RunKey.MODEL_BYTES] * (3 + 1)
+    assert s1.reasons == {(Status.REFUSED, refused[ClientKey.REASON]): ["tiny-1"],
+                          (Status.LOST, "no reply within the round's timeout"): [f"node-{LOST_NODE}"]}
+    assert summarise_round(rounds[1], previous=rounds[0], run=run_line) == s1
+
+    # the console view: live, as the server fed it, and from the file, as `odl-fed watch` reads it
+    plain = io.StringIO()
+    watcher = ConsoleDashboard(plain, live=False)
+    for event in LogFollower(out / ROUND_LOG).poll():
+        watcher(event)
+    assert plain.getvalue() == run["console"]
+    text = run["console"].splitlines()
+    assert text[0].startswith(f"odl-fed: fleet {run_line[RunKey.FLEET]}: 3 clients (rpi4 x1, tiny x1, phone x1); "
+                              f"asi on mobilenet_v2")
+    assert text[1] == plain_round_line(s0, 1) and text[1].startswith(f"round 0/1 | starting model: accuracy "
+                                                                     f"{accuracy[0]:.3f}")
+    assert text[2] == plain_round_line(s1, 1)
+    assert f"round 1/1 | accuracy {accuracy[1]:.3f}" in text[2]
+    assert "trained 1/3 refused 1 failed 0 lost 1" in text[2] and "rpi4 1/1 tiny 0/1" in text[2]
+    assert f"peak/budget {ratio:.2f}-{ratio:.2f}" in text[2]
+    assert f"activations {format_bytes(ok[Metric.ACTIVATION_BYTES])}" in text[2]
+    assert f"up {format_bytes(ok[ClientKey.BYTES_UP])}" in text[2]
+    assert "refused x1 (tiny-1): " in text[2] and f"lost x1 (node-{LOST_NODE}): no reply" in text[2]
+    assert text[3] == f"done: accuracy {end[EndKey.FINAL_ACCURACY]:.3f} after 1 rounds in {end[EndKey.ELAPSED]:.1f} s"
+
+    # TensorBoard's event files (written by the server as the rounds landed)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / schema.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+
+    def scalars(tag):
+        return {e.step: e.value for e in events.Scalars(tag)}
+
+    assert scalars("global/accuracy") == pytest.approx({0: accuracy[0], 1: accuracy[1]})
+    assert scalars("global/loss") == pytest.approx({r[RoundKey.ROUND]: r[RoundKey.GLOBAL][GlobalKey.LOSS]
+                                                    for r in rounds})
+    assert {k: scalars(f"clients/{k}")[1] for k in ("trained", "refused", "failed", "lost")} == {
+        "trained": 1, "refused": 1, "failed": 0, "lost": 1}
+    assert scalars("memory/peak-bytes/rpi4")[1] == pytest.approx(ok[Metric.PEAK_MEMORY])
+    assert scalars("memory/peak-over-budget-max/rpi4")[1] == pytest.approx(ratio)
+    assert scalars("activations/bytes/rpi4")[1] == pytest.approx(ok[Metric.ACTIVATION_BYTES])
+    assert scalars("traffic/bytes-up")[1] == pytest.approx(ok[ClientKey.BYTES_UP])
+
+    # the report: the page the server wrote, and Markdown
+    page = (out / schema.REPORT_FILE).read_text()
+    assert page == (write_report([out], out=out / "again.html")).read_text()
+    assert f'data-value="{accuracy[1]!r}">{accuracy[1]:.3f}</td>' in page
+    assert f'data-value="{ok[Metric.PEAK_MEMORY]}">{format_bytes(ok[Metric.PEAK_MEMORY])}</td>' in page
+    assert f'data-value="{ok[Metric.MEMORY_BUDGET]}">{format_bytes(ok[Metric.MEMORY_BUDGET])}</td>' in page
+    assert f'data-value="{ratio!r}"' in page
+    assert '<td class="text" data-value="refused">refused</td><td class="text">tiny-1</td>' in page
+    assert f'<td class="text">node-{LOST_NODE}</td>' in page
+    markdown = write_report([out], fmt="md", out=out / "report.md").read_text()
+    assert (f"| 1 | {accuracy[1]:.3f} | {rounds[1][RoundKey.GLOBAL][GlobalKey.LOSS]:.4f} | 1 | 1 | 0 | 1 | "
+            f"{format_bytes(rounds[1][RoundKey.BYTES_DOWN])} | {format_bytes(ok[ClientKey.BYTES_UP])} |") in markdown
+    assert (f"| 1 | rpi4 | 1/1 | {ratio:.3f} | {ratio:.3f} | {ratio:.3f} | {format_bytes(ok[Metric.PEAK_MEMORY])} | "
+            f"{format_bytes(ok[Metric.MEMORY_BUDGET])} | {format_bytes(ok[Metric.ACTIVATION_BYTES])} |") in markdown
+    reason = refused[ClientKey.REASON].replace("|", "\\|").replace("\n", " ")
+    assert f"| 1 | refused | tiny-1 | {reason} |" in markdown
+
+
+def _keys(typed_dict) -> set[str]:
+    return set(typed_dict.__annotations__)
+
+
+def test_what_the_writer_emits_is_what_the_schema_declares(run, tmp_path):
+    lines = run["lines"]
+    run_line, (round0, round1), end = lines[0], _by_event(lines, Event.ROUND), lines[-1]
+    assert set(run_line) == _keys(schema.RunLine)
+    assert {schema.JobKey.MODEL, schema.JobKey.METHOD, schema.JobKey.ROUNDS} <= set(run_line[RunKey.JOB])
+    optional = {RoundKey.SKIPPED}  # only in a round that asked no one
+    for line in (round0, round1):
+        assert set(line) == _keys(schema.RoundLine) - optional
+        assert set(line[RoundKey.GLOBAL]) == _keys(schema.GlobalMetrics)
+    assert set(end) == _keys(schema.EndLine)
+
+    clients = _clients(run)
+    ok, refused, lost = clients["rpi4-0"], clients["tiny-1"], clients[f"node-{LOST_NODE}"]
+    entry, metrics = _keys(schema.ClientEntry), _keys(schema.ClientMetrics)
+    assert set(ok) == (entry - {ClientKey.REASON}) | metrics  # a client that trained sends every metric
+    assert set(refused) == entry - {ClientKey.BYTES_UP, ClientKey.RECORD_BYTES_UP} | {Metric.TRAIN_MEMORY,
+                                                                                      Metric.SERVER_ROUND}
+    assert set(lost) == {ClientKey.CLIENT, ClientKey.NODE, ClientKey.STATUS, ClientKey.BYTES_DOWN, ClientKey.REASON}
+    (attempt,) = ok[ClientKey.ATTEMPT_LOG]
+    assert set(attempt) == _keys(schema.AttemptEntry) and attempt[AttemptKey.STATUS] == Status.OK
+    assert refused[ClientKey.PLAN] is None and refused[ClientKey.ATTEMPT_LOG] == []
+
+    # what travels between the ClientApp and the ServerApp
+    assert len(run["replies"]) == 2
+    for config_records, metric_records in run["replies"]:
+        assert set(config_records) == {Record.CLIENT} and set(metric_records) == {Record.METRICS}
+        assert set(config_records[Record.CLIENT]) == _keys(schema.ClientInfo)
+        assert metric_records[Record.METRICS] <= metrics
+    statuses = {c[ClientKey.STATUS] for r in (round0, round1) for c in r[RoundKey.CLIENTS]}
+    assert statuses <= set(schema.names(Status))
+
+    # a resumed run's line, through the same recorder
+    recorder = RoundRecorder(tmp_path / ROUND_LOG, resume=(run_line, [round0]))
+    recorder.end_run()
+    resumed = [json.loads(text) for text in (tmp_path / ROUND_LOG).read_text().splitlines()]
+    assert [line[EVENT] for line in resumed] == [Event.RUN, Event.ROUND, Event.RESUME, Event.END]
+    assert set(resumed[2]) == _keys(schema.ResumeLine) and resumed[2][schema.ResumeKey.FROM_ROUND] == 0
+
+
+def test_each_key_namespace_names_exactly_its_declared_fields():
+    for event, (typed_dict, keys) in schema.LINE_TYPES.items():
+        assert {EVENT, *schema.names(keys)} == _keys(typed_dict), event
+    assert set(schema.names(ClientKey)) - {ClientKey.ERROR} == _keys(schema.ClientEntry)
+    assert {ClientKey.CLIENT, ClientKey.DEVICE, ClientKey.STATUS, ClientKey.ERROR, ClientKey.PLAN,
+            ClientKey.ATTEMPT_LOG} == _keys(schema.ClientInfo)
+    assert set(schema.names(Metric)) == _keys(schema.ClientMetrics)
+    assert set(schema.names(AttemptKey)) == _keys(schema.AttemptEntry)
+    assert set(schema.names(GlobalKey)) == _keys(schema.GlobalMetrics)
+    assert set(schema.names(Event)) == set(schema.LINE_TYPES)
+    assert set(Status.FAILED) < set(schema.names(Status))
+    assert len(set(schema.names(Metric))) == len(schema.names(Metric))
+
+
+def test_the_methods_registry_holds_the_schema_method_names():
+    assert tuple(METHODS) == schema.METHOD_NAMES
+    assert all(name == method.name for name, method in METHODS.items())
+
+
+# A round line as the recorder wrote it before odl_fed.schema existed (spelled out, not from the schema).
+OLD_LOG = "\n".join([
+    '{"event": "run", "time": 1.0, "fleet": "f.yaml", "job": {"model": "resnet18", "method": "asi", "rounds": 1}, '
+    '"clients": 2, "devices": {"rpi4": 2}, "trained_convs": ["layer4.1.conv2"], "trained_bytes": 10, '
+    '"model_bytes": 100, "settings": {}}',
+    '{"event": "round", "round": 0, "time": 2.0, "elapsed": 1.0, "global": {"accuracy": 0.1, "loss": 2.3, '
+    '"examples": 50, "eval-time": 0.5}, "clients-asked": 0, "bytes-down": 0, "record-bytes-down": 0, '
+    '"bytes-up": 0, "record-bytes-up": 0, "aggregated": 0, "failed": 0, "clients": []}',
+    '{"event": "round", "round": 1, "time": 3.0, "elapsed": 4.0, "global": {"accuracy": 0.4, "loss": 1.5, '
+    '"examples": 50, "eval-time": 0.5}, "clients-asked": 2, "bytes-down": 20, "record-bytes-down": 22, '
+    '"bytes-up": 10, "record-bytes-up": 11, "aggregated": 1, "failed": 1, "clients": ['
+    '{"client": "rpi4-0", "node": 7, "device": "rpi4", "status": "ok", "bytes-down": 10, "num-examples": 64, '
+    '"peak-memory": 300, "memory-budget": 400, "activation-bytes": 5, "train-flops": 1000000000.0, '
+    '"bytes-up": 10, "record-bytes-up": 11}, '
+    '{"client": "rpi4-1", "node": 8, "device": "rpi4", "status": "memory-exceeded", "bytes-down": 10, '
+    '"peak-memory": 500, "memory-budget": 400, "reason": "over"}]}',
+    '{"event": "end", "time": 5.0, "elapsed": 4.0, "final_accuracy": 0.4, "rounds": 1}', ""])
+
+
+def test_a_log_written_before_the_schema_reads_the_same(tmp_path):
+    (tmp_path / "rounds.jsonl").write_text(OLD_LOG)
+    log = load_run(tmp_path)
+    assert log.finished and not log.warnings and log.planned_rounds == 1
+    s = summarise_rounds(log.rounds, log.run)[1]
+    assert (s.accuracy, s.asked, s.trained, s.refused, s.failed, s.lost) == (0.4, 2, 1, 0, 1, 0)
+    (rpi4,) = s.devices
+    assert rpi4.peak_bytes == 500 and rpi4.budget_bytes == 400 and rpi4.peak_ratio == (0.75, 1.0, 1.25)
+    assert s.bytes_up == 10 and s.whole_model_bytes == 100 * 3 and s.seconds == 3.0
+    assert s.reasons == {("memory-exceeded", "over"): ["rpi4-1"]}
+    # and the recorder writes what it wrote then: the same keys, the same text
+    recorder = RoundRecorder(tmp_path / "new" / ROUND_LOG)
+    old_round = json.loads(OLD_LOG.splitlines()[2])
+    recorder.sent(1, 2, 10, 11)
+    for client in old_round["clients"]:
+        recorder.client(1, client)
+    recorder.end_round(1, old_round["global"])
+    (written,) = read_rounds(recorder.path)
+    assert json.dumps(written | {"time": 3.0, "elapsed": 4.0}) == OLD_LOG.splitlines()[2]  # byte for byte

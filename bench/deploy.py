@@ -12,7 +12,7 @@ One run measures, on this machine:
   processes at once as there are clients), the clients' own work (plan + train, from the round
   log), the server's evaluation, and the rest (Flower's messages and polling, and the FLOPs count
   each round makes);
-- with ``--image``: the image's size and its build time, cold (``--no-cache``, base image
+- with ``--image``: each role's image (server, clients): its size and its build time, cold (``--no-cache``, base image
   present) and warm (nothing changed), and a container's start, with a Docker engine of its own.
 
 Run: ``python -m bench.deploy [--image] [--out bench/results/deploy.json]``.
@@ -122,6 +122,7 @@ def clientapp_setup(clients: int, fleet: Path) -> float:
 
 
 def image_figures() -> dict:
+    from odl_fed.deploy.compose import CLIENT_IMAGE, SERVER_IMAGE
     from tools.docker_engine import EngineUnavailable, base_image, start_engine, wheelhouse
 
     try:
@@ -132,16 +133,18 @@ def image_figures() -> dict:
         base = base_image(engine, cache=Path(os.environ.get("ODL_FED_CACHE", "/var/cache/odl-fed")))
         wheelhouse()
         figures = {"base": base}
-        for name, extra in (("cold", ["--no-cache"]), ("warm", [])):
-            started = time.perf_counter()
-            engine.docker("build", "-q", *extra, "-f", "clients/Dockerfile", "--build-arg", f"BASE={base}", "-t",
-                          "odl-fed:latest", str(ROOT), cwd=ROOT, timeout=3600)
-            figures[f"build-{name}-s"] = time.perf_counter() - started
-        figures["image-bytes"] = int(engine.docker("image", "inspect", "odl-fed:latest", "--format",
-                                                   "{{.Size}}").stdout.strip())
+        for role, dockerfile, image in (("clients", "clients/Dockerfile", CLIENT_IMAGE),
+                                        ("server", "server/Dockerfile", SERVER_IMAGE)):
+            for name, extra in (("cold", ["--no-cache"]), ("warm", [])):
+                started = time.perf_counter()
+                engine.docker("build", "-q", *extra, "-f", dockerfile, "--build-arg", f"BASE={base}", "-t", image,
+                              str(ROOT), cwd=ROOT, timeout=3600)
+                figures[f"{role}-build-{name}-s"] = time.perf_counter() - started
+            figures[f"{role}-image-bytes"] = int(engine.docker("image", "inspect", image, "--format",
+                                                               "{{.Size}}").stdout.strip())
         for name, code in (("container-start-s", "pass"), ("container-clientapp-imports-s", CLIENTAPP_IMPORTS)):
             started = time.perf_counter()
-            engine.docker("run", "--rm", "odl-fed:latest", "python", "-c", code)
+            engine.docker("run", "--rm", CLIENT_IMAGE, "python", "-c", code)
             figures[name] = time.perf_counter() - started
         return figures
     finally:

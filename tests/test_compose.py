@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from odl_fed.deploy.compose import MEMORY_FLOOR, ComposeError, compose_file, render
+from odl_fed.deploy.compose import CLIENT_IMAGE, MEMORY_FLOOR, SERVER_IMAGE, ComposeError, compose_file, render
 from odl_fed.spec.fleet import load_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +48,12 @@ def test_one_service_per_client_with_its_profiles_limits(in_root, name):
             partition += 1
     server = services["server"]
     assert server["command"][:3] == ["python", "-m", "odl_fed.server"]
-    assert server["build"]["dockerfile"] == "clients/Dockerfile" and "healthcheck" in server
+    assert server["build"]["dockerfile"] == "server/Dockerfile" and "healthcheck" in server
+    assert server["image"] == SERVER_IMAGE
+    clients = [s for name, s in services.items() if name != "server"]
+    assert clients[0]["build"]["dockerfile"] == "clients/Dockerfile"  # the first client builds the clients' image
+    assert all(c["image"] == CLIENT_IMAGE for c in clients)
+    assert all("build" not in c and c["pull_policy"] == "never" for c in clients[1:])
     assert compose["networks"] == {"fleet": {"driver": "bridge"}}
 
 

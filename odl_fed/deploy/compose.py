@@ -2,8 +2,9 @@
 
 ``odl-fed compose --fleet configs/fleets/demo.yaml > docker-compose.yml``, then ``docker compose up``.
 
-- One image for both roles (``clients/Dockerfile``, ``ARG BASE``): the server service builds it,
-  every client service runs the same image (``pull_policy: never``: nothing comes from a registry).
+- An image per role (``ARG BASE`` in both): the server service builds ``server/Dockerfile``
+  (:data:`SERVER_IMAGE`), the first client service ``clients/Dockerfile`` (:data:`CLIENT_IMAGE`),
+  which every other client service runs (``pull_policy: never``: nothing comes from a registry).
 - ``server`` runs ``python -m odl_fed.server`` with the SuperLink on the project's own network
   (``fleet``); its healthcheck is the SuperLink's port answering, and the clients start once it is.
 - One service per client (``rpi4-0``, ``rpi4-1``, ...: each needs its own ``partition-id``, which
@@ -37,14 +38,19 @@ from odl_fed.spec.fleet import FleetSpec, load_fleet
 from odl_fed.schema import DEFAULT_PORT
 
 __all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT",
-           "IMAGE"]
+           "SERVER_IMAGE", "CLIENT_IMAGE"]
 
-IMAGE = "odl-fed:latest"
+SERVER_IMAGE = "odl-fed-server:latest"  # server/Dockerfile
+CLIENT_IMAGE = "odl-fed-client:latest"  # clients/Dockerfile
 SERVER_PORT = DEFAULT_PORT  # the SuperLink's, inside the compose network
 APP_DIR = PurePosixPath("/app")
 MEMORY_FLOOR = 2 * 2**30          # measured: SuperNode + SuperExec + a ClientApp with torch take ~1.5 GiB
 DOCKER_MIN_MEMORY = 6 * 2**20     # the smallest mem_limit Docker accepts
 _SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def _build(context: str, dockerfile: str) -> dict:
+    return {"context": context, "dockerfile": dockerfile, "args": {"BASE": "${ODL_FED_BASE:-python:3.11-slim}"}}
 
 
 class ComposeError(ValueError):
@@ -111,9 +117,8 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
     if round_timeout is not None:
         server_command += ["--round-timeout", f"{round_timeout:g}"]
     services = {"server": {
-        "build": {"context": context, "dockerfile": "clients/Dockerfile",
-                  "args": {"BASE": "${ODL_FED_BASE:-python:3.11-slim}"}},
-        "image": IMAGE,
+        "build": _build(context, "server/Dockerfile"),
+        "image": SERVER_IMAGE,
         "command": server_command,
         "volumes": volumes + mount("ca.crt", "server.crt", "server.key",
                                    *(f"node-{i}.pub" for i in range(fleet.num_clients))),
@@ -142,8 +147,9 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
             command += ["--insecure"] if certs_rel is None else ["--root-certificates", str(certs_rel / "ca.crt"),
                                                                  "--auth-key", str(certs_rel / f"node-{partition_id}.key")]
             services[f"{profile.name}-{partition_id}"] = {
-                "image": IMAGE,
-                "pull_policy": "never",
+                # the first client builds the clients' image; the others run it once built
+                **({"build": _build(context, "clients/Dockerfile")} if partition_id == 0 else {"pull_policy": "never"}),
+                "image": CLIENT_IMAGE,
                 "command": command,
                 "depends_on": {"server": {"condition": "service_healthy"}},
                 "mem_limit": _memory(memory),

@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # Exact versions this machine holds on disk (pyproject keeps the ranges a board can satisfy).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse bench-deploy
+.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse bench-deploy \
+	test-unit test-stages
 
 $(VENV)/.installed: pyproject.toml
 	# Fashion-MNIST comes from Debian's dataset-fashion-mnist, and the report's browser test uses
@@ -42,8 +43,21 @@ bench-layers: setup
 bench-accuracy: setup
 	$(PY) -m bench.accuracy
 
+# The default suite: every test not marked slow or compose (pyproject's addopts).
 test: setup
 	$(PY) -m pytest -q
+
+# The inner loop while editing (about a minute here): the default suite without the tests marked `fleet`
+# (they start a simulated fleet, or read the one conftest.py shares), `process` (they start other
+# processes: the entries, a SuperLink, Chromium, a child python) or `sweep` (one check over every model
+# or method). `make test` runs those too.
+test-unit: setup
+	$(PY) -m pytest -q -m 'not slow and not compose and not fleet and not process and not sweep'
+
+# Every test is run by some stage of .ci/run: the union of the stages' selections is every test
+# collected (pytest --collect-only per stage; tests/stages.py).
+test-stages: setup
+	$(PY) tests/stages.py
 
 # The image's wheels (CPU torch included) for an offline `docker build` (build/wheelhouse/).
 wheelhouse: setup
@@ -55,7 +69,8 @@ test-compose: setup
 	$(PY) -m pytest -q -m compose tests/test_docker_compose.py
 
 # Runs of real processes that take minutes: the deployed fleet, its fault drills, TLS with node
-# authentication, a killed and resumed run (its own stage in .ci/run).
+# authentication, a killed and resumed run, `flwr run .`, a second simulated run to compare, and the
+# minute-long accuracy check (its own stage in .ci/run).
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 

@@ -1,6 +1,7 @@
 import io
 import json
 import sys
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -9,15 +10,65 @@ import yaml
 from flwr.app import ArrayRecord, Context, Message
 
 from odl_fed.federation.client_app import handle_train
-from odl_fed.planning.device_plan import plan_client
-from odl_fed.spec.fleet import load_fleet
 from odl_fed.federation.job_assets import client_data
-from odl_fed.training.models import build_model
-from odl_fed.spec.profile import get_profile
 from odl_fed.federation.recorder import read_rounds
 from odl_fed.federation.simulation import simulate
+from odl_fed.planning.device_plan import plan_client
+from odl_fed.spec.fleet import load_fleet
+from odl_fed.spec.profile import get_profile
+from odl_fed.training.models import build_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+
+ROOT = Path(__file__).resolve().parent.parent
+# Fixtures that start a simulated fleet (Flower's simulation engine, Ray): a test using one is marked
+# `fleet`, and `make test-unit` leaves it out.
+FLEET_FIXTURES = {"federated_run"}
+# What pytest itself may add to the repository root; anything else new there after a session is runtime
+# state a test left behind (e.g. `:flwr-in-memory-state:` or `*.db` from a SuperLink started without
+# `--database`, `.odl-fed/` or `.flwr/` from a run that used the project's defaults).
+ROOT_OWN = {".pytest_cache", "__pycache__"}
+_ROOT_BEFORE = pytest.StashKey[set]()
+_LEFT = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if FLEET_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.fleet)
+
+
+def root_entries(root: Path = ROOT) -> set[str]:
+    """The names in the repository root, tracked or not, ignored or not (what `git status --ignored`
+    would show there, and the tracked files too)."""
+    return {path.name for path in root.iterdir()} - ROOT_OWN
+
+
+def left_behind(before: set[str], after: set[str]) -> list[str]:
+    return sorted(after - before)
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_ROOT_BEFORE] = root_entries()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = session.config.stash.get(_ROOT_BEFORE, None)
+    left = [] if before is None else left_behind(before, root_entries())
+    if left:
+        session.config.stash[_LEFT] = left
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    left = config.stash.get(_LEFT, None)
+    if left:
+        terminalreporter.write_sep("=", "runtime state left in the repository root", red=True, bold=True)
+        terminalreporter.write_line(
+            f"the session left {', '.join(map(repr, left))} in {ROOT}: a test wrote runtime state there (a "
+            "SuperLink without --database, a default out-dir or plan cache); give it a path under tmp_path and "
+            "delete the entries (if another process made them meanwhile, rerun). The session fails.", red=True)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ JOB = {"model": "resnet18", "layers": 1, "method": "asi", "rounds": 1, "clients-
        "batch-size": 8, "lr": 0.001, "image-size": 32, "dataset": "digits"}
 
 
+@pytest.mark.process  # `odl-fed simulate` in a child python
 def test_a_fleet_with_more_clients_than_examples_is_one_line_with_no_child_traceback(tmp_path):
     """1,500 clients for the 1,437 training digits: the preflight says so before any partition is made
     (the partitioning child process used to print its own traceback first)."""

@@ -79,6 +79,7 @@ def _plan_in_process(directory: str) -> tuple[int, float, dict]:
     return outcome.metrics["plan-cached"], outcome.metrics["plan-time"], outcome.plan
 
 
+@pytest.mark.process  # a pool of two spawned processes
 def test_two_processes_needing_one_plan_make_it_once(tmp_path):
     """Simulated actors share the on-disk cache: the second waits for the first's plan and reads it."""
     import multiprocessing

@@ -63,6 +63,7 @@ def test_tiny_gets_the_floor_and_says_why(in_root):
     assert "cannot hold Python, torch and Flower" in services["tiny-3"]["labels"]["odl-fed.memory"]
 
 
+@pytest.mark.process  # `odl-fed compose` in a child python, then Compose's own check
 def test_the_cli_writes_what_docker_compose_config_accepts(in_root, tmp_path):
     done = subprocess.run([sys.executable, "-m", "odl_fed.cli", "compose", "--fleet", "configs/fleets/mixed.yaml"],
                           capture_output=True, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
@@ -72,6 +73,7 @@ def test_the_cli_writes_what_docker_compose_config_accepts(in_root, tmp_path):
     if shutil.which("docker-compose") is None and shutil.which("docker") is None:
         pytest.skip("no docker-compose or docker CLI here to check the file with")
     target = ROOT / ".odl-fed" / "compose-check.yml"  # in the project: its relative volumes resolve there
+    made = not target.parent.exists()  # and gone after, unless it was there before (conftest's root check)
     target.parent.mkdir(exist_ok=True)
     target.write_text(done.stdout)
     try:
@@ -87,6 +89,8 @@ def test_the_cli_writes_what_docker_compose_config_accepts(in_root, tmp_path):
         pytest.skip("no Compose (v1 or v2) here to check the file with")
     finally:
         target.unlink()
+        if made:
+            target.parent.rmdir()
 
 
 def _fleet(tmp_path: Path, devices: list, job_extra: dict | None = None) -> Path:
@@ -120,6 +124,7 @@ def test_a_fleet_that_compose_cannot_express_is_one_clear_error(tmp_path, monkey
                      memory_floor=setup.get("floor", MEMORY_FLOOR), out_dir=setup.get("out_dir", "runs/compose"))
 
 
+@pytest.mark.process  # `odl-fed compose` in a child python
 def test_cli_bad_fleet_is_one_error_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "odl_fed.cli", "compose", "--fleet", str(tmp_path / "none.yaml")],
                           capture_output=True, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})

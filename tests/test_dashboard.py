@@ -175,6 +175,7 @@ def test_the_report_as_markdown_has_the_same_rounds(federated_run, capsys):
         assert f"| {r['round']} | {r['global']['accuracy']:.3f} | {r['global']['loss']:.4f} | {len(_ok(r))} |" in text
 
 
+@pytest.mark.process  # a headless Chromium
 def test_the_report_in_a_headless_browser_loads_offline_and_draws_every_plot(federated_run, tmp_path):
     executable, reason = chromium_or_reason()
     if executable is None:
@@ -221,6 +222,7 @@ def _read_all(fd: int, process: subprocess.Popen, timeout: float) -> bytes:
     return out
 
 
+@pytest.mark.process  # `odl-fed watch` in a pseudo-terminal and through a pipe
 def test_the_console_view_in_a_terminal_and_through_a_pipe(federated_run, tmp_path):
     out, rounds = federated_run["out"], federated_run["rounds"]
     primary, secondary = pty.openpty()
@@ -354,7 +356,52 @@ def test_a_log_holding_two_fleets_reports_the_last_with_a_warning(federated_run,
         load_run(tmp_path / "none")
 
 
+def _compare(first: Path, second: Path, tmp_path: Path, capsys) -> None:
+    """`odl-fed report A B`: one row per run with its own method, largest activations and final
+    accuracy (read back from the page), the comparison's plots, then each run's own four."""
+    status, out, err = _report([str(first), str(second), "--out", str(tmp_path / "both.html")], capsys)
+    assert status == 0, err
+    page = _tables(tmp_path / "both.html")
+    compare = {row[0][1]: row for row in page.tables["compare"]}
+    assert set(compare) == {first.name, second.name}
+    for run in (first, second):
+        log = load_run(run)
+        row = compare[run.name]
+        largest = max(c["activation-bytes"] for r in log.rounds for c in _ok(r))
+        assert int(row[3][0]) == largest and float(row[4][0]) == log.rounds[-1]["global"]["accuracy"]
+        assert row[1][1] == log.job["method"]
+    assert page.svgs == 2 + 4 * 2  # the comparison's two plots, then each run's four
+    text = (tmp_path / "both.html").read_text()
+    for run in (first, second):  # the points' labels
+        assert f"{run.name} ({load_run(run).job['method']})" in text
+
+
 def test_runs_of_two_methods_are_compared(federated_run, tmp_path, capsys):
+    """The shared ASI run beside a second run made from its log with another method's label and other
+    numbers (no second simulation: the real one is the slow test below)."""
+    lines = [json.loads(line) for line in federated_run["log"].read_text().splitlines()]
+    lines[0]["job"]["method"] = "vanilla"
+    for line in lines[1:]:
+        if line.get("event") == "round":
+            line["global"]["accuracy"] = round(line["global"]["accuracy"] / 2, 4)
+            for c in line["clients"]:
+                if "activation-bytes" in c:
+                    c["activation-bytes"] = 7 * c["activation-bytes"] + 1
+    if lines[-1].get("event") == "end":
+        lines[-1]["final_accuracy"] = lines[-2]["global"]["accuracy"]
+    vanilla = tmp_path / "vanilla"
+    vanilla.mkdir()
+    (vanilla / "rounds.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert load_run(vanilla).job["method"] == "vanilla" != load_run(federated_run["out"]).job["method"]
+    _compare(federated_run["out"], vanilla, tmp_path, capsys)
+    compare = {row[0][1]: row for row in _tables(tmp_path / "both.html").tables["compare"]}
+    assert compare["vanilla"][1][1] == "vanilla" and compare[federated_run["out"].name][1][1] == "asi"
+    assert int(compare["vanilla"][3][0]) > 7 * int(compare[federated_run["out"].name][3][0])
+
+
+# About 25 s here for a second Ray simulation; the comparison itself is checked on two runs' logs above.
+@pytest.mark.slow
+def test_runs_of_two_methods_are_compared_after_a_second_real_run(federated_run, tmp_path, capsys):
     """A second, real run (vanilla, 1 round) beside the ASI run: `odl-fed report A B`."""
     job = {"model": "resnet18", "layers": 2, "method": "vanilla", "rounds": 1, "clients-per-round": 2,
            "local-epochs": 1, "batch-size": 32, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits",
@@ -363,17 +410,6 @@ def test_runs_of_two_methods_are_compared(federated_run, tmp_path, capsys):
     fleet.write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 2}], "job": job}))
     vanilla = tmp_path / "vanilla"
     simulate({"fleet": str(fleet), "out-dir": str(vanilla), "plan-cache": str(tmp_path / "plans")}, progress=False)
-    status, out, err = _report([str(federated_run["out"]), str(vanilla), "--out", str(tmp_path / "both.html")],
-                               capsys)
-    assert status == 0, err
-    page = _tables(tmp_path / "both.html")
-    compare = {row[0][1]: row for row in page.tables["compare"]}
-    for run in (federated_run["out"], vanilla):
-        rounds = load_run(run).rounds
-        row = compare[run.name]
-        largest = max(c["activation-bytes"] for r in rounds for c in _ok(r))
-        assert int(row[3][0]) == largest and float(row[4][0]) == rounds[-1]["global"]["accuracy"]
+    _compare(federated_run["out"], vanilla, tmp_path, capsys)
+    compare = {row[0][1]: row for row in _tables(tmp_path / "both.html").tables["compare"]}
     assert compare["vanilla"][1][1] == "vanilla" and compare[federated_run["out"].name][1][1] == "asi"
-    assert page.svgs == 2 + 4 * 2  # the comparison's two plots, then each run's four
-    text = (tmp_path / "both.html").read_text()
-    assert "vanilla (vanilla)" in text and f"{federated_run['out'].name} (asi)" in text  # the points' labels

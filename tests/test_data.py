@@ -75,6 +75,7 @@ def test_partitions_are_disjoint_cover_everything_and_repeat(alpha):
         assert max(np.abs(s - shares[0]).max() for s in shares) > 0.1
 
 
+@pytest.mark.process  # a fresh python reads the split
 def test_a_cached_partition_is_the_same_split_and_read_without_flwr_datasets(tmp_path):
     import subprocess
     import sys
@@ -112,6 +113,7 @@ def test_missing_local_root_is_named(tmp_path):
         load_dataset("cifar10", root=tmp_path / "nope")
 
 
+@pytest.mark.process  # a server process, and the child it prepares the shares in
 def test_a_server_prepares_the_shares_in_a_child_and_never_loads_flwr_datasets(tmp_path):
     import os
     import subprocess

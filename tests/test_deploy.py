@@ -18,6 +18,8 @@ from odl_fed.deploy.processes import free_port
 from odl_fed.federation.recorder import read_rounds
 from processes import ROOT, env, start, stop_all, tree
 
+pytestmark = pytest.mark.process  # every test here starts the entries as processes
+
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "rounds": 2, "clients-per-round": 3,
        "local-epochs": 1, "batch-size": 16, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits",
        "partition": "iid", "seed": 0, "examples-per-client": 64, "eval-examples": 200}

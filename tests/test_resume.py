@@ -127,6 +127,7 @@ def test_a_new_run_never_overwrites_an_unfinished_one(tmp_path):
         check_run_dir(run_dir, fleet, resume=True)
 
 
+@pytest.mark.process  # a second python holds the lock
 def test_a_second_server_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from odl_fed.federation.checkpoint import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
@@ -229,6 +230,7 @@ def test_simulate_needs_a_fleet_or_a_run_to_resume(capsys):
                                                "(or --resume RUN_DIR to go on with one)")
 
 
+@pytest.mark.process  # the server entry, python -m odl_fed.server
 @pytest.mark.parametrize("damage", ["missing", "other-fleet"])
 def test_the_deployed_server_refuses_a_bad_resume_before_starting_anything(tmp_path, damage):
     run_dir = tmp_path / "run"

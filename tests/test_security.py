@@ -249,6 +249,7 @@ def test_registered_node_trains_unregistered_and_foreign_ones_are_refused(certs,
     assert not any(link in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
 
+@pytest.mark.process  # a SuperLink, a SuperNode and the client entry
 def test_an_expired_server_certificate_stops_the_node_with_one_clear_error(certs, tmp_path):
     """A SuperLink started (by hand, past the server entry's check) with an expired certificate: the
     client entry says so and starts no SuperNode; a bare SuperNode (Flower's check) does not connect.

@@ -6,6 +6,8 @@ import pytest
 
 from bench import tight_fleet
 
+pytestmark = pytest.mark.fleet  # one run of its own in Flower's simulation engine (its fleet is the test)
+
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):

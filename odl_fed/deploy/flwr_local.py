@@ -87,10 +87,12 @@ def main(argv=None) -> int:
     parser.add_argument("--devices", type=Path, help="extra device profiles (YAML)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/flwr"))
     parser.add_argument("--flwr-home", type=Path, default=PROJECT / ".flwr", help="Flower's home (project-local)")
+    parser.add_argument("--plan-cache", default=DEFAULTS["plan-cache"],
+                        help="the clients' plan cache directory ('': in memory only)")
     args = parser.parse_args(argv)
     try:
         log = flwr_run(args.fleet, out_dir=args.out_dir, flwr_home=args.flwr_home.absolute(),
-                       devices_file=args.devices)
+                       devices_file=args.devices, plan_cache=args.plan_cache)
     except (FleetError, DatasetUnavailableError, FileNotFoundError, RuntimeError,
             subprocess.CalledProcessError) as error:
         print(f"flwr run: error: {error}", file=sys.stderr)

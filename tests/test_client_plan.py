@@ -77,7 +77,9 @@ def test_an_activation_cap_compresses_only_what_it_must(setting, roomy):
     plan = _plan(setting, capped)
     assert plan.batch_size == 32 and len(plan.layers) == 4 and plan.rank_plan is not None
     compressed = [name for name, ranks in plan.ranks.items() if ranks is not None]
-    assert compressed and len(compressed) < 4 or plan.exact_layers == ()
+    # half the exact bytes: some layers compressed, and at least one kept exact (here the last, '12')
+    assert 0 < len(compressed) < 4, plan.ranks
+    assert plan.exact_layers == tuple(name for name in plan.layers if name not in compressed) != ()
     convs, total = _saved_by_a_step(setting, plan)
     assert convs <= exact_convs // 2 and total == plan.predicted_activation_bytes <= plan.activation_budget
     pure = _plan(setting, capped, method="asi-only")
@@ -178,6 +180,7 @@ def test_a_device_that_holds_the_weights_but_not_the_step_is_told_the_smallest_n
         _plan(setting, profile, layers=2)
 
 
+@pytest.mark.sweep  # 14 plans with measured trials, half a minute together
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("layers", [1, 4])
 def test_every_model_the_project_builds_gets_a_plan(name, layers):

@@ -32,13 +32,24 @@ def test_breach_raises_a_clear_failure_naming_client_budget_and_peak():
     assert info.value.peak >= 230 * MiB and info.value.budget == 100 * MiB
 
 
+def _thread_samples(guard: MemoryGuard, count: int, timeout: float = 10.0) -> None:
+    """Wait until the guard's own thread has taken ``count`` more readings (nothing else samples here)."""
+    target, deadline = guard.samples + count, time.monotonic() + timeout
+    while guard.samples < target:
+        assert time.monotonic() < deadline, f"the sampling thread took {guard.samples} readings in {timeout} s"
+        time.sleep(0.001)
+
+
 def test_the_sampling_thread_sees_a_transient_peak_between_checks():
     with MemoryGuard(50 * MiB, client="phone-1", interval=0.001) as guard:
+        _thread_samples(guard, 2)
+        assert guard.peak < 50 * MiB and not guard.breached  # nothing allocated yet
         for _ in range(3):
             block = torch.ones(200 * MiB // 4)
-            time.sleep(0.05)  # no check() here: only the thread can see this peak
+            _thread_samples(guard, 2)  # no check() here: only the thread can see this peak
             del block
-    assert guard.breached and guard.peak >= 150 * MiB
+        during = guard.peak
+    assert during >= 150 * MiB and guard.breached
 
 
 def test_training_stops_at_the_first_check_past_the_budget():
@@ -71,6 +82,7 @@ def test_a_second_client_in_the_same_process_is_not_hidden_by_reused_pages():
     assert all(100 * MiB <= peak <= 200 * MiB for peak in readings), [r / MiB for r in readings]
 
 
+@pytest.mark.process  # a fresh python, for a C library in its first state
 def test_the_server_gives_large_blocks_back_when_they_are_freed():
     """After glibc has raised its threshold, 200 MiB of freed 4 MiB blocks between survivors stay
     resident; within mmap_threshold(LARGE_BLOCK) they go back to the system (psutil, a fresh process)."""

@@ -224,6 +224,23 @@ def _contents(run_dir: Path) -> dict:
     return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix != ".lock"}
 
 
+def test_a_real_runs_checkpoint_is_its_end_and_resuming_it_is_refused(federated_run, capsys):
+    """The checkpoint conftest's shared simulated run left: its last round, its trained layers to the
+    bit, its round lines; `--resume` of a finished run is one error line and changes nothing there."""
+    out = federated_run["out"]
+    saved = load_checkpoint(out / CHECKPOINT)
+    assert saved.finished and saved.round == saved.rounds == 3
+    trained = torch.load(out / "trained_layers.pt")
+    assert sorted(saved.arrays) == sorted(trained) and all(torch.equal(saved.arrays[k], trained[k]) for k in trained)
+    assert [(r["round"], r["global"]) for r in saved.records] == \
+        [(r["round"], r["global"]) for r in federated_run["rounds"]]
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".lock"}
+    assert main(["simulate", "--resume", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"odl-fed simulate: error: checkpoint {out / CHECKPOINT}: the run "
+                                               "finished all its 3 rounds; there is nothing to resume")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".lock"} == files
+
+
 def test_simulate_needs_a_fleet_or_a_run_to_resume(capsys):
     assert main(["simulate", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == ("odl-fed simulate: error: --fleet is needed to start a run "

@@ -41,9 +41,9 @@ def _one(policy: str, model_name: str, image_size: int, layers: int, watermark: 
     import torch
     import torch.nn.functional as F
 
-    from odl_fed.training.data import batches
-    from odl_fed.spec.job import JobSpec
+    from odl_fed.config.job import JobSpec
     from odl_fed.federation.job_assets import client_data, global_model
+    from odl_fed.training.data import batches
     from odl_fed.training.task import apply_method, make_optimizer, warm_up
 
     torch.set_num_threads(1)

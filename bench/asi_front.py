@@ -33,8 +33,8 @@ from bench.accuracy.settings import HEAD_ONLY, load_settings
 from bench.accuracy.train import calibration_batches, fine_tune, prepared_tail
 from bench.process_tree import write_result
 from odl_fed.asi import restore_model
-from odl_fed.training.methods import get_method
 from odl_fed.planning.ranks import WEIGHTINGS, plan_ranks
+from odl_fed.training.methods import get_method
 
 __all__ = ["train_seeds", "keep_shares", "render_rows", "main"]
 

@@ -30,8 +30,8 @@ import torchvision
 from torch import Tensor, nn
 
 from bench.accuracy.train import prepared_tail
-from bench.tail import first_block, layer_inputs, prefix_features
 from bench.settings import check_keys, read_settings
+from bench.tail import first_block, layer_inputs, prefix_features
 from odl_fed.asi import ASIConv2d, get_variant, last_conv_names
 from odl_fed.training.flops import count_flops
 from odl_fed.training.models import build_model

@@ -26,10 +26,10 @@ from bench.asi_front import keep_shares, render_rows, train_seeds
 from bench.process_tree import write_result
 from bench.tail import cache_features, first_block
 from odl_fed.asi import last_conv_names
+from odl_fed.planning.ranks import plan_ranks
 from odl_fed.training.data import load_dataset
 from odl_fed.training.methods import get_method
 from odl_fed.training.models import build_model
-from odl_fed.planning.ranks import plan_ranks
 
 IMAGE_SIZE, LAYERS, TRAIN, BATCH, EPOCHS, LR = 112, 4, 1024, 32, 3, 3e-4
 BUDGETS = (50, 100, 200)  # 1/N of vanilla's conv bytes

@@ -27,12 +27,12 @@ import psutil
 import torch
 
 from bench.process_tree import TreeSampler, write_result
+from odl_fed.config.fleet import load_fleet
 from odl_fed.federation.job_assets import client_data, global_model
-from odl_fed.spec.fleet import load_fleet
-from odl_fed.training.memory_guard import MemoryGuard
 from odl_fed.federation.recorder import read_rounds
-from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, RunKey, Status
 from odl_fed.federation.simulation import simulate
+from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, RunKey, Status
+from odl_fed.training.memory_guard import MemoryGuard
 from odl_fed.training.task import train_epoch
 
 

@@ -24,8 +24,8 @@ import yaml
 
 from bench.process_tree import TreeSampler, write_result
 from odl_fed.federation.recorder import read_rounds
-from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, Status
 from odl_fed.federation.simulation import simulate
+from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, Status
 
 MIX = {"rpi4": 0.3, "rpi5": 0.2, "jetson-nano": 0.1, "phone": 0.3, "tiny": 0.1}  # configs/fleets/mixed.yaml
 JOB = {"model": "mobilenet_v2", "layers": 2, "method": "asi", "rounds": 2, "local-epochs": 1, "batch-size": 16,

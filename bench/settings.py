@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from odl_fed.spec.suggest import did_you_mean
+from odl_fed.config.suggest import did_you_mean
 
 __all__ = ["read_settings", "check_keys"]
 

@@ -22,8 +22,8 @@ import yaml
 
 from bench.process_tree import TreeSampler, write_result
 from odl_fed.federation.recorder import read_rounds
-from odl_fed.schema import GlobalKey, RoundKey
 from odl_fed.federation.simulation import simulate
+from odl_fed.schema import GlobalKey, RoundKey
 
 JOB = {"model": "resnet18", "layers": 2, "method": "asi", "clients-per-round": 4, "local-epochs": 1,
        "batch-size": 16, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits", "partition": "iid", "seed": 0,

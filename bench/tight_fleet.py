@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from odl_fed.planning.device_plan import plan_client
-from odl_fed.spec.fleet import load_fleet
+from odl_fed.config.fleet import load_fleet
+from odl_fed.config.profile import get_profile
 from odl_fed.federation.job_assets import client_data, global_model
-from odl_fed.planning.ranks import WEIGHTINGS
-from odl_fed.spec.profile import get_profile
 from odl_fed.federation.recorder import read_rounds
-from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, Status
 from odl_fed.federation.simulation import simulate
+from odl_fed.planning.device_plan import plan_client
+from odl_fed.planning.ranks import WEIGHTINGS
+from odl_fed.schema import ClientKey, GlobalKey, Metric, RoundKey, Status
 
 MiB = 2**20
 FACTORS = (1.1, 1.1, 1.2, 1.3, 1.3)

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from odl_fed.asi import restore_model
 from odl_fed.asi.layers import ASIConv2d
+from odl_fed.planning.ranks import plan_ranks
 from odl_fed.training.data import batches, load_dataset
 from odl_fed.training.models import build_model, prepare_finetune
-from odl_fed.planning.ranks import plan_ranks
 from odl_fed.training.task import apply_method, make_optimizer
 
 STARTS = ("warm", "exact start", "random start")

@@ -24,18 +24,18 @@ from pathlib import Path
 
 import torch
 
-from odl_fed.training.allocator import own_process
-from odl_fed.federation.checkpoint import RunDirInUse
+from odl_fed.config.run import DEFAULTS
+from odl_fed.config.units import parse_bytes
+from odl_fed.dashboard.report import REPORT_NAME
 from odl_fed.deploy.compose import ComposeError
+from odl_fed.federation.checkpoint import RunDirInUse
+from odl_fed.planning.ranks import GRIDS, WEIGHTINGS, BudgetTooSmallError, plan_ranks
+from odl_fed.schema import CHECKPOINT_FILE, DEFAULT_PORT, EVENT, REPORT_FILE, ROUND_LOG, Event
+from odl_fed.training.allocator import own_process
 from odl_fed.training.data import DATASETS, DatasetUnavailableError, ImageData, batches, load_dataset
 from odl_fed.training.methods import get_method
 from odl_fed.training.models import MODELS, build_model, prepare_finetune, save_checkpoint
-from odl_fed.planning.ranks import GRIDS, WEIGHTINGS, BudgetTooSmallError, plan_ranks
-from odl_fed.dashboard.report import REPORT_NAME
-from odl_fed.schema import CHECKPOINT_FILE, DEFAULT_PORT, EVENT, REPORT_FILE, ROUND_LOG, Event
-from odl_fed.spec.run_config import DEFAULTS
 from odl_fed.training.task import METHODS, apply_method, evaluate, train_epoch
-from odl_fed.spec.units import parse_bytes
 
 USER_ERRORS = (ComposeError, RunDirInUse, ValueError, KeyError, FileNotFoundError,
                DatasetUnavailableError, BudgetTooSmallError, ImportError)

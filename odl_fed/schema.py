@@ -57,13 +57,13 @@ class RunKey:
 
     TIME: Final = "time"
     FLEET: Final = "fleet"  # the fleet file's path
-    JOB: Final = "job"  # the job as the fleet gave it: odl_fed.spec.fleet.JobSpec's fields (JobKey)
+    JOB: Final = "job"  # the job as the fleet gave it: odl_fed.config.fleet.JobSpec's fields (JobKey)
     CLIENTS: Final = "clients"  # how many clients the fleet has
     DEVICES: Final = "devices"  # device name -> count
     TRAINED_CONVS: Final = "trained_convs"
     TRAINED_BYTES: Final = "trained_bytes"  # what the trained layers weigh (one transfer)
     MODEL_BYTES: Final = "model_bytes"  # what the whole model weighs
-    SETTINGS: Final = "settings"  # the run config (odl_fed.spec.run_config)
+    SETTINGS: Final = "settings"  # the run config (odl_fed.config.run)
 
 
 class JobKey:

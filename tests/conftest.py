@@ -9,13 +9,13 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, Context, Message
 
+from odl_fed.config.fleet import load_fleet
+from odl_fed.config.profile import get_profile
 from odl_fed.federation.client_app import handle_train
 from odl_fed.federation.job_assets import client_data
 from odl_fed.federation.recorder import read_rounds
 from odl_fed.federation.simulation import simulate
 from odl_fed.planning.device_plan import plan_client
-from odl_fed.spec.fleet import load_fleet
-from odl_fed.spec.profile import get_profile
 from odl_fed.training.models import build_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules

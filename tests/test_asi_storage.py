@@ -10,10 +10,10 @@ from odl_fed.asi import ASIConv2d, last_conv_names
 from odl_fed.asi.storage import dequantize_int8, quantize_int8, tucker_nbytes
 from odl_fed.asi.tucker import tucker_numel
 from odl_fed.asi.variants import get_variant
+from odl_fed.planning.ranks import plan_ranks
 from odl_fed.training.data import batches, load_dataset
 from odl_fed.training.methods import get_method
 from odl_fed.training.models import build_model, prepare_finetune
-from odl_fed.planning.ranks import plan_ranks
 from odl_fed.training.saved_memory import SavedTensorMeter
 
 # Relative error of dW against the same ranks stored in float32 (measured on these inputs:

@@ -9,13 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from odl_fed.config.profile import get_profile
 from odl_fed.planning.device_plan import PlanRefused, Setting, measure_training, next_setting, plan_client
 from odl_fed.training.data import batches, load_dataset
 from odl_fed.training.models import MODELS, build_model, prepare_finetune
-from odl_fed.spec.profile import get_profile
 from odl_fed.training.saved_memory import SavedTensorMeter
 from odl_fed.training.task import apply_method
-
 
 IMAGE = 16
 

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from odl_fed.config.job import JobSpec
+from odl_fed.config.profile import get_profile
 from odl_fed.federation import client_round
 from odl_fed.federation.client_round import MEMORY_EXCEEDED, OK, REFUSED, PlanCache, run_client_round
 from odl_fed.federation.job_assets import client_data, global_model, trained_state
-from odl_fed.spec.job import JobSpec
-from odl_fed.spec.profile import get_profile
 
 JOB = JobSpec(model="mobilenet_v2", layers=2, method="asi", rounds=1, clients_per_round=2, local_epochs=1,
               batch_size=16, lr=1e-2, image_size=32, dataset="digits", dirichlet_alpha=None, seed=0,

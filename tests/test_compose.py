@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from odl_fed.config.fleet import load_fleet
 from odl_fed.deploy.compose import CLIENT_IMAGE, MEMORY_FLOOR, SERVER_IMAGE, ComposeError, compose_file, render
-from odl_fed.spec.fleet import load_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -31,8 +31,8 @@ import yaml
 
 from odl_fed.deploy.certs import make_certs
 from odl_fed.deploy.compose import CLIENT_IMAGE, SERVER_IMAGE
-from tools.docker_engine import EngineUnavailable, base_image, start_engine, wheelhouse
 from odl_fed.federation.recorder import read_rounds
+from tools.docker_engine import EngineUnavailable, base_image, start_engine, wheelhouse
 
 pytestmark = pytest.mark.compose
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_docker_compose_up_runs_the_fleet_to_the_end(engine, tmp_path):
             for service in ("rpi4-0", "phone-1", "squeezed-2"):
                 container = _container(engine, service)
                 if service not in limits and container:
-                    read = engine.docker("exec", container, "python", "-c", "from odl_fed.spec.machine import "
+                    read = engine.docker("exec", container, "python", "-c", "from odl_fed.config.machine import "
                                          "cgroup_memory_limit; print(cgroup_memory_limit()[0])", check=False)
                     if read.returncode == 0:
                         limits[service] = int(read.stdout.strip())

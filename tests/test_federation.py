@@ -9,6 +9,7 @@ import torch
 
 from conftest import CORRUPTED
 
+
 @pytest.fixture
 def run(federated_run):  # the run is made once for this module and the dashboard's tests (conftest.py)
     return federated_run

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from odl_fed.spec.fleet import FleetError, load_fleet
+from odl_fed.config.fleet import FleetError, load_fleet
 
 FLEETS = Path(__file__).resolve().parent.parent / "configs" / "fleets"
 
@@ -55,8 +55,8 @@ def test_missing_fleet_file(tmp_path):
 def test_a_random_model_whose_frozen_part_passes_nothing_is_warned_about(tmp_path):
     """Random MobileNetV2 with frozen BatchNorm hands its last convs ~1e-8 at 32 px (measured by a
     hook on the real forward); a pretrained checkpoint (demo.yaml) gets no warning."""
-    from odl_fed.training.models import build_model, frozen_signal
     from odl_fed.planning.preflight import DEAD_SIGNAL, check_signal
+    from odl_fed.training.models import build_model, frozen_signal
 
     mixed = load_fleet(FLEETS / "mixed.yaml")
     assert mixed.job.weights is None and mixed.job.model == "mobilenet_v2"

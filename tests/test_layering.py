@@ -1,5 +1,5 @@
 """The package's layering, checked over its import graph (every import, at module level or inside a
-function): the spec layer imports no torch, only the federation and deploy layers import flwr, and no
+function): the config layer imports no torch, only the federation and deploy layers import flwr, and no
 layer imports one above it. The data's way through the layers is drawn in docs/architecture.md."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "odl_fed"
 
 # Lowest first: a module may import its own layer and the layers before it, never one after it.
-LAYERS = ("schema", "spec", "asi", "training", "planning", "federation", "deploy", "entries")
+LAYERS = ("schema", "config", "asi", "training", "planning", "federation", "deploy", "entries")
 # The dashboard reads the round log: it sits beside the stack, imports only what a log's reader needs,
 # and is imported by the layers that write or show a run (the server, the deploy entries, the CLI).
-DASHBOARD_MAY_IMPORT = {"schema", "spec", "dashboard"}
+DASHBOARD_MAY_IMPORT = {"schema", "config", "dashboard"}
 DASHBOARD_USERS = {"federation", "deploy", "entries"}
 # Third-party packages by the layers allowed to import them.
-ONLY_IN = {"torch": set(LAYERS) - {"schema", "spec"} | {"dashboard"},
-           "torchvision": set(LAYERS) - {"schema", "spec"},
+ONLY_IN = {"torch": set(LAYERS) - {"schema", "config"} | {"dashboard"},
+           "torchvision": set(LAYERS) - {"schema", "config"},
            "flwr": {"federation", "deploy"}}
 
 
@@ -96,19 +96,19 @@ def test_the_check_catches_an_arrow_that_points_back_up(tmp_path):
     """The same check on a copy of the package with one wrong import added in each direction it forbids."""
     copy = tmp_path / "odl_fed"
     subprocess.run(["cp", "-r", str(PACKAGE), str(copy)], check=True)
-    (copy / "spec" / "wrong.py").write_text("import torch\nfrom odl_fed.training import models\n")
+    (copy / "config" / "wrong.py").write_text("import torch\nfrom odl_fed.training import models\n")
     (copy / "dashboard" / "wrong.py").write_text("from odl_fed.federation.recorder import RoundRecorder\n")
     (copy / "training" / "wrong.py").write_text("from flwr.app import Message\n")
     found = violations(copy)
-    assert found == ["odl_fed/dashboard/wrong.py:1: the dashboard imports odl_fed.federation.recorder "
+    assert found == ["odl_fed/config/wrong.py:1: the config layer imports torch",
+                     "odl_fed/config/wrong.py:2: the config layer imports odl_fed.training, of the training layer above it",
+                     "odl_fed/dashboard/wrong.py:1: the dashboard imports odl_fed.federation.recorder "
                      "(the federation layer)",
-                     "odl_fed/spec/wrong.py:1: the spec layer imports torch",
-                     "odl_fed/spec/wrong.py:2: the spec layer imports odl_fed.training, of the training layer above it",
                      "odl_fed/training/wrong.py:1: the training layer imports flwr.app"]
 
 
-@pytest.mark.parametrize("module", ["odl_fed.schema", "odl_fed.spec.fleet", "odl_fed.spec.run_config",
-                                    "odl_fed.spec.node_config", "odl_fed.spec.machine"])
+@pytest.mark.parametrize("module", ["odl_fed.schema", "odl_fed.config.fleet", "odl_fed.config.run",
+                                    "odl_fed.config.node", "odl_fed.config.machine"])
 def test_the_spec_layer_loads_without_torch_or_flwr(module):
     """Imported in a fresh interpreter, nothing it pulls in (at any depth) is torch or flwr."""
     code = (f"import sys, {module}; heavy = sorted({{m.split('.')[0] for m in sys.modules}} & "

@@ -6,12 +6,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from odl_fed.config.machine import (
+    MachineReadings,
+    cgroup_memory_limit,
+    cgroup_memory_usage,
+    closest_profile,
+    fit_to_memory_limit,
+)
+from odl_fed.config.node import build_node_config, format_node_config
+from odl_fed.config.profile import get_profile, load_profiles
+from odl_fed.config.run import RunSettings
 from odl_fed.federation.client_app import node_identity
-from odl_fed.spec.machine import MachineReadings, cgroup_memory_limit, cgroup_memory_usage, closest_profile, \
-    fit_to_memory_limit
-from odl_fed.spec.node_config import build_node_config, format_node_config
-from odl_fed.spec.profile import get_profile, load_profiles
-from odl_fed.spec.run_config import RunSettings
 
 FLEET = Path(__file__).resolve().parent.parent / "configs" / "fleets" / "demo.yaml"
 

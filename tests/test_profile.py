@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from odl_fed.spec.profile import ProfileError, get_profile, load_profiles
+from odl_fed.config.profile import ProfileError, get_profile, load_profiles
 
 
 def test_builtin_profiles_cover_the_fleet_devices():

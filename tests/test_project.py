@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import stages
 import yaml
 from _pytest.mark.expression import Expression
 
+import stages
 from bench import asi_layers
 from odl_fed.asi import tucker, variants
 
@@ -182,7 +182,7 @@ def test_benchmark_config_errors_name_the_file_and_the_key(tmp_path):
 def test_the_run_config_defaults_live_in_one_place():
     import tomllib
 
-    from odl_fed.spec.run_config import DEFAULTS
+    from odl_fed.config.run import DEFAULTS
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULTS  # Flower reads pyproject; odl-fed reads DEFAULTS

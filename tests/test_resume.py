@@ -17,13 +17,23 @@ import torch
 import yaml
 
 import odl_fed.federation.checkpoint as checkpoint_module
-from odl_fed.federation.checkpoint import (CHECKPOINT, SERVER_LOCK, Checkpoint, CheckpointError, RunDirInUse, RunLock,
-                                check_fleet_matches, check_run_dir, fleet_identity, load_checkpoint,
-                                save_checkpoint)
 from odl_fed.cli import main
-from odl_fed.spec.fleet import load_fleet
-from odl_fed.federation.recorder import RoundRecorder
+from odl_fed.config.fleet import load_fleet
 from odl_fed.dashboard.run_log import load_run
+from odl_fed.federation.checkpoint import (
+    CHECKPOINT,
+    SERVER_LOCK,
+    Checkpoint,
+    CheckpointError,
+    RunDirInUse,
+    RunLock,
+    check_fleet_matches,
+    check_run_dir,
+    fleet_identity,
+    load_checkpoint,
+    save_checkpoint,
+)
+from odl_fed.federation.recorder import RoundRecorder
 from odl_fed.federation.strategy import load_strategy_state, strategy_state
 
 ROOT = Path(__file__).resolve().parent.parent

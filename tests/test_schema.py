@@ -25,8 +25,21 @@ from odl_fed.dashboard.run_log import LogFollower, load_run
 from odl_fed.federation.client_app import handle_train
 from odl_fed.federation.recorder import RoundRecorder, read_rounds
 from odl_fed.federation.server_app import run_server
-from odl_fed.schema import (EVENT, ROUND_LOG, AttemptKey, ClientKey, EndKey, Event, GlobalKey, Metric, Outcome, Record,
-                            RoundKey, RunKey, Status)
+from odl_fed.schema import (
+    EVENT,
+    ROUND_LOG,
+    AttemptKey,
+    ClientKey,
+    EndKey,
+    Event,
+    GlobalKey,
+    Metric,
+    Outcome,
+    Record,
+    RoundKey,
+    RunKey,
+    Status,
+)
 from odl_fed.training.methods import METHODS
 
 JOB = {"model": "mobilenet_v2", "layers": 2, "method": "asi", "rounds": 1, "clients-per-round": 3,

@@ -20,9 +20,10 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from odl_fed.deploy import supernode as client, superlink as server
-from odl_fed.deploy.certs import check_certificate, check_node_key, make_certs, server_certs
 from odl_fed.cli import main as cli_main
+from odl_fed.deploy import superlink as server
+from odl_fed.deploy import supernode as client
+from odl_fed.deploy.certs import check_certificate, check_node_key, make_certs, server_certs
 from odl_fed.deploy.processes import flower_command, free_port, wait_for_port
 from odl_fed.federation.recorder import read_rounds
 from processes import ROOT, env, start, stop_all, tree

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from odl_fed.cli import main
-from odl_fed.spec.run_config import RunSettings
+from odl_fed.config.run import RunSettings
 
 JOB = {"model": "resnet18", "layers": 2, "method": "asi", "rounds": 1, "clients-per-round": 1, "local-epochs": 1,
        "batch-size": 8, "lr": 0.001, "image-size": 32, "dataset": "digits"}

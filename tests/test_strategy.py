@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from odl_fed.spec.job import JobSpec
+from odl_fed.config.job import JobSpec
 from odl_fed.federation.recorder import RoundRecorder, read_rounds
 from odl_fed.federation.strategy import AGGREGATED_METRICS, make_strategy
 from odl_fed.federation.validation import UpdateRejected, check_update, expected_layout

@@ -23,11 +23,11 @@ from bench.accuracy.train import (
 )
 from bench.tail import Cached, cache_features, first_block, layer_inputs, prefix_features
 from odl_fed.asi import ASIConv2d, get_variant, last_conv_names
+from odl_fed.planning.ranks import BudgetTooSmallError, plan_ranks
 from odl_fed.training.data import ImageData, batches, load_dataset
 from odl_fed.training.flops import count_flops
 from odl_fed.training.methods import get_method
 from odl_fed.training.models import build_model
-from odl_fed.planning.ranks import BudgetTooSmallError, plan_ranks
 from odl_fed.training.task import train_step
 
 __all__ = ["ROOT", "RUNS_DIR", "run_case", "run_group", "case_data", "estimate", "compression_cost"]

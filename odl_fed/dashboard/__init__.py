@@ -1,1 +1,1 @@
-"""dashboard"""
+"""The round log, read: summaries, the console, TensorBoard, the report."""

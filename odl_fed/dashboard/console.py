@@ -11,11 +11,7 @@ The view only reads events (:mod:`odl_fed.dashboard.run_log`); it never measures
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import TextIO
 
 from odl_fed.dashboard.round_summary import RoundSummary, format_bytes, summarise_round

@@ -17,8 +17,8 @@ import json
 import logging
 from pathlib import Path
 
-from odl_fed.dashboard.round_summary import summarise_round
 from odl_fed import schema
+from odl_fed.dashboard.round_summary import summarise_round
 from odl_fed.schema import EVENT, Event, RunKey
 
 __all__ = ["TensorBoardLog", "TENSORBOARD_DIR"]

@@ -102,7 +102,7 @@ def _clear_stand_ins(directories: list[Path], *, force: bool) -> None:
             path.rmdir()
             continue
         how = (f"remove it (rmdir {path}) or run again with --force" if empty else
-               f"it is not empty, so it is left alone: move it away and run again")
+               "it is not empty, so it is left alone: move it away and run again")
         raise CertError(f"{path} is a directory where the file {path.name} belongs (Docker makes one where a "
                         f"bind-mounted file is missing): {how}")
 

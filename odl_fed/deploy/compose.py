@@ -33,8 +33,8 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
+from odl_fed.config.fleet import FleetSpec, load_fleet
 from odl_fed.deploy.processes import READY, SERVER_HOME
-from odl_fed.spec.fleet import FleetSpec, load_fleet
 from odl_fed.schema import DEFAULT_PORT
 
 __all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT",

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import psutil
 
+from odl_fed.config.fleet import FleetError, load_fleet
+from odl_fed.config.run import DEFAULTS
+from odl_fed.federation.flower_env import OFFLINE_ENV
 from odl_fed.federation.job_assets import held_out_data, train_size
 from odl_fed.planning.preflight import check_fleet
-from odl_fed.training.data import DatasetUnavailableError
-from odl_fed.spec.fleet import FleetError, load_fleet
-from odl_fed.spec.run_config import DEFAULTS
 from odl_fed.schema import EVENT, ROUND_LOG, Event
-from odl_fed.federation.flower_env import OFFLINE_ENV
+from odl_fed.training.data import DatasetUnavailableError
 
 __all__ = ["flwr_run", "stop_local_superlink"]
 

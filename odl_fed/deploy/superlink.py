@@ -36,21 +36,36 @@ import sys
 import time
 from pathlib import Path
 
-from odl_fed.deploy.certs import CertError, ServerCerts, server_certs
-from odl_fed.federation.checkpoint import (SERVER_LOCK, Checkpoint, CheckpointError, RunDirInUse, RunLock, check_run_dir,
-                                resume_config)
+from odl_fed.config.fleet import FleetError, load_fleet
+from odl_fed.config.run import DEFAULTS
 from odl_fed.dashboard.console import ConsoleDashboard
-from odl_fed.training.data import DatasetUnavailableError
-from odl_fed.deploy.processes import READY, SERVER_HOME, AddressError, Processes, flower_command, flower_env, parse_address, \
-    wait_for_port
-from odl_fed.spec.fleet import FleetError, load_fleet
-from odl_fed.federation.job_assets import held_out_data, train_size
-from odl_fed.planning.preflight import check_fleet
-from odl_fed.federation.recorder import cut_back
 from odl_fed.dashboard.report import REPORT_NAME
-from odl_fed.schema import CHECKPOINT_FILE, DEFAULT_PORT, EVENT, ROUND_LOG, TRAINED_LAYERS_FILE, Event
-from odl_fed.spec.run_config import DEFAULTS
 from odl_fed.dashboard.run_log import LogFollower
+from odl_fed.deploy.certs import CertError, ServerCerts, server_certs
+from odl_fed.deploy.processes import (
+    READY,
+    SERVER_HOME,
+    AddressError,
+    Processes,
+    flower_command,
+    flower_env,
+    parse_address,
+    wait_for_port,
+)
+from odl_fed.federation.checkpoint import (
+    SERVER_LOCK,
+    Checkpoint,
+    CheckpointError,
+    RunDirInUse,
+    RunLock,
+    check_run_dir,
+    resume_config,
+)
+from odl_fed.federation.job_assets import held_out_data, train_size
+from odl_fed.federation.recorder import cut_back
+from odl_fed.planning.preflight import check_fleet
+from odl_fed.schema import CHECKPOINT_FILE, DEFAULT_PORT, EVENT, ROUND_LOG, TRAINED_LAYERS_FILE, Event
+from odl_fed.training.data import DatasetUnavailableError
 
 __all__ = ["main", "serve", "DEFAULT_LISTEN", "ServerError"]
 

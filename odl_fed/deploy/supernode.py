@@ -18,9 +18,9 @@ then ends in one error. ``--insecure`` (plaintext, no authentication) only when 
 warning; one of the two is required.
 
 The node config carries the whole device profile and the client's share of the data
-(:mod:`odl_fed.spec.node_config`); Flower starts a fresh ClientApp process per message, which reads them.
+(:mod:`odl_fed.config.node`); Flower starts a fresh ClientApp process per message, which reads them.
 In a container with a memory limit, each round's ``train-memory`` is cut to what the limit leaves
-once the ClientApp is loaded (:func:`odl_fed.spec.machine.fit_to_memory_limit`), so the plan and
+once the ClientApp is loaded (:func:`odl_fed.config.machine.fit_to_memory_limit`), so the plan and
 the MemoryGuard stop training before the kernel would kill it. ``--hard-limit`` also caps the address space of the
 SuperNode and each ClientApp (RLIMIT_AS: ``runtime-memory + train-memory`` plus the floor torch
 needs to import at all).
@@ -43,13 +43,23 @@ import threading
 import time
 from pathlib import Path
 
+from odl_fed.config.machine import closest_profile, read_machine
+from odl_fed.config.node import NodeConfigError, build_node_config, format_node_config
+from odl_fed.config.profile import DeviceProfile, ProfileError, get_profile, load_profiles
 from odl_fed.deploy.certs import CertError, check_ca, check_node_key
-from odl_fed.deploy.processes import TORCH_ADDRESS_FLOOR, AddressError, Processes, flower_command, flower_env, free_port, \
-    parse_address, port_answers, speaks_tls, tls_problem
-from odl_fed.spec.machine import closest_profile, read_machine
+from odl_fed.deploy.processes import (
+    TORCH_ADDRESS_FLOOR,
+    AddressError,
+    Processes,
+    flower_command,
+    flower_env,
+    free_port,
+    parse_address,
+    port_answers,
+    speaks_tls,
+    tls_problem,
+)
 from odl_fed.federation.faults import FAULT_KEY, FAULTS, FaultError, parse_fault
-from odl_fed.spec.node_config import NodeConfigError, build_node_config, format_node_config
-from odl_fed.spec.profile import DeviceProfile, ProfileError, get_profile, load_profiles
 
 __all__ = ["main", "resolve_profile", "hard_limit"]
 
@@ -221,7 +231,7 @@ def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", required=True, help="a profile name (configs/devices.yaml or --devices), "
+    parser.add_argument("--device", required=True, help="a profile name (odl_fed/config/devices.yaml or --devices), "
                                                         "or 'auto' for the nearest to this machine")
     parser.add_argument("--superlink", required=True, help="the server's SuperLink, HOST:PORT")
     parser.add_argument("--devices", type=Path, help="extra device profiles (YAML)")

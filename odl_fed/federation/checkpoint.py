@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from odl_fed.spec.fleet import FleetSpec
-from odl_fed.spec.job import JobSpec
+from odl_fed.config.fleet import FleetSpec
+from odl_fed.config.job import JobSpec
 from odl_fed.schema import CHECKPOINT_FILE, RoundKey, to_json_value
 
 __all__ = ["Checkpoint", "CheckpointError", "RunLock", "RunDirInUse", "CHECKPOINT", "SERVER_LOCK", "WRITER_LOCK",

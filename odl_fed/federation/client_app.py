@@ -3,7 +3,7 @@
 Which device a node is: its node config's ``device`` (and the profile's fields, which
 ``python -m odl_fed.client`` puts there) when it has one, else the fleet's device for its
 ``partition-id`` (simulation, where the node config holds only the partition); see
-:mod:`odl_fed.spec.node_config`. The work itself is
+:mod:`odl_fed.config.node`. The work itself is
 :func:`odl_fed.federation.client_round.run_client_round`.
 """
 
@@ -17,13 +17,13 @@ from collections.abc import Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from odl_fed.config.machine import cgroup_memory_limit, cgroup_memory_usage, fit_to_memory_limit
+from odl_fed.config.node import NodeConfigError, node_profile, partition
+from odl_fed.config.profile import DeviceProfile
+from odl_fed.config.run import RunSettings
 from odl_fed.federation.client_round import PlanCache, run_client_round
-from odl_fed.spec.machine import cgroup_memory_limit, cgroup_memory_usage, fit_to_memory_limit
 from odl_fed.federation.faults import drill_hook
 from odl_fed.federation.job_assets import client_data
-from odl_fed.spec.node_config import NodeConfigError, node_profile, partition
-from odl_fed.spec.profile import DeviceProfile
-from odl_fed.spec.run_config import RunSettings
 from odl_fed.schema import ClientKey, ConfigKey, Record
 
 __all__ = ["app", "handle_train", "node_identity", "BASES_KEY"]
@@ -42,7 +42,7 @@ def node_identity(settings: RunSettings, node_config: Mapping) -> tuple[str, Dev
     """The client's name, device profile, partition id and number of partitions.
 
     A deployed node's config carries its device (and the profile's fields); a simulated node's only
-    its partition, whose device the fleet says (:mod:`odl_fed.spec.node_config`).
+    its partition, whose device the fleet says (:mod:`odl_fed.config.node`).
     """
     fleet = settings.fleet()
     partition_id, num_partitions = partition(node_config, default_partitions=fleet.num_clients)

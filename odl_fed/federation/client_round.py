@@ -37,14 +37,14 @@ from torch import Tensor, nn
 
 from odl_fed.asi import restore_model
 from odl_fed.asi.layers import ASIConv2d
-from odl_fed.schema import AttemptKey, Metric, Status
-from odl_fed.planning.device_plan import ClientPlan, PlanRefused, Setting, nbytes, next_setting, plan_client
-from odl_fed.training.data import ImageData, batches
-from odl_fed.spec.job import JobSpec
+from odl_fed.config.job import JobSpec
+from odl_fed.config.profile import DeviceProfile
 from odl_fed.federation.job_assets import client_model
+from odl_fed.planning.device_plan import ClientPlan, PlanRefused, Setting, nbytes, next_setting, plan_client
+from odl_fed.schema import AttemptKey, Metric, Status
+from odl_fed.training.data import ImageData, batches
 from odl_fed.training.memory_guard import MemoryBudgetExceeded, MemoryGuard
 from odl_fed.training.models import prepare_finetune
-from odl_fed.spec.profile import DeviceProfile
 from odl_fed.training.task import apply_method, make_optimizer, train_epoch, warm_up
 
 __all__ = ["ClientOutcome", "PlanCache", "run_client_round", "asi_bases", "OK", "REFUSED", "MEMORY_EXCEEDED"]

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from odl_fed.asi import restore_model
-from odl_fed.training.data import ImageData, partitions_dir, load_dataset, partition, partition_file
-from odl_fed.spec.job import JobSpec
+from odl_fed.config.job import JobSpec
+from odl_fed.training.data import ImageData, load_dataset, partition, partition_file, partitions_dir
 from odl_fed.training.models import build_model, prepare_finetune
 
 __all__ = ["global_model", "client_model", "trained_state", "client_data", "prepare_partitions", "held_out_data", "train_size"]

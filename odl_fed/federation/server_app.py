@@ -21,18 +21,25 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from odl_fed.federation.checkpoint import (CHECKPOINT, WRITER_LOCK, Checkpoint, RunLock, check_run_dir, fleet_identity,
-                                save_checkpoint)
-from odl_fed.federation.job_assets import global_model, held_out_data, train_size, trained_state
-from odl_fed.training.allocator import LARGE_BLOCK, LARGEST_THRESHOLD, mmap_threshold, own_process
-from odl_fed.federation.recorder import RoundRecorder
-from odl_fed.schema import ROUND_LOG, TRAINED_LAYERS_FILE, EndKey, GlobalKey, RoundKey, RunKey
+from odl_fed.config.run import RunSettings
 from odl_fed.dashboard.report import write_report
-from odl_fed.spec.run_config import RunSettings
-from odl_fed.federation.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
-from odl_fed.training.task import evaluate
 from odl_fed.dashboard.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog
+from odl_fed.federation.checkpoint import (
+    CHECKPOINT,
+    WRITER_LOCK,
+    Checkpoint,
+    RunLock,
+    check_run_dir,
+    fleet_identity,
+    save_checkpoint,
+)
+from odl_fed.federation.job_assets import global_model, held_out_data, train_size, trained_state
+from odl_fed.federation.recorder import RoundRecorder
+from odl_fed.federation.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
 from odl_fed.federation.validation import expected_layout
+from odl_fed.schema import ROUND_LOG, TRAINED_LAYERS_FILE, EndKey, GlobalKey, RoundKey, RunKey
+from odl_fed.training.allocator import LARGE_BLOCK, LARGEST_THRESHOLD, mmap_threshold, own_process
+from odl_fed.training.task import evaluate
 
 __all__ = ["app", "run_server"]
 

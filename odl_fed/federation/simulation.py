@@ -18,15 +18,15 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from odl_fed.config.run import RunSettings
+from odl_fed.dashboard.console import ConsoleDashboard
 from odl_fed.federation.checkpoint import SERVER_LOCK, RunLock, check_run_dir
 from odl_fed.federation.client_app import handle_train
-from odl_fed.dashboard.console import ConsoleDashboard
 from odl_fed.federation.flower_env import FLOWER_LOG, OFFLINE_ENV, flower_log_file, known_notices_hidden, offline
 from odl_fed.federation.job_assets import held_out_data, prepare_partitions, train_size
-from odl_fed.planning.preflight import check_fleet
-from odl_fed.spec.run_config import RunSettings
-from odl_fed.schema import ROUND_LOG
 from odl_fed.federation.server_app import run_server
+from odl_fed.planning.preflight import check_fleet
+from odl_fed.schema import ROUND_LOG
 
 __all__ = ["simulate", "build_apps", "OFFLINE_ENV"]
 

@@ -23,17 +23,16 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from odl_fed.spec import names
-from odl_fed.spec.job import JobSpec
-from odl_fed.spec.names import check_registry
+from odl_fed.config import names
+from odl_fed.config.job import JobSpec
+from odl_fed.config.names import check_registry
 from odl_fed.federation.recorder import RoundRecorder
-from odl_fed.schema import ClientKey, Metric, Record, Status
 from odl_fed.federation.validation import UpdateRejected, check_update
+from odl_fed.schema import ClientKey, Metric, Record, Status
 
 __all__ = ["make_strategy", "parameter_bytes", "strategy_state", "load_strategy_state", "STRATEGY_CLASSES",
            "AGGREGATED_METRICS", "STATE_ATTRIBUTES", "log"]

@@ -42,12 +42,12 @@ from torch import nn
 
 from odl_fed.asi import restore_model
 from odl_fed.asi.surgery import inject_companions
+from odl_fed.config.profile import DeviceProfile
+from odl_fed.planning.ranks import BudgetTooSmallError, RankPlan, plan_ranks
 from odl_fed.training.data import ImageData, batches
 from odl_fed.training.memory_guard import MemoryBudgetExceeded, MemoryGuard
 from odl_fed.training.methods import Method, get_method
 from odl_fed.training.models import prepare_finetune
-from odl_fed.planning.ranks import BudgetTooSmallError, RankPlan, plan_ranks
-from odl_fed.spec.profile import DeviceProfile
 from odl_fed.training.saved_memory import SavedTensorMeter
 from odl_fed.training.task import make_optimizer, train_epoch, warm_up
 

@@ -19,7 +19,7 @@ import logging
 import psutil
 import torch
 
-from odl_fed.spec.fleet import FleetError, FleetSpec
+from odl_fed.config.fleet import FleetError, FleetSpec
 from odl_fed.training.models import build_model, check_model_input, frozen_signal
 
 __all__ = ["check_fleet", "check_model", "check_signal", "MIN_SHARE", "ACTOR_BASELINE", "DEAD_SIGNAL"]
@@ -62,7 +62,7 @@ def check_signal(fleet: FleetSpec) -> str | None:
 
 
 def check_fleet(fleet: FleetSpec, *, train_examples: int, simulated_cpus: int | None = None) -> None:
-    """Raise :class:`~odl_fed.spec.fleet.FleetError` for a fleet that cannot run here (see the module doc).
+    """Raise :class:`~odl_fed.config.fleet.FleetError` for a fleet that cannot run here (see the module doc).
 
     ``train_examples``: the size of the dataset's training split; ``simulated_cpus``: the CPUs a
     simulation gets (None: not simulated here).

@@ -49,8 +49,8 @@ from odl_fed.asi.layers import conv_geometry
 from odl_fed.asi.storage import tucker_nbytes
 from odl_fed.asi.tucker import TuckerForm, mode_spectra, ranks_for_energy, tucker_core, tucker_numel
 from odl_fed.asi.weight_grad import conv2d_weight_from_tucker, linear_weight_from_tucker
-from odl_fed.spec import names
-from odl_fed.spec.units import parse_bytes
+from odl_fed.config import names
+from odl_fed.config.units import parse_bytes
 
 __all__ = [
     "DEFAULT_THRESHOLDS",

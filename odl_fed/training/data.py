@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from odl_fed.spec import names
+from odl_fed.config import names
 
 __all__ = ["DATASETS", "ImageData", "DatasetUnavailableError", "load_dataset", "batches", "partition",
            "partition_file"]

@@ -21,7 +21,6 @@ reading: the client planner measures a setting's need that way (:mod:`odl_fed.pl
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import psutil
 

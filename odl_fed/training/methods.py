@@ -28,9 +28,9 @@ from odl_fed.asi import inject_asi
 from odl_fed.asi.layers import Ranks
 from odl_fed.asi.surgery import inject_companions
 from odl_fed.asi.variants import GradFilterVariant, Variant, get_variant
-from odl_fed.spec import names
-from odl_fed.spec.names import check_registry
-from odl_fed.spec.suggest import did_you_mean
+from odl_fed.config import names
+from odl_fed.config.names import check_registry
+from odl_fed.config.suggest import did_you_mean
 
 __all__ = ["Method", "METHODS", "get_method"]
 

@@ -15,8 +15,8 @@ import torchvision
 from torch import nn
 
 from odl_fed.asi.surgery import freeze_except, last_conv_names
-from odl_fed.spec import names
-from odl_fed.spec.names import check_registry
+from odl_fed.config import names
+from odl_fed.config.names import check_registry
 
 __all__ = ["MODELS", "build_model", "check_model_input", "frozen_signal", "head_name", "prepare_finetune",
            "save_checkpoint"]

@@ -16,8 +16,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from odl_fed.spec.profile import PROFILE_KEYS, DeviceProfile, get_profile, load_profiles, profile_fields, \
-    profile_from_fields
+from odl_fed.config.profile import (
+    PROFILE_KEYS,
+    DeviceProfile,
+    get_profile,
+    load_profiles,
+    profile_fields,
+    profile_from_fields,
+)
 
 __all__ = ["DEVICE", "PARTITION_ID", "NUM_PARTITIONS", "NodeConfigError", "build_node_config", "format_node_config",
            "node_profile", "partition"]

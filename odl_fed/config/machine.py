@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from odl_fed.spec.profile import DeviceProfile
+from odl_fed.config.profile import DeviceProfile
 
 __all__ = ["MachineReadings", "read_machine", "cgroup_memory_limit", "cgroup_memory_usage", "closest_profile",
            "fit_to_memory_limit", "LIMIT_MARGIN"]

@@ -1,4 +1,4 @@
-"""The spec layer's errors: each names the file and the field that cannot run."""
+"""The config layer's errors: each names the file and the field that cannot run."""
 
 from __future__ import annotations
 

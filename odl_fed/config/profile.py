@@ -1,6 +1,6 @@
 """Device profiles: what a device lets fine-tuning use, validated once at load.
 
-Built-in profiles live in ``configs/devices.yaml``; user files add profiles or override fields of
+Built-in profiles live in ``odl_fed/config/devices.yaml`` (installed with the package); user files add profiles or override fields of
 built-in ones. Every mistake names the file, the profile and the field, with the nearest valid
 name where one is close.
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import yaml
 
-from odl_fed.spec.units import parse_bytes
-from odl_fed.spec.suggest import did_you_mean
+from odl_fed.config.suggest import did_you_mean
+from odl_fed.config.units import parse_bytes
 
 __all__ = ["DeviceProfile", "ProfileError", "BUILTIN_PROFILES", "PROFILE_KEYS", "load_profiles", "get_profile",
            "profile_from_fields", "profile_fields"]
 
-BUILTIN_PROFILES = Path(__file__).resolve().parents[2] / "configs" / "devices.yaml"
+BUILTIN_PROFILES = Path(__file__).resolve().with_name("devices.yaml")  # package data: in the wheel too
 _SIZE_FIELDS = ("ram", "train-memory", "runtime-memory", "activation-memory")
 _OPTIONAL = ("description", "activation-memory")
 

@@ -1,7 +1,7 @@
 """The federated job a fleet runs: what model, which layers, which method, how many rounds, on what data.
 
-It is the ``job`` mapping of a fleet file (:mod:`odl_fed.spec.fleet`), checked field by field in plain
-Python: names are checked against :mod:`odl_fed.spec.names`, and whether the model can train ``layers``
+It is the ``job`` mapping of a fleet file (:mod:`odl_fed.config.fleet`), checked field by field in plain
+Python: names are checked against :mod:`odl_fed.config.names`, and whether the model can train ``layers``
 convs on ``image-size`` images is checked by :mod:`odl_fed.planning.preflight` before a run starts.
 """
 
@@ -11,9 +11,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from odl_fed.spec import names
-from odl_fed.spec.errors import JobError
-from odl_fed.spec.suggest import did_you_mean
+from odl_fed.config import names
+from odl_fed.config.errors import JobError
+from odl_fed.config.suggest import did_you_mean
 
 __all__ = ["JobSpec", "JobError", "STRATEGIES", "parse_job"]
 
@@ -39,7 +39,7 @@ class JobSpec:
     examples_per_client: int | None = None
     eval_examples: int | None = None
     min_clients: int = 1  # fewer connected clients than this and a round is skipped
-    # how the clients' rank planner sums the layers' gradient errors (odl_fed.spec.names.WEIGHTINGS)
+    # how the clients' rank planner sums the layers' gradient errors (odl_fed.config.names.WEIGHTINGS)
     rank_weighting: str = "absolute"
 
 

@@ -2,7 +2,7 @@
 
 Each registry that gives a name its meaning checks, when it is imported, that it holds exactly these
 names (:mod:`odl_fed.training.models`, :mod:`odl_fed.training.data`, :mod:`odl_fed.training.methods`,
-:mod:`odl_fed.planning.ranks`), so a fleet is checked in the spec layer without building anything and
+:mod:`odl_fed.planning.ranks`), so a fleet is checked in the config layer without building anything and
 the two lists cannot drift apart.
 """
 
@@ -26,7 +26,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 
 def check_registry(kind: str, names, registry) -> None:
-    """Raise ImportError when a registry's names differ from the spec's (a name added on one side only)."""
+    """Raise ImportError when a registry's names differ from the config layer's (a name added on one side only)."""
     if tuple(names) != tuple(registry):
-        raise ImportError(f"the {kind} registry holds {list(registry)}, but odl_fed.spec.names lists {list(names)}: "
+        raise ImportError(f"the {kind} registry holds {list(registry)}, but odl_fed.config.names lists {list(names)}: "
                           f"add or remove the name in both")

@@ -1,4 +1,4 @@
-"""Fleets: a YAML mix of devices plus the federated job they run (:mod:`odl_fed.spec.job`), validated once
+"""Fleets: a YAML mix of devices plus the federated job they run (:mod:`odl_fed.config.job`), validated once
 at the edge.
 
 ::
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import yaml
 
-from odl_fed.spec.errors import FleetError
-from odl_fed.spec.job import JobError, JobSpec, parse_job
-from odl_fed.spec.profile import DeviceProfile, ProfileError, get_profile, load_profiles
-from odl_fed.spec.suggest import did_you_mean
+from odl_fed.config.errors import FleetError
+from odl_fed.config.job import JobError, JobSpec, parse_job
+from odl_fed.config.profile import DeviceProfile, ProfileError, get_profile, load_profiles
+from odl_fed.config.suggest import did_you_mean
 
 __all__ = ["FleetSpec", "JobSpec", "DeviceGroup", "FleetError", "load_fleet"]
 

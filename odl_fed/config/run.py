@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from odl_fed.spec.fleet import FleetSpec, load_fleet
-from odl_fed.spec.suggest import did_you_mean
+from odl_fed.config.fleet import FleetSpec, load_fleet
+from odl_fed.config.suggest import did_you_mean
 
 __all__ = ["RunSettings", "DEFAULTS"]
 

@@ -58,7 +58,8 @@ def keep_shares(rows: list[dict], vanilla: dict, frozen: dict) -> None:
 
 
 def render_rows(rows: list[dict]) -> str:
-    lines = ["| method | weighting | budget | top-1 (mean ± std) | of conv gain | convs' saved bytes | ranks per conv |",
+    lines = ["| method | weighting | budget | top-1 (mean ± std) | of conv gain "
+             "| convs' saved bytes | ranks per conv |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         ranks = "; ".join("x".join(map(str, r)) for r in row["ranks"].values()) if row.get("ranks") else "-"
@@ -82,7 +83,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--replan", choices=("no", "also", "only"), default="no",
                         help="run each row with its ranks re-planned per epoch as well ('also') or instead ('only')")
     parser.add_argument("--gradfilt-radius", type=int, nargs="*", default=[],
-                        help="also run gradient filtering at these patch sizes (float32, no budget: its bytes are its own)")
+                        help="also run gradient filtering at these patch sizes "
+                             "(float32, no budget: its bytes are its own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "asi_front.json")
     args = parser.parse_args(argv)

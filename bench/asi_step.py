@@ -89,7 +89,8 @@ def run_group(base: nn.Module, start: int, layers: int, rows: Mapping[str, Seque
         method, ranks = row_method(row)
         tail, names = prepared_tail(base, layers=layers, start=start, method=method,
                                     ranks=None if ranks is None else dict(zip(names_of(base, layers), ranks)))
-        runs.append({"label": label, "method": method, "ranks": ranks, "tail": tail, "names": names, "optimizer": _optimizer(tail)})
+        runs.append({"label": label, "method": method, "ranks": ranks, "tail": tail, "names": names,
+                     "optimizer": _optimizer(tail)})
     for run in runs:
         for _ in range(warmup):
             train_step(run["tail"], x, y, optimizer=run["optimizer"])
@@ -118,7 +119,8 @@ def run_group(base: nn.Module, start: int, layers: int, rows: Mapping[str, Seque
 
 
 def row_method(row: Sequence | Mapping | None) -> tuple[str, Sequence | None]:
-    """A config row's method and ranks: a list of ranks is ``asi``; ``{method: asi-int8, ranks: [...]}`` names its own."""
+    """A config row's method and ranks: a list of ranks is ``asi``;
+    ``{method: asi-int8, ranks: [...]}`` names its own."""
     if row is None:
         return "vanilla", None
     if isinstance(row, Mapping):
@@ -145,7 +147,8 @@ def run_case(name: str, case: Mapping, settings: Mapping) -> dict:
         for label, row in rows.items():
             ranks = row_method(row)[1]
             if len(ranks) != layers:
-                raise SystemExit(f"error: {name}, {layers} convs, {label!r}: {len(ranks)} rank lists for {layers} convs")
+                raise SystemExit(f"error: {name}, {layers} convs, {label!r}: "
+                                 f"{len(ranks)} rank lists for {layers} convs")
         group = run_group(base, start, layers, rows, x, y, steps=settings["steps"], warmup=settings["warmup"],
                           repeats=settings["compression-repeats"])
         print(render_group(name, group), flush=True)

@@ -44,7 +44,8 @@ JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "local-epochs": 1,
 CLIENTAPP_IMPORTS = "import torch, flwr.clientapp, odl_fed.federation.client_app"
 # What each fresh ClientApp does before planning: read the fleet, build the model, load its share.
 CLIENTAPP_SETUP = ("import sys, time; {imports}; t = time.perf_counter(); "
-                   "from odl_fed.config.run import RunSettings; from odl_fed.federation.job_assets import client_data, global_model; "
+                   "from odl_fed.config.run import RunSettings; "
+                   "from odl_fed.federation.job_assets import client_data, global_model; "
                    "job = RunSettings.from_config({{'fleet': sys.argv[1]}}).fleet().job; "
                    "data = client_data(job, 0, {clients}); global_model(job, num_classes=data.num_classes); "
                    "print(time.perf_counter() - t)")

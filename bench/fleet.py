@@ -72,7 +72,8 @@ def where_time_goes(rounds: list[dict], wall: float) -> dict:
     plan = sum(c.get(Metric.PLAN_TIME, 0) for c in done)
     client = sum(c.get(Metric.CLIENT_TIME, 0) for c in done)
     evaluation = sum(r[RoundKey.GLOBAL].get(GlobalKey.EVAL_TIME, 0) for r in rounds)
-    return {"cpus": cpus, "train_seconds": train, "floor_seconds": train / cpus, "wall_over_floor": wall / (train / cpus),
+    return {"cpus": cpus, "train_seconds": train, "floor_seconds": train / cpus,
+            "wall_over_floor": wall / (train / cpus),
             "plan_seconds": plan, "setup_seconds": max(client - train - plan, 0), "eval_seconds": evaluation,
             "rest_seconds": wall - client / cpus - evaluation}
 

@@ -102,7 +102,8 @@ def run(*, image_size: int = 128, layers: int = 4, steps: int = 20, batch: int =
         apply_method(model, "asi-only", ranks)
         _train(model, data, steps=steps, batch=batch, image_size=image_size, seed=s)
         if data is client:
-            kept = {name: [None if b is None else b.clone() for b in model.get_submodule(name).bases()] for name in convs}
+            kept = {name: [None if b is None else b.clone() for b in model.get_submodule(name).bases()]
+                    for name in convs}
         restore_model(model)
         updates.append({k: v.clone() for k, v in model.state_dict().items()})
     averaged = {k: (updates[0][k].float() + updates[1][k].float()).div(2).to(updates[0][k].dtype)

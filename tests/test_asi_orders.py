@@ -98,7 +98,8 @@ def _grad_output(shape, name, dtype=torch.float32):
     return torch.randn(shape[0], weight_shape[0], *size, dtype=dtype)
 
 
-@pytest.mark.parametrize("name, ranks, expected, bound", PLANNED, ids=[f"{n}-{'x'.join(map(str, r))}" for n, r, _, _ in PLANNED])
+@pytest.mark.parametrize("name, ranks, expected, bound", PLANNED,
+                         ids=[f"{n}-{'x'.join(map(str, r))}" for n, r, _, _ in PLANNED])
 def test_chosen_order_costs_fewer_flops_than_the_naive_order(name, ranks, expected, bound):
     shape = LAYERS[name][0]
     weight_shape, geometry = _weight_shape(name), _geometry(name)
@@ -120,7 +121,8 @@ def test_analytic_flops_match_the_flop_counter_for_every_order(name, ranks):
     weight_shape, geometry = _weight_shape(name), _geometry(name)
     form, dy = _form(shape, ranks), _grad_output(shape, name)
     costs = conv2d_weight_flops(shape, ranks, weight_shape, geometry)
-    assert set(costs) == ({"expand", "project", "reconstruct"} if weight_shape[2:] == (1, 1) else {"expand", "reconstruct"})
+    assert set(costs) == ({"expand", "project", "reconstruct"} if weight_shape[2:] == (1, 1)
+                          else {"expand", "reconstruct"})
     for order, analytic in costs.items():
         counted, _ = count_flops(lambda: conv2d_weight_from_tucker(form, dy, weight_shape, geometry, order))
         assert counted == analytic, order

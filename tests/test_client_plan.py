@@ -25,7 +25,8 @@ def small_cnn() -> nn.Module:
     torch.manual_seed(0)
     blocks = []
     for c_in, c_out, kernel, stride, act in [(3, 16, 3, 2, nn.ReLU), (16, 32, 3, 1, nn.ReLU6),
-                                             (32, 64, 3, 2, nn.ReLU), (64, 64, 1, 1, nn.ReLU6), (64, 96, 3, 1, nn.ReLU)]:
+                                             (32, 64, 3, 2, nn.ReLU), (64, 64, 1, 1, nn.ReLU6),
+                                             (64, 96, 3, 1, nn.ReLU)]:
         blocks += [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out), act()]
     return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10)).eval()
 
@@ -197,7 +198,8 @@ def test_every_model_the_project_builds_gets_a_plan(name, layers):
     with SavedTensorMeter(exclude=model.parameters(), modules=modules) as meter:
         F.cross_entropy(model(x), y)
     rest = exact.predicted_activation_bytes - meter.nbytes_of(modules)
-    capped = dataclasses.replace(get_profile("rpi5"), name="capped", activation_memory=rest + meter.nbytes_of(modules) // 2)
+    capped = dataclasses.replace(get_profile("rpi5"), name="capped",
+                                 activation_memory=rest + meter.nbytes_of(modules) // 2)
     plan = plan_client(model, model_name=name, profile=capped, method="asi", layers=layers, batch_size=16,
                        data=data, image_size=32, calibration_batches=1)
     assert plan.rank_plan is not None and plan.predicted_activation_bytes <= plan.activation_budget

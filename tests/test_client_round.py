@@ -126,7 +126,8 @@ def test_a_breach_retreats_within_the_round_and_the_cache_keeps_the_smaller_plan
     cache, squeezed, roomy = _squeezed(start, tmp_path, 0.5)
     outcome = run_client_round(JOB, squeezed, state, client="squeezed-1", data=data, cache=cache)
     first = outcome.attempts[0]
-    assert first["status"] == MEMORY_EXCEEDED and first["batch-size"] == 16 and first["peak-memory"] > first["memory-budget"]
+    assert (first["status"] == MEMORY_EXCEEDED and first["batch-size"] == 16
+            and first["peak-memory"] > first["memory-budget"])
     if outcome.status == OK:  # it retreated to a setting that holds
         last = outcome.attempts[-1]
         assert last["status"] == OK and (last["batch-size"], last["layers"]) < (16, 2) or last["layers"] < 2
@@ -167,7 +168,8 @@ def test_bases_kept_from_one_round_start_the_next_warm(start):
     job = dataclasses.replace(JOB, method="asi-only")
     first = run_client_round(job, capped, state, client="capped-0", data=data)
     assert first.status == OK and first.bases and first.metrics["warm-bases"] == 0
-    assert all(k.rsplit(".", 1)[0] in first.plan["layers"] for k in {k.rsplit(".basis_", 1)[0] + ".x" for k in first.bases})
+    assert all(k.rsplit(".", 1)[0] in first.plan["layers"]
+               for k in {k.rsplit(".basis_", 1)[0] + ".x" for k in first.bases})
     second = run_client_round(job, capped, first.arrays, client="capped-0", data=data, bases=first.bases,
                               server_round=2)
     assert second.status == OK and second.metrics["warm-bases"] == len(first.bases)

@@ -109,7 +109,8 @@ def test_bad_data_arguments_are_clear_errors(call, message):
 
 
 def test_missing_local_root_is_named(tmp_path):
-    with pytest.raises(DatasetUnavailableError, match=re.escape(f"cifar10: the root {tmp_path / 'nope'} does not exist")):
+    with pytest.raises(DatasetUnavailableError,
+                       match=re.escape(f"cifar10: the root {tmp_path / 'nope'} does not exist")):
         load_dataset("cifar10", root=tmp_path / "nope")
 
 
@@ -119,7 +120,8 @@ def test_a_server_prepares_the_shares_in_a_child_and_never_loads_flwr_datasets(t
     import subprocess
     import sys
 
-    code = ("import sys; from odl_fed.config.job import JobSpec; from odl_fed.federation.job_assets import client_data, prepare_partitions; "
+    code = ("import sys; from odl_fed.config.job import JobSpec; "
+            "from odl_fed.federation.job_assets import client_data, prepare_partitions; "
             "job = JobSpec(model='resnet18', layers=1, method='asi', rounds=1, clients_per_round=1, local_epochs=1, "
             "batch_size=8, lr=1e-3, image_size=32, dataset='mnist-digits', dirichlet_alpha=0.3, seed=3); "
             "prepare_partitions(job, 9); print(len(client_data(job, 4, 9)), 'datasets' in sys.modules)")

@@ -66,7 +66,8 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
         for extra, partition in clients:
             # --connect-timeout: under load the server's SuperLink took 37 s to answer here (default 30 s)
             started.append(_start(["odl_fed.client", "--insecure", *extra, "--superlink", f"127.0.0.1:{port}",
-                                   "--partition-id", str(partition), "--num-partitions", "3", "--reconnect-timeout", "5",
+                                   "--partition-id", str(partition), "--num-partitions", "3",
+                                   "--reconnect-timeout", "5",
                                    "--connect-timeout", "300"], tmp_path / f"client-{partition}.log"))
         capped = None
         deadline = time.monotonic() + 900

@@ -104,12 +104,14 @@ def test_docker_compose_up_runs_the_fleet_to_the_end(engine, tmp_path):
     (project / "runs").mkdir()
     (fleets / "devices.yaml").write_text(yaml.safe_dump({"squeezed": SQUEEZED}))
     (fleets / "test.yaml").write_text(yaml.safe_dump({
-        "devices": [{"device": "rpi4", "count": 1}, {"device": "phone", "count": 1}, {"device": "squeezed", "count": 1}],
+        "devices": [{"device": "rpi4", "count": 1}, {"device": "phone", "count": 1},
+                    {"device": "squeezed", "count": 1}],
         "job": JOB}))
     make_certs(project / "certs", nodes=["0", "1", "2"], hosts=["server"])  # TLS and node keys, as compose mounts them
     generate = subprocess.run([sys.executable, "-m", "odl_fed.cli", "compose", "--fleet", "configs/fleets/test.yaml",
                                "--devices", "configs/fleets/devices.yaml", "--context", str(ROOT), "--out-dir",
-                               "runs/fleet", "--round-timeout", "300", "--memory-floor", "512MiB"], cwd=project, capture_output=True, text=True,
+                               "runs/fleet", "--round-timeout", "300", "--memory-floor", "512MiB"],
+                              cwd=project, capture_output=True, text=True,
                               env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert generate.returncode == 0, generate.stderr
     (project / "docker-compose.yml").write_text(generate.stdout)

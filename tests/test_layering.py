@@ -101,7 +101,8 @@ def test_the_check_catches_an_arrow_that_points_back_up(tmp_path):
     (copy / "training" / "wrong.py").write_text("from flwr.app import Message\n")
     found = violations(copy)
     assert found == ["odl_fed/config/wrong.py:1: the config layer imports torch",
-                     "odl_fed/config/wrong.py:2: the config layer imports odl_fed.training, of the training layer above it",
+                     "odl_fed/config/wrong.py:2: the config layer imports odl_fed.training, "
+                     "of the training layer above it",
                      "odl_fed/dashboard/wrong.py:1: the dashboard imports odl_fed.federation.recorder "
                      "(the federation layer)",
                      "odl_fed/training/wrong.py:1: the training layer imports flwr.app"]

@@ -85,8 +85,10 @@ def test_checkpoints_round_trip_and_refuse_another_model(tmp_path):
     [
         (dict(name="vgg11"), ValueError, "model must be one of ['mobilenet_v2', 'mobilenet_v3_small', 'resnet18', "
                                          "'resnet34', 'efficientnet_lite0'], but got model='vgg11'"),
-        (dict(name="resnet18", weights="/nowhere/r18.pth"), FileNotFoundError, "weights file /nowhere/r18.pth does not exist"),
-        (dict(name="resnet18", num_classes=0), ValueError, "num_classes must be a positive integer, but got num_classes=0"),
+        (dict(name="resnet18", weights="/nowhere/r18.pth"), FileNotFoundError,
+         "weights file /nowhere/r18.pth does not exist"),
+        (dict(name="resnet18", num_classes=0), ValueError,
+         "num_classes must be a positive integer, but got num_classes=0"),
     ],
 )
 def test_bad_model_arguments_are_clear_errors(kwargs, error, message):

@@ -72,12 +72,12 @@ def test_plan_fits_the_budget_and_more_budget_means_less_perplexity():
     plans = [plan_ranks(model, layers, batches, budget, model_name="tiny") for budget in ("3KB", "8KB", "40KB")]
     for plan, budget in zip(plans, (3000, 8000, 40000)):
         assert plan.total_bytes <= budget
-        assert [l.name for l in plan.layers] == layers
+        assert [layer.name for layer in plan.layers] == layers
     assert plans[0].total_perplexity >= plans[1].total_perplexity >= plans[2].total_perplexity
     assert plans[0].total_perplexity > plans[2].total_perplexity
     # a budget that the whole grid leaves unused extends it upwards
     loose = plan_ranks(model, layers, batches, "1MB", model_name="tiny")
-    assert min(l.eps for l in loose.layers if l.name != "9") > 0.9  # the head is rank 1 at any eps
+    assert min(layer.eps for layer in loose.layers if layer.name != "9") > 0.9  # the head is rank 1 at any eps
     assert loose.total_perplexity < plans[2].total_perplexity
 
 
@@ -130,7 +130,7 @@ def test_whole_modes_widen_the_paper_grid_and_never_plan_worse(tmp_path):
     assert spatial and all(o.ranks[2:] == (16, 16) for o in spatial)
     assert len({o.ranks for o in options}) == len(options)  # equal ranks are one option
     loaded = RankPlan.load(wider.save(tmp_path / "plan.json"))
-    assert loaded == wider and [l.whole for l in loaded.layers] == [l.whole for l in wider.layers]
+    assert loaded == wider and [layer.whole for layer in loaded.layers] == [layer.whole for layer in wider.layers]
 
 
 def test_whole_mode_choices_follow_the_layer():
@@ -153,7 +153,8 @@ def test_the_default_grid_keeps_the_batch_whole_when_it_fits():
     assert mixed_minimum < whole_minimum
     tight = plan_ranks(model, ["2", "5"], batches, whole_minimum - 1, model_name="tiny")  # falls back to mixed
     assert tight.total_bytes < whole_minimum and any(layer.ranks[0] < batch for layer in tight.layers)
-    with pytest.raises(ValueError, match=r"grid must be one of \['batch-whole', 'mixed', 'paper'\], but got grid='full'"):
+    with pytest.raises(ValueError,
+                       match=r"grid must be one of \['batch-whole', 'mixed', 'paper'\], but got grid='full'"):
         plan_ranks(model, ["2"], batches, "20KB", grid="full")
 
 

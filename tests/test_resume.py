@@ -139,7 +139,8 @@ def test_a_new_run_never_overwrites_an_unfinished_one(tmp_path):
 
 @pytest.mark.process  # a second python holds the lock
 def test_a_second_server_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from odl_fed.federation.checkpoint import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                               "from odl_fed.federation.checkpoint import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
     try:

@@ -86,7 +86,8 @@ def test_a_good_update_passes():
 def test_bad_replies_are_recorded_and_the_round_aggregates_the_rest(tmp_path, caplog, name):
     recorder = RoundRecorder(tmp_path / "rounds.jsonl")
     strategy = make_strategy(_job(name), num_clients=8, recorder=recorder, expected=EXPECTED)
-    assert type(strategy).__name__ == f"Validated{ {'fedavg': 'FedAvg', 'fedprox': 'FedProx', 'fedadam': 'FedAdam'}[name]}"
+    assert type(strategy).__name__ == (
+        f"Validated{ {'fedavg': 'FedAvg', 'fedprox': 'FedProx', 'fedadam': 'FedAdam'}[name]}")
     if name == "fedadam":  # FedOpt keeps the arrays it sent; configure_train sets them
         strategy.current_arrays = {k: v.copy() for k, v in GLOBAL.items()}
     nan = {"layer.weight": np.full((4, 3), np.nan, np.float32), "fc.bias": np.zeros(2, np.float32)}

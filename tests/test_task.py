@@ -43,7 +43,8 @@ def test_training_on_real_digits_learns_and_reports_measured_bytes(method, ranks
 
 
 def test_unknown_method_is_a_clear_error():
-    with pytest.raises(ValueError, match=re.escape("method must be one of ['vanilla', 'asi', 'asi-only', 'hosvd', 'gradfilt', 'asi-fp16', 'asi-int8'], "
+    with pytest.raises(ValueError, match=re.escape("method must be one of ['vanilla', 'asi', 'asi-only', 'hosvd', "
+                                                   "'gradfilt', 'asi-fp16', 'asi-int8'], "
                                                    "but got method='lora'")):
         apply_method(_model(), "lora", {})
 

@@ -12,7 +12,8 @@ budgets given as fractions of vanilla's measured activation bytes (default grid,
 grid at the reference budgets); the planner's choice at the same budgets (``plan_ranks(...,
 exact=True)`` trained with method ``asi``: layers stay exact where the budget allows, the rest
 hold ASI at planned ranks); HOSVD at ``asi-only``'s ranks (reference budgets only: its steps are
-most of the run's time); gradient filtering (r x r patches); head only. Per run: top-1, the bytes the trained convs save for backward
+most of the run's time); gradient filtering (r x r patches); head only.
+Per run: top-1, the bytes the trained convs save for backward
 (measured with ``saved_tensors_hooks``), training FLOPs of a step (forward + backward), step time;
 each also as a ratio to vanilla from the same run (step times interleaved across methods so
 they share the machine's noise). Besides: ASI's compression against HOSVD's at the same ranks

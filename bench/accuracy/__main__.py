@@ -26,7 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="the config's small 'quick' version (a few minutes)")
     parser.add_argument("--cases", help="comma-separated case names from the config (default: all)")
     parser.add_argument("--layers", help="comma-separated numbers of trained convs, instead of each case's")
-    parser.add_argument("--budgets", help="comma-separated budget fractions of vanilla's bytes, instead of the config's")
+    parser.add_argument("--budgets",
+                        help="comma-separated budget fractions of vanilla's bytes, instead of the config's")
     parser.add_argument("--reference-budgets", help="comma-separated budgets that also run HOSVD and the paper grid "
                         "('none': no such budget), instead of the config's")
     parser.add_argument("--out", type=Path, help="result JSON (default: bench/results/<config name>[_quick].json)")

@@ -175,7 +175,8 @@ def targets(results: list[dict]) -> list[str]:
     compression = [e["total"] for r in results for g in r["groups"] for e in g["compression"]]
     if compression:
         lines.append(f"- ASI's compression >= 50x cheaper than HOSVD's: time ratio "
-                     f"{min(c['time_ratio'] for c in compression):.0f}x..{max(c['time_ratio'] for c in compression):.0f}x,"
+                     f"{min(c['time_ratio'] for c in compression):.0f}x.."
+                     f"{max(c['time_ratio'] for c in compression):.0f}x,"
                      f" FLOP ratio {min(c['flop_ratio'] for c in compression):.0f}x.."
                      f"{max(c['flop_ratio'] for c in compression):.0f}x")
     planning = [(r["case"], g["layers"], e["planning_seconds"]) for r in results for g in r["groups"]
@@ -205,7 +206,8 @@ def report(meta: dict, results: list[dict], *, out: Path, plot: Path) -> None:
 
 
 def merge_runs(paths: Sequence[Path], *, out: Path, plot: Path) -> None:
-    """One report of several runs' JSON (each made with ``--cases`` and/or ``--layers``); their metadata kept as ``parts``."""
+    """One report of several runs' JSON (each made with ``--cases`` and/or ``--layers``);
+    their metadata kept as ``parts``."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     by_case: dict[str, dict] = {}
     for result in (result for part in parts for result in part["results"]):

@@ -315,10 +315,11 @@ def run_group(case: Case, base: nn.Module, layers: int, start: int, train: Cache
             "grid": grid, "exact_allowed": exact, "weighting": settings.weighting, "budget_bytes": budget,
             "planned_bytes": plan.total_bytes,
             "planning_seconds": planning_s,
-            "eps": {l.name.removeprefix("model."): l.eps for l in plan.layers},
-            "whole": {l.name.removeprefix("model."): list(l.whole) for l in plan.layers},
+            "eps": {layer.name.removeprefix("model."): layer.eps for layer in plan.layers},
+            "whole": {layer.name.removeprefix("model."): list(layer.whole) for layer in plan.layers},
             "exact": [name.removeprefix("model.") for name in plan.exact_layers],
-            "ranks": {l.name.removeprefix("model."): None if l.exact else list(l.ranks) for l in plan.layers}}
+            "ranks": {layer.name.removeprefix("model."): None if layer.exact else list(layer.ranks)
+                      for layer in plan.layers}}
 
     compression = []
     for fraction in settings.budgets:

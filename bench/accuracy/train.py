@@ -1,4 +1,5 @@
-"""Training a method's tail over cached features, through the library's own loop (``odl_fed.training.task.train_steps``)."""
+"""Training a method's tail over cached features, through the library's own loop
+(``odl_fed.training.task.train_steps``)."""
 
 from __future__ import annotations
 

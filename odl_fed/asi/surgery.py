@@ -17,7 +17,8 @@ from odl_fed.asi.companions import BitMaskReLU, FrozenBatchNorm2d
 from odl_fed.asi.layers import ASIConv2d, ASILinear, Ranks
 from odl_fed.asi.variants import Variant
 
-__all__ = ["inject_asi", "inject_companions", "restore_model", "last_conv_names", "freeze_except", "LayerNotFoundError", "SUPPORTED_LAYERS"]
+__all__ = ["inject_asi", "inject_companions", "restore_model", "last_conv_names", "freeze_except", "LayerNotFoundError",
+           "SUPPORTED_LAYERS"]
 
 
 class LayerNotFoundError(KeyError):

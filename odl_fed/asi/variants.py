@@ -136,7 +136,8 @@ class GradFilterVariant(Variant):
     The input is saved average-pooled in ``radius x radius`` patches (``radius`` tokens for a
     token linear); in backward the output gradient is summed over the same patches and the weight
     gradient is the layer's own correlation of the two pooled maps (stride, padding, dilation and
-    groups kept in pooled coordinates). Exact at ``radius=1``. The input gradient stays exact, as for every variant here.
+    groups kept in pooled coordinates). Exact at ``radius=1``.
+    The input gradient stays exact, as for every variant here.
     """
 
     name = "gradfilt"

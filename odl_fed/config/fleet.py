@@ -8,7 +8,8 @@ at the edge.
       model: resnet18
       weights: runs/r18.pt        # optional
       layers: 2
-      method: asi                 # vanilla | asi | asi-only | asi-fp16 | asi-int8 | hosvd | gradfilt (odl_fed.training.methods)
+      method: asi                 # vanilla | asi | asi-only | asi-fp16 | asi-int8 | hosvd | gradfilt
+                                  # (odl_fed.training.methods)
       rank-weighting: absolute    # optional: absolute (the paper's) | relative (each layer's error over its gradient's)
       rounds: 3
       clients-per-round: 3

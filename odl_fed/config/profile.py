@@ -1,6 +1,7 @@
 """Device profiles: what a device lets fine-tuning use, validated once at load.
 
-Built-in profiles live in ``odl_fed/config/devices.yaml`` (installed with the package); user files add profiles or override fields of
+Built-in profiles live in ``odl_fed/config/devices.yaml`` (installed with the package);
+user files add profiles or override fields of
 built-in ones. Every mistake names the file, the profile and the field, with the nearest valid
 name where one is close.
 """
@@ -58,7 +59,8 @@ def _profile(name: str, entry: Mapping, source: str) -> DeviceProfile:
         raise ProfileError(f"{where}: expected a mapping of fields, got {type(entry).__name__}")
     for key in entry:
         if key not in _KEYS:
-            raise ProfileError(f"{where}: unknown field {key!r}{did_you_mean(str(key), _KEYS)}; valid: {', '.join(_KEYS)}")
+            raise ProfileError(f"{where}: unknown field {key!r}{did_you_mean(str(key), _KEYS)}; "
+                               f"valid: {', '.join(_KEYS)}")
     missing = [k for k in _KEYS if k not in entry and k not in _OPTIONAL]
     if missing:
         raise ProfileError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -117,7 +119,8 @@ def load_profiles(*paths: str | Path, builtin: str | Path = BUILTIN_PROFILES) ->
 def get_profile(name: str, profiles: Mapping[str, DeviceProfile] | None = None) -> DeviceProfile:
     profiles = load_profiles() if profiles is None else profiles
     if name not in profiles:
-        raise ProfileError(f"unknown device {name!r}{did_you_mean(name, profiles)}; known devices: {', '.join(profiles)}")
+        raise ProfileError(f"unknown device {name!r}{did_you_mean(name, profiles)}; "
+                           f"known devices: {', '.join(profiles)}")
     return profiles[name]
 
 

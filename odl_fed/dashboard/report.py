@@ -181,12 +181,14 @@ def _run_section(report: RunReport, *, prefix: str) -> str:
                                                          "round 0 is the starting model."),
              _figure("memory", plots.memory_plot(s[1:] or s), "Peak memory over budget per device type (line: mean, "
                                                               "band: min to max); above 1 is a breach."),
-             _figure("traffic", plots.traffic_plot(s[1:] or s), "Bytes sent per round, against sending the whole model down "
-                                                       "to every client asked and back from every one that trained."),
+             _figure("traffic", plots.traffic_plot(s[1:] or s),
+                     "Bytes sent per round, against sending the whole model down "
+                     "to every client asked and back from every one that trained."),
              _figure("clients", plots.clients_plot(s[1:] or s), "Clients asked per round, by what became of them."),
              "</div>",
              "<h3>The plan each device type got</h3>",
-             _table(("device", "plan", "rounds"), [[(d, d), (p, p), (None, _rounds_text(r))] for d, p, r in report.plans()],
+             _table(("device", "plan", "rounds"),
+                    [[(d, d), (p, p), (None, _rounds_text(r))] for d, p, r in report.plans()],
                     table_id=f"{prefix}-plans", text_columns=(0, 1, 2)),
              "<h3>Rounds</h3>",
              _table(ROUND_COLUMNS, [_round_row(x) for x in s], table_id=f"{prefix}-rounds"),

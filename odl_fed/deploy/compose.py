@@ -37,8 +37,8 @@ from odl_fed.config.fleet import FleetSpec, load_fleet
 from odl_fed.deploy.processes import READY, SERVER_HOME
 from odl_fed.schema import DEFAULT_PORT
 
-__all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT",
-           "SERVER_IMAGE", "CLIENT_IMAGE"]
+__all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY",
+           "SERVER_PORT", "SERVER_IMAGE", "CLIENT_IMAGE"]
 
 SERVER_IMAGE = "odl-fed-server:latest"  # server/Dockerfile
 CLIENT_IMAGE = "odl-fed-client:latest"  # clients/Dockerfile
@@ -144,8 +144,9 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                        "--num-partitions", str(fleet.num_clients)]
             if devices_rel is not None:
                 command += ["--devices", str(devices_rel)]
-            command += ["--insecure"] if certs_rel is None else ["--root-certificates", str(certs_rel / "ca.crt"),
-                                                                 "--auth-key", str(certs_rel / f"node-{partition_id}.key")]
+            command += (["--insecure"] if certs_rel is None else
+                        ["--root-certificates", str(certs_rel / "ca.crt"),
+                         "--auth-key", str(certs_rel / f"node-{partition_id}.key")])
             services[f"{profile.name}-{partition_id}"] = {
                 # the first client builds the clients' image; the others run it once built
                 **({"build": _build(context, "clients/Dockerfile")} if partition_id == 0 else {"pull_policy": "never"}),
@@ -158,7 +159,8 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                 "volumes": volumes + mount("ca.crt", f"node-{partition_id}.key"),
                 "networks": ["fleet"],
                 "healthcheck": {"test": ["CMD", "python", "-c", "import psutil, sys; sys.exit(not any("
-                                         "'flower-supernode' in ' '.join(p.cmdline()) for p in psutil.process_iter()))"],
+                                         "'flower-supernode' in ' '.join(p.cmdline()) "
+                                         "for p in psutil.process_iter()))"],
                                 "interval": "5s", "timeout": "5s", "retries": 3},
                 "labels": {"odl-fed.role": "client", "odl-fed.device": profile.name,
                            "odl-fed.memory": (f"device ram {profile.ram} B" if memory == profile.ram else

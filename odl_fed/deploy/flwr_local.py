@@ -77,7 +77,7 @@ def flwr_run(fleet: Path, *, out_dir: Path, flwr_home: Path, devices_file: Path 
     lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     if not lines or lines[-1].get(EVENT) != Event.END:
         raise RuntimeError(f"flwr run did not finish the job of {fleet} (round log {log}: "
-                           f"{len([l for l in lines if l.get(EVENT) == Event.ROUND])} round line(s))")
+                           f"{len([line for line in lines if line.get(EVENT) == Event.ROUND])} round line(s))")
     return log
 
 

@@ -26,8 +26,8 @@ import psutil
 from odl_fed.federation.flower_env import OFFLINE_ENV
 
 __all__ = ["OFFLINE_ENV", "AddressError", "parse_address", "flower_command", "flower_env", "port_answers",
-           "wait_for_port", "tls_problem", "speaks_tls", "free_port", "stop_tree", "Processes", "TORCH_ADDRESS_FLOOR", "SERVER_HOME",
-           "READY"]
+           "wait_for_port", "tls_problem", "speaks_tls", "free_port", "stop_tree", "Processes", "TORCH_ADDRESS_FLOOR",
+           "SERVER_HOME", "READY"]
 
 # Address space a process needs to import torch at all (measured: ~3.1 GiB of mappings before any
 # tensor exists); a hard RLIMIT_AS cap is the memory budget plus this, never the budget alone.

@@ -1,1 +1,2 @@
-"""A round as Flower messages: the ClientApp and its round, the ServerApp, strategy, validation, recorder, checkpoint, simulation."""
+"""A round as Flower messages: the ClientApp and its round, the ServerApp, strategy, validation, recorder, checkpoint,
+simulation."""

@@ -32,8 +32,8 @@ from odl_fed.schema import Metric
 
 log = logging.getLogger("flwr.odl_fed")
 
-__all__ = ["FAULTS", "FaultDrill", "FaultDrills", "FaultError", "parse_fault", "node_fault", "drill_hook", "NoDrills", "FAULT_KEY",
-           "ABSURD_EXAMPLES"]
+__all__ = ["FAULTS", "FaultDrill", "FaultDrills", "FaultError", "parse_fault", "node_fault", "drill_hook", "NoDrills",
+           "FAULT_KEY", "ABSURD_EXAMPLES"]
 
 FAULTS = ("nan", "inf", "wrong-shape", "wrong-name", "absurd-examples", "slow", "crash", "squeeze")
 NEEDS_ARGUMENT = {"slow": "seconds", "squeeze": "a fraction in (0, 1]"}

@@ -20,7 +20,8 @@ from odl_fed.config.job import JobSpec
 from odl_fed.training.data import ImageData, load_dataset, partition, partition_file, partitions_dir
 from odl_fed.training.models import build_model, prepare_finetune
 
-__all__ = ["global_model", "client_model", "trained_state", "client_data", "prepare_partitions", "held_out_data", "train_size"]
+__all__ = ["global_model", "client_model", "trained_state", "client_data", "prepare_partitions", "held_out_data",
+           "train_size"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -106,7 +107,8 @@ def prepare_partitions(job: JobSpec, num_partitions: int) -> None:
     labels = _dataset(job.dataset, "train").labels
     if len(labels) < num_partitions:  # said here, not in a child process's traceback
         raise ValueError(f"cannot split {len(labels)} examples of {job.dataset} into {num_partitions} partitions")
-    if partition_file(labels, num_partitions, alpha=job.dirichlet_alpha, seed=job.seed, cache=partitions_dir()).is_file():
+    if partition_file(labels, num_partitions, alpha=job.dirichlet_alpha, seed=job.seed,
+                      cache=partitions_dir()).is_file():
         return
     child = multiprocessing.get_context("spawn").Process(
         target=_partitions, args=(job.dataset, num_partitions, job.dirichlet_alpha, job.seed))

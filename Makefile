@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse bench-deploy \
-	test-unit test-stages
+	test-unit test-stages lint
 
 $(VENV)/.installed: pyproject.toml
 	# Fashion-MNIST comes from Debian's dataset-fashion-mnist, and the report's browser test uses
@@ -58,6 +58,10 @@ test-unit: setup
 # collected (pytest --collect-only per stage; tests/stages.py).
 test-stages: setup
 	$(PY) tests/stages.py
+
+# The lint configuration in pyproject.toml ([tool.ruff]) over the package, tests, benchmarks and tools.
+lint: setup
+	$(PY) -m ruff check .
 
 # The image's wheels (CPU torch included) for an offline `docker build` (build/wheelhouse/).
 wheelhouse: setup

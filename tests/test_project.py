@@ -65,12 +65,12 @@ def test_ci_runs_every_stage_in_order_and_stops_at_the_first_failure(tmp_path):
     done = subprocess.run([str(ci)], env=_fake_make(tmp_path), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     made = (tmp_path / "made").read_text().split()
-    assert made == ["test-stages", "test", "test-slow", "test-compose"]
+    assert made == ["test-stages", "lint", "test", "test-slow", "test-compose"]
     assert made == ci_targets() == ["test-stages", *stages.ci_targets()]  # what test-stages checks is what runs
     (tmp_path / "made").unlink()
     done = subprocess.run([str(ci)], env=_fake_make(tmp_path, failing="test"), capture_output=True, text=True,
                           timeout=60)
-    assert done.returncode != 0 and (tmp_path / "made").read_text().split() == ["test-stages", "test"]
+    assert done.returncode != 0 and (tmp_path / "made").read_text().split() == ["test-stages", "lint", "test"]
 
 
 def ci_targets() -> list[str]:
@@ -95,6 +95,8 @@ def test_each_test_stage_runs_pytest_from_the_venv_with_declared_markers():
     declared = {marker.split(":")[0] for marker in pytest_config["markers"]}
     expressions = [shlex.split(pytest_config["addopts"])[shlex.split(pytest_config["addopts"]).index("-m") + 1]]
     for target in [*stages.ci_targets(), "test-unit"]:
+        if target == "lint":  # ruff, no pytest (test_lint_runs_ruff_from_the_venv)
+            continue
         command = _pytest_command(target)
         assert command[:3] == [".venv/bin/python", "-m", "pytest"], (target, command)
         options = command[3:]
@@ -103,6 +105,11 @@ def test_each_test_stage_runs_pytest_from_the_venv_with_declared_markers():
     for expression in expressions:  # a misspelt marker would select everything or nothing, silently
         assert _marker_names(expression) <= declared, (expression, declared)
     assert _marker_names(expressions[-1]) == declared  # make test-unit leaves out every marked kind
+
+
+def test_lint_runs_ruff_from_the_venv_over_the_whole_tree():
+    done = subprocess.run(["make", "-n", "lint"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert ".venv/bin/python -m ruff check ." in done.stdout.splitlines()
 
 
 def test_the_readme_commands_are_make_targets_and_its_test_command_is_make_tests():

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[simulation,server,test,bench]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[data,efficientnet,simulation,server,test,bench]' $(TORCH_PINS)
 	touch $@
 
 setup: $(VENV)/.installed

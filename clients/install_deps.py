@@ -15,7 +15,21 @@ from pathlib import Path
 
 wheels, extras = Path(sys.argv[1]), sys.argv[2:]
 project = tomllib.loads((wheels / "pyproject.toml").read_text())["project"]
-wanted = list(project["dependencies"]) + [r for extra in extras for r in project["optional-dependencies"][extra]]
+
+
+def extra_requirements(extra: str) -> list[str]:
+    """An extra's requirements, with the project's own extras it names (``odl-fed[data]``) spelt out."""
+    found = []
+    for requirement in project["optional-dependencies"][extra]:
+        if requirement.startswith(project["name"] + "["):
+            for inner in requirement.split("[", 1)[1].rstrip("]").split(","):
+                found += extra_requirements(inner.strip())
+        else:
+            found.append(requirement)
+    return found
+
+
+wanted = list(project["dependencies"]) + [r for extra in extras for r in extra_requirements(extra)]
 command = [sys.executable, "-m", "pip", "install", "--no-cache-dir", *wanted]
 if any(wheels.glob("*.whl")):
     command += ["--no-index", "--find-links", str(wheels)]

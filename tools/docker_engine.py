@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -38,8 +39,10 @@ LOCAL_BASE = "odl-fed-base:bookworm"
 # The Makefile's pins. The CPU-only torch 2.13.0 on this machine's disk would make a ~2.5 GB image
 # instead of ~6 GB, but the only torchvision 0.28 here is the CUDA build: its C ops need CUDA
 # torch's libraries and `import torchvision` fails ("operator torchvision::nms does not exist").
-IMAGE_TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
-IMAGE_EXTRAS = ("server",)  # the server container writes the report and TensorBoard's files
+# On an aarch64 machine (a board's wheelhouse), the newest pair a Raspberry Pi 4 runs (pyproject's bound).
+IMAGE_TORCH_PINS = (("torch==2.9.1", "torchvision==0.24.1") if platform.machine() == "aarch64" else
+                    ("torch==2.14.1", "torchvision==0.29.1"))
+IMAGE_EXTRAS = ("data", "server")  # the fleets' named datasets; the server writes the report and TensorBoard's files
 ROOT = Path(__file__).resolve().parent.parent
 
 

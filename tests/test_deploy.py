@@ -113,11 +113,14 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
         from odl_fed.deploy.processes import TORCH_ADDRESS_FLOOR
         assert capped == (912 * 2**20 + TORCH_ADDRESS_FLOOR,) * 2
 
-        # The SuperLink is gone: each client says so and exits on its own within its reconnect timeout.
+        # The run is over: the server told every node, so each client says so in one line and exits 0
+        # (a SuperLink lost mid-run stays status 1: test_a_superlink_lost_mid_run_ends_the_client_with_status_1).
         for process, partition in zip(started[1:], (0, 1, 2)):
             process.wait(timeout=60)
             text = (tmp_path / f"client-{partition}.log").read_text()
-            assert process.returncode == 1 and "lost the SuperLink" in text, text[-2000:]
+            ends = [line for line in text.splitlines() if "the run is over" in line]
+            assert process.returncode == 0 and len(ends) == 1 and "lost the SuperLink" not in text, text[-2000:]
+            assert ends[0].startswith("odl-fed client: the run is over: 2 rounds, global accuracy ")
     finally:
         stop_all(started, pids)
     assert not any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
@@ -156,6 +159,40 @@ def test_client_says_when_the_superlink_does_not_answer_and_exits_in_bounded_tim
     assert done.returncode == 1
     assert f"the SuperLink at 127.0.0.1:{port} does not answer (tried for 3 s)" in _one_error_line(done)
     assert time.monotonic() - before < 30
+
+
+def test_a_superlink_lost_mid_run_ends_the_client_with_status_1(tmp_path):
+    """A bare SuperLink (no run, so no end notice ever comes): the client joins, then the SuperLink is
+    killed; the client says it lost it, in one line, and exits 1 within its reconnect timeout."""
+    from odl_fed.deploy.processes import flower_command
+
+    port = free_port()
+    started: list[subprocess.Popen] = []
+    pids: set[int] = set()
+    try:
+        superlink = start([flower_command("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+                           str(port), "--database", str(tmp_path / "superlink.db"),
+                           "--disable-runtime-dependency-installation"], tmp_path / "superlink.log")
+        started.append(superlink)
+        client = _start(["odl_fed.client", "--insecure", "--device", "rpi4", "--superlink", f"127.0.0.1:{port}",
+                         "--connect-timeout", "120", "--reconnect-timeout", "5"], tmp_path / "client.log")
+        started.append(client)
+        deadline = time.monotonic() + 120
+        while "SuperNode " not in (tmp_path / "client.log").read_text() and time.monotonic() < deadline:
+            assert client.poll() is None, (tmp_path / "client.log").read_text()
+            time.sleep(0.5)
+        time.sleep(3)  # the SuperNode has connected
+        pids |= tree(superlink) | tree(client)
+        superlink.kill()
+        superlink.wait(timeout=30)
+        client.wait(timeout=90)
+        text = (tmp_path / "client.log").read_text()
+        assert client.returncode == 1, text[-2000:]
+        lost = [line for line in text.splitlines() if "error:" in line]
+        assert len(lost) == 1 and f"lost the SuperLink at 127.0.0.1:{port}" in lost[0], text[-2000:]
+        assert "the run is over" not in text
+    finally:
+        stop_all(started, pids)
 
 
 def test_device_auto_says_which_profile_and_why():

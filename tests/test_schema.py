@@ -22,15 +22,18 @@ from odl_fed.dashboard.console import ConsoleDashboard, plain_round_line
 from odl_fed.dashboard.report import write_report
 from odl_fed.dashboard.round_summary import format_bytes, summarise_round, summarise_rounds
 from odl_fed.dashboard.run_log import LogFollower, load_run
-from odl_fed.federation.client_app import handle_train
+from odl_fed.federation.client_app import handle_end, handle_train
 from odl_fed.federation.recorder import RoundRecorder, read_rounds
 from odl_fed.federation.server_app import run_server
 from odl_fed.schema import (
+    END_QUERY,
     EVENT,
     ROUND_LOG,
+    RUN_END_FILE_ENV,
     AttemptKey,
     ClientKey,
     EndKey,
+    EndNotice,
     Event,
     GlobalKey,
     Metric,
@@ -61,6 +64,7 @@ class LocalGrid:
                                        node_config={"partition-id": node - FIRST_NODE, "num-partitions": len(DEVICES)})
                          for node in range(FIRST_NODE, FIRST_NODE + len(DEVICES))}
         self.replies: list[tuple[dict, set]] = []  # each reply's ClientInfo and metric keys, as it was sent
+        self.ended: list[int] = []  # the nodes told the run is over
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -69,7 +73,12 @@ class LocalGrid:
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
-            if node not in self.silent:
+            if node in self.silent:
+                continue
+            if message.metadata.message_type == END_QUERY:
+                self.ended.append(node)
+                replies.append(handle_end(message, self.contexts[node]))
+            else:
                 replies.append(reply := handle_train(message, self.contexts[node], self.run_config))
                 # the strategy empties a reply's content once it is aggregated: what was sent is kept here
                 self.replies.append(({name: dict(record) for name, record in reply.content.config_records.items()},
@@ -94,7 +103,8 @@ def run(tmp_path_factory):
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
     lines = [json.loads(text) for text in (out / ROUND_LOG).read_text().splitlines()]
-    return {"out": out, "lines": lines, "console": console.getvalue(), "replies": grid.replies}
+    return {"out": out, "lines": lines, "console": console.getvalue(), "replies": grid.replies, "ended": grid.ended,
+            "contexts": grid.contexts}
 
 
 def _by_event(lines, event):
@@ -249,6 +259,28 @@ def test_what_the_writer_emits_is_what_the_schema_declares(run, tmp_path):
     resumed = [json.loads(text) for text in (tmp_path / ROUND_LOG).read_text().splitlines()]
     assert [line[EVENT] for line in resumed] == [Event.RUN, Event.ROUND, Event.RESUME, Event.END]
     assert set(resumed[2]) == _keys(schema.ResumeLine) and resumed[2][schema.ResumeKey.FROM_ROUND] == 0
+
+
+def test_every_node_that_answers_is_told_the_run_is_over_and_its_entry_reads_it(run, tmp_path, monkeypatch):
+    """The end notice goes to every node after the last round (the lost one is asked too, and never
+    answers); a ClientApp whose entry named a file writes the notice there, whole."""
+    assert run["ended"] == [node for node in run["contexts"] if node != LOST_NODE]
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from odl_fed.federation.client_app import handle_end
+
+    path = tmp_path / "run-ended.json"
+    monkeypatch.setenv(RUN_END_FILE_ENV, str(path))
+    before = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    try:
+        notice = Message(RecordDict({Record.CONFIG: ConfigRecord({EndNotice.ROUNDS: 1, EndNotice.ACCURACY: 0.5})}),
+                         dst_node_id=FIRST_NODE, message_type=END_QUERY)
+        handle_end(notice, run["contexts"][FIRST_NODE])
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+    assert json.loads(path.read_text()) == {EndNotice.ROUNDS: 1, EndNotice.ACCURACY: 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["run-ended.json"]  # no partial file left behind
 
 
 def test_each_key_namespace_names_exactly_its_declared_fields():

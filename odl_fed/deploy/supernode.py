@@ -25,14 +25,16 @@ the MemoryGuard stop training before the kernel would kill it. ``--hard-limit`` 
 SuperNode and each ClientApp (RLIMIT_AS: ``runtime-memory + train-memory`` plus the floor torch
 needs to import at all).
 
-Exit status: 0 after Ctrl-C / SIGTERM, 1 when the SuperLink does not answer, refuses the node or
-is lost, 2 for bad input (one ``error:`` line), a certificate that does not verify included.
+Exit status: 0 when the server says the run is over (one line: its rounds and accuracy) and after
+Ctrl-C / SIGTERM, 1 when the SuperLink does not answer, refuses the node or is lost mid-run (no end
+notice), 2 for bad input (one ``error:`` line), a certificate that does not verify included.
 Whatever it started is stopped by PID on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -60,10 +62,17 @@ from odl_fed.deploy.processes import (
     tls_problem,
 )
 from odl_fed.federation.faults import FAULT_KEY, FAULTS, FaultError, parse_fault
+from odl_fed.schema import RUN_END_FILE_ENV, EndNotice
 
 __all__ = ["main", "resolve_profile", "hard_limit"]
 
 PROG = "python -m odl_fed.client"
+
+
+# After the server's end notice, how long the client waits for its SuperLink to stop (its reply to the
+# notice goes out meanwhile) before it stops on its own.
+END_GRACE = 30.0
+RUN_END_FILE = "run-ended.json"
 
 
 class LinkError(RuntimeError):
@@ -176,8 +185,12 @@ def run(args) -> int:
     def cap() -> None:  # runs in the SuperNode before exec; its ClientApp processes inherit it
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    # A Flower home of its own (the app Flower installs per run goes there), removed at exit.
+    # A Flower home of its own (the app Flower installs per run goes there), removed at exit; the
+    # ClientApp writes the server's end notice in it (odl_fed.schema.END_QUERY).
     with tempfile.TemporaryDirectory(prefix="odl-fed-client-") as home, Processes() as processes:
+        ended = Path(home) / RUN_END_FILE
+        extra[RUN_END_FILE_ENV] = str(ended)
+
         def start() -> subprocess.Popen:
             supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
                                         env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
@@ -188,21 +201,26 @@ def run(args) -> int:
             return supernode
 
         try:
-            _run_node(start, args, host, port, deadline)
+            _run_node(start, args, host, port, deadline, ended=ended)
         except KeyboardInterrupt:
             _say("stopping (interrupted)")
             return 0
+        notice = json.loads(ended.read_text())
+        _say(f"the run is over: {notice[EndNotice.ROUNDS]} rounds, global accuracy "
+             f"{notice[EndNotice.ACCURACY]:.3f}; stopping the SuperNode")
+        return 0
 
 
-def _run_node(start, args, host: str, port: int, deadline: float) -> None:
-    """Run SuperNodes (``start()``) until one ends: raise why. One the SuperLink refused (its key not
-    registered, or not yet: the server registers keys just after its SuperLink starts) is started
-    again until ``deadline``."""
+def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path) -> None:
+    """Run SuperNodes (``start()``) until the run is over (the server's notice in ``ended``): return;
+    until one ends otherwise: raise why. One the SuperLink refused (its key not registered, or not yet:
+    the server registers keys just after its SuperLink starts) is started again until ``deadline``."""
     while True:
         supernode = start()
         output = _Output(supernode.stdout)
         output.start()
-        _watch(supernode, host, port, args.reconnect_timeout)
+        if _watch(supernode, host, port, args.reconnect_timeout, ended=ended):
+            return
         output.join(timeout=5)  # its last lines (a SuperExec it left may hold the pipe a while)
         if not output.refused:
             raise LinkError(f"the SuperNode exited with status {supernode.returncode}")
@@ -214,19 +232,29 @@ def _run_node(start, args, host: str, port: int, deadline: float) -> None:
         time.sleep(2.0)
 
 
-def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float) -> None:
-    """Return when the SuperNode exits while the SuperLink answers; raise when the link is lost."""
+def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float, *, ended: Path) -> bool:
+    """True once the run is over: the server's end notice is in ``ended`` and the SuperLink has gone
+    (or :data:`END_GRACE` has passed, its reply sent). False when the SuperNode exits while the SuperLink
+    answers; raise when the link is lost with no notice (a server that died mid-run)."""
     last_seen = time.monotonic()
+    noticed = None
     while supernode.poll() is None:
         time.sleep(1.0)
+        if noticed is None and ended.is_file():
+            noticed = time.monotonic()
+        if noticed is not None and (time.monotonic() - noticed > END_GRACE or not port_answers(host, port)):
+            return True
         if port_answers(host, port):
             last_seen = time.monotonic()
         elif time.monotonic() - last_seen > reconnect_timeout:
             raise LinkError(f"lost the SuperLink at {host}:{port} (no answer for {reconnect_timeout:g} s); "
                             f"stopping the SuperNode")
+    if ended.is_file():
+        return True
     if not port_answers(host, port):
         raise LinkError(f"lost the SuperLink at {host}:{port}: the SuperNode exited ({supernode.returncode}) "
                         f"after it stopped answering")
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:

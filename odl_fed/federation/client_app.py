@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,9 +26,9 @@ from odl_fed.config.run import RunSettings
 from odl_fed.federation.client_round import PlanCache, run_client_round
 from odl_fed.federation.faults import drill_hook
 from odl_fed.federation.job_assets import client_data
-from odl_fed.schema import ClientKey, ConfigKey, Record
+from odl_fed.schema import RUN_END_FILE_ENV, ClientKey, ConfigKey, EndNotice, Record, names
 
-__all__ = ["app", "handle_train", "node_identity", "BASES_KEY"]
+__all__ = ["app", "handle_train", "handle_end", "node_identity", "BASES_KEY"]
 
 app = ClientApp()
 BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
@@ -62,6 +64,23 @@ def node_identity(settings: RunSettings, node_config: Mapping) -> tuple[str, Dev
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return handle_train(msg, context, context.run_config)
+
+
+@app.query("end")
+def end(msg: Message, context: Context) -> Message:
+    return handle_end(msg, context)
+
+
+def handle_end(msg: Message, context: Context) -> Message:
+    """The server's end notice: written to the file the client entry named (``ODL_FED_RUN_END_FILE``), so
+    it exits 0 once the SuperLink goes; in simulation, where no entry waits, nothing is written."""
+    path = os.environ.get(RUN_END_FILE_ENV)
+    if path:
+        notice = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
+        partial = Path(f"{path}.partial")
+        partial.write_text(json.dumps({key: notice.get(key) for key in names(EndNotice)}))
+        partial.replace(path)  # whole or not at all: the entry polls for it
+    return Message(content=RecordDict(), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message:

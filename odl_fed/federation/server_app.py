@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from odl_fed.config.run import RunSettings
@@ -37,7 +37,17 @@ from odl_fed.federation.job_assets import global_model, held_out_data, train_siz
 from odl_fed.federation.recorder import RoundRecorder
 from odl_fed.federation.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
 from odl_fed.federation.validation import expected_layout
-from odl_fed.schema import ROUND_LOG, TRAINED_LAYERS_FILE, EndKey, GlobalKey, RoundKey, RunKey
+from odl_fed.schema import (
+    END_QUERY,
+    ROUND_LOG,
+    TRAINED_LAYERS_FILE,
+    EndKey,
+    EndNotice,
+    GlobalKey,
+    Record,
+    RoundKey,
+    RunKey,
+)
 from odl_fed.training.allocator import LARGE_BLOCK, LARGEST_THRESHOLD, mmap_threshold, own_process
 from odl_fed.training.task import evaluate
 
@@ -45,6 +55,9 @@ __all__ = ["app", "run_server"]
 
 app = ServerApp()
 
+# A deployed node answers the end notice from a fresh ClientApp process (imports included: tens of
+# seconds on a board); a node that does not answer in time only misses the notice.
+END_TIMEOUT = 120.0
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -134,6 +147,18 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     except Exception as error:  # the run is done and recorded; a report can be made again with odl-fed report
         log.warning("the report was not written (%s: %s); make it with: odl-fed report %s", type(error).__name__,
                     error, settings.out_dir)
-    log.info("done: global accuracy %.3f after %d rounds; round log %s", final_accuracy, job.rounds,
-             recorder.path)
+    told = announce_end(grid, rounds=job.rounds, accuracy=final_accuracy, timeout=END_TIMEOUT)
+    log.info("done: global accuracy %.3f after %d rounds; round log %s; %d node(s) told the run is over",
+             final_accuracy, job.rounds, recorder.path, told)
     return last
+
+
+def announce_end(grid: Grid, *, rounds: int, accuracy: float, timeout: float) -> int:
+    """Tell every connected node that the run is over (``query.end``), so its client can exit 0 instead
+    of taking the SuperLink's end for a lost link; returns how many answered within ``timeout``."""
+    nodes = list(grid.get_node_ids())
+    notice = ConfigRecord({EndNotice.ROUNDS: rounds, EndNotice.ACCURACY: float(accuracy)})
+    messages = [Message(RecordDict({Record.CONFIG: notice}), dst_node_id=node, message_type=END_QUERY)
+                for node in nodes]
+    replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
+    return sum(1 for reply in replies if not reply.has_error())

@@ -24,7 +24,7 @@ __all__ = ["ROUND_LOG", "CHECKPOINT_FILE", "TRAINED_LAYERS_FILE", "REPORT_FILE",
            "Metric", "AttemptKey", "Status", "Outcome", "Record", "ConfigKey", "MethodName", "METHOD_NAMES",
            "RunLine", "RoundLine", "GlobalMetrics", "ResumeLine", "EndLine", "ClientEntry", "ClientInfo",
            "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value", "END_QUERY", "RUN_END_FILE_ENV",
-           "EndNotice"]
+           "EndNotice", "ROUND_NOTES_FILE_ENV"]
 
 # -- files of a run directory, and the SuperLink's port --------------------------------------
 ROUND_LOG: Final = "rounds.jsonl"  # the round log (odl_fed.federation.recorder)
@@ -224,6 +224,9 @@ class ConfigKey:
 # SuperLink and exit 0 (odl_fed.deploy.supernode).
 END_QUERY: Final = "query.end"
 RUN_END_FILE_ENV: Final = "ODL_FED_RUN_END_FILE"
+# Each round the ClientApp appends its outcome (ClientKey.STATUS, ClientKey.ERROR and Metric keys, plus
+# "round") as one JSON line to the file the client entry named here; the entry prints one plain line.
+ROUND_NOTES_FILE_ENV: Final = "ODL_FED_ROUND_NOTES_FILE"
 
 
 class EndNotice:

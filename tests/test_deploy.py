@@ -121,6 +121,11 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
             ends = [line for line in text.splitlines() if "the run is over" in line]
             assert process.returncode == 0 and len(ends) == 1 and "lost the SuperLink" not in text, text[-2000:]
             assert ends[0].startswith("odl-fed client: the run is over: 2 rounds, global accuracy ")
+            # one plain line per round, from what its ClientApp noted
+            rounds_said = [line for line in text.splitlines() if line.startswith("odl-fed client: round ")]
+            assert [line.split(",")[0] for line in rounds_said] == ["odl-fed client: round 1: ok",
+                                                                    "odl-fed client: round 2: ok"], text[-2000:]
+            assert all(" examples, batch " in line and " MiB" in line for line in rounds_said)
     finally:
         stop_all(started, pids)
     assert not any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])

@@ -62,7 +62,7 @@ from odl_fed.deploy.processes import (
     tls_problem,
 )
 from odl_fed.federation.faults import FAULT_KEY, FAULTS, FaultError, parse_fault
-from odl_fed.schema import RUN_END_FILE_ENV, EndNotice
+from odl_fed.schema import ROUND_NOTES_FILE_ENV, RUN_END_FILE_ENV, ClientKey, EndNotice, Metric
 
 __all__ = ["main", "resolve_profile", "hard_limit"]
 
@@ -73,6 +73,7 @@ PROG = "python -m odl_fed.client"
 # notice goes out meanwhile) before it stops on its own.
 END_GRACE = 30.0
 RUN_END_FILE = "run-ended.json"
+ROUND_NOTES_FILE = "rounds.jsonl"  # in the entry's Flower home: the ClientApp's note of each round
 
 
 class LinkError(RuntimeError):
@@ -128,6 +129,52 @@ class _Output(threading.Thread):
             self.refused = self.refused or bool(_REFUSED.search(line))
             sys.stderr.write(line)
             sys.stderr.flush()
+
+
+def round_line(note: dict) -> str:
+    """A round of this client in one plain line (from the ClientApp's note: odl_fed.schema.ROUND_NOTES_FILE_ENV)."""
+    status = note.get(ClientKey.STATUS, "?")
+    head = f"round {note.get('round', '?')}: {status}"
+    if status != "ok":
+        reason = str(note.get(ClientKey.ERROR) or "").splitlines()
+        return head + (f" ({reason[0][:160]})" if reason else "")
+    mib = 2**20
+    parts = [f"{note.get(Metric.NUM_EXAMPLES, 0):.0f} examples",
+             f"batch {note.get(Metric.BATCH_SIZE, 0):.0f}, {note.get(Metric.LAYERS_TRAINED, 0):.0f} layer(s)",
+             f"{note.get(Metric.TRAIN_TIME, 0.0):.1f} s training of {note.get(Metric.CLIENT_TIME, 0.0):.1f} s",
+             f"peak {note.get(Metric.PEAK_MEMORY, 0) / mib:.1f} of {note.get(Metric.MEMORY_BUDGET, 0) / mib:.1f} MiB"]
+    if Metric.TRAIN_LOSS in note:
+        parts.append(f"loss {note[Metric.TRAIN_LOSS]:.3f}")
+    return f"{head}, " + ", ".join(parts)
+
+
+class _RoundNotes(threading.Thread):
+    """Prints each round the ClientApp noted (one JSON line each, appended to ``path``) as one plain line."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.path, self.done, self.printed = path, threading.Event(), 0
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines[self.printed:]:
+            try:
+                _say(round_line(json.loads(line)))
+            except ValueError:  # a line being written: read it whole next time
+                break
+            self.printed += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=5)
 
 
 def _security(args) -> list[str]:
@@ -190,6 +237,9 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="odl-fed-client-") as home, Processes() as processes:
         ended = Path(home) / RUN_END_FILE
         extra[RUN_END_FILE_ENV] = str(ended)
+        extra[ROUND_NOTES_FILE_ENV] = str(Path(home) / ROUND_NOTES_FILE)
+        notes = _RoundNotes(Path(home) / ROUND_NOTES_FILE)
+        notes.start()
 
         def start() -> subprocess.Popen:
             supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
@@ -205,6 +255,8 @@ def run(args) -> int:
         except KeyboardInterrupt:
             _say("stopping (interrupted)")
             return 0
+        finally:
+            notes.stop()
         notice = json.loads(ended.read_text())
         _say(f"the run is over: {notice[EndNotice.ROUNDS]} rounds, global accuracy "
              f"{notice[EndNotice.ACCURACY]:.3f}; stopping the SuperNode")

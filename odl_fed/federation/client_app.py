@@ -26,7 +26,16 @@ from odl_fed.config.run import RunSettings
 from odl_fed.federation.client_round import PlanCache, run_client_round
 from odl_fed.federation.faults import drill_hook
 from odl_fed.federation.job_assets import client_data
-from odl_fed.schema import RUN_END_FILE_ENV, ClientKey, ConfigKey, EndNotice, Record, names
+from odl_fed.schema import (
+    ROUND_NOTES_FILE_ENV,
+    RUN_END_FILE_ENV,
+    ClientKey,
+    ConfigKey,
+    EndNotice,
+    Metric,
+    Record,
+    names,
+)
 
 __all__ = ["app", "handle_train", "handle_end", "node_identity", "BASES_KEY"]
 
@@ -71,6 +80,22 @@ def end(msg: Message, context: Context) -> Message:
     return handle_end(msg, context)
 
 
+# What the client entry prints of a round (odl_fed.deploy.supernode), taken from the round's metrics.
+NOTED_METRICS = (Metric.NUM_EXAMPLES, Metric.TRAIN_TIME, Metric.CLIENT_TIME, Metric.PEAK_MEMORY, Metric.MEMORY_BUDGET,
+                 Metric.BATCH_SIZE, Metric.LAYERS_TRAINED, Metric.TRAIN_LOSS)
+
+
+def _note_round(server_round: int, outcome) -> None:
+    """One JSON line for the client entry (``ODL_FED_ROUND_NOTES_FILE``), when it asked for them."""
+    path = os.environ.get(ROUND_NOTES_FILE_ENV)
+    if not path:
+        return
+    note = {"round": server_round, ClientKey.STATUS: outcome.status, ClientKey.ERROR: outcome.error,
+            **{key: outcome.metrics[key] for key in NOTED_METRICS if key in outcome.metrics}}
+    with open(path, "a", encoding="utf-8") as notes:
+        notes.write(json.dumps(note) + "\n")
+
+
 def handle_end(msg: Message, context: Context) -> Message:
     """The server's end notice: written to the file the client entry named (``ODL_FED_RUN_END_FILE``), so
     it exits 0 once the SuperLink goes; in simulation, where no entry waits, nothing is written."""
@@ -103,6 +128,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
         bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout,
         budget_scale=drills.budget_scale(server_round))
     drills.after_round(client, outcome.arrays, outcome.metrics, server_round)
+    _note_round(server_round, outcome)
     if outcome.bases:
         context.state[BASES_KEY] = ArrayRecord(torch_state_dict=outcome.bases)
     content = RecordDict({

@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # Fixtures that start a simulated fleet (Flower's simulation engine, Ray): a test using one is marked
 # `fleet`, and `make test-unit` leaves it out.
 FLEET_FIXTURES = {"federated_run"}
-# What pytest itself may add to the repository root; anything else new there after a session is runtime
-# state a test left behind (e.g. `:flwr-in-memory-state:` or `*.db` from a SuperLink started without
-# `--database`, `.odl-fed/` or `.flwr/` from a run that used the project's defaults).
-ROOT_OWN = {".pytest_cache", "__pycache__"}
+# What pytest itself may add to the repository root, and `build/` (the images' wheelhouse, which the
+# compose stage makes there on purpose: `make wheelhouse` and the Dockerfiles read it); anything else new
+# there after a session is runtime state a test left behind (e.g. `:flwr-in-memory-state:` or `*.db`
+# from a SuperLink started without `--database`, `.odl-fed/` or `.flwr/` from a run that used the
+# project's defaults).
+ROOT_OWN = {".pytest_cache", "__pycache__", "build"}
 _ROOT_BEFORE = pytest.StashKey[set]()
 _LEFT = pytest.StashKey[list]()
 

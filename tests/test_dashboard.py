@@ -28,7 +28,7 @@ from odl_fed.dashboard.run_log import LogFollower, RunLogError, load_run
 from odl_fed.federation.simulation import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-# `ODL_FED_SCREENSHOTS=docs/images make test` refreshes the README's screenshots from this run.
+# `ODL_FED_SCREENSHOTS=docs/images make test` refreshes the screenshots in docs/dashboard.md from this run.
 SCREENSHOTS = os.environ.get("ODL_FED_SCREENSHOTS")
 
 

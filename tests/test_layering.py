@@ -110,7 +110,7 @@ def test_the_check_catches_an_arrow_that_points_back_up(tmp_path):
 
 @pytest.mark.parametrize("module", ["odl_fed.schema", "odl_fed.config.fleet", "odl_fed.config.run",
                                     "odl_fed.config.node", "odl_fed.config.machine"])
-def test_the_spec_layer_loads_without_torch_or_flwr(module):
+def test_the_config_layer_loads_without_torch_or_flwr(module):
     """Imported in a fresh interpreter, nothing it pulls in (at any depth) is torch or flwr."""
     code = (f"import sys, {module}; heavy = sorted({{m.split('.')[0] for m in sys.modules}} & "
             f"{{'torch', 'torchvision', 'flwr', 'numpy'}}); print(heavy)")

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Exact versions this machine holds on disk (pyproject keeps the ranges a board can satisfy).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse bench-deploy \
+.PHONY: demo test setup clean compose-file flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse bench-deploy \
 	test-unit test-stages lint
 
 $(VENV)/.installed: pyproject.toml
@@ -25,10 +25,16 @@ setup: $(VENV)/.installed
 
 # The backbone the demo fleet starts from: ResNet-18 pretrained on real Fashion-MNIST (offline).
 BACKBONE := runs/resnet18-fashion.pt
+# How it is made, here and by the compose file's one-shot `backbone` service (make compose-file).
+BACKBONE_ARGS := --model resnet18 --dataset fashion-mnist --epochs 2 --image-size 32 --limit-train 6000 \
+	--limit-test 1000
 
 $(BACKBONE): | setup
-	$(PY) -m odl_fed.cli pretrain --model resnet18 --dataset fashion-mnist --epochs 2 --image-size 32 \
-		--limit-train 6000 --limit-test 1000 --out $@
+	$(PY) -m odl_fed.cli pretrain $(BACKBONE_ARGS) --out $@
+
+# The committed docker-compose.yml: the demo fleet, generated (a test checks it is up to date).
+compose-file: setup
+	$(PY) -m odl_fed.cli compose --fleet configs/fleets/demo.yaml --backbone="$(BACKBONE_ARGS)" > docker-compose.yml
 
 demo: setup $(BACKBONE)
 	$(PY) -m odl_fed.cli simulate --fleet configs/fleets/demo.yaml --out-dir runs/demo

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,15 @@ def finetune(args) -> dict:
 
 
 def pretrain(args) -> dict:
+    if args.if_missing and args.out.exists():
+        try:
+            build_model(args.model, weights=args.out)
+        except Exception as error:  # a truncated or foreign file: torch's own words, inside one error
+            raise ValueError(f"--out {args.out} exists but is not a {args.model} backbone ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else 'unreadable'}): delete it and it is "
+                             f"made again") from None
+        print(f"kept {args.out}: a {args.model} backbone made before (delete it to make it again)", flush=True)
+        return {"checkpoint": str(args.out), "kept": True}
     torch.manual_seed(args.seed)
     train, test = _data(args, "train"), _data(args, "test")
     model = build_model(args.model, weights=args.weights, num_classes=train.num_classes).train()
@@ -163,9 +173,9 @@ def compose(args) -> str:
 
     text = render(compose_file(args.fleet, out_dir=args.out_dir, context=args.context, devices_file=args.devices,
                                memory_floor=parse_bytes(args.memory_floor, what="--memory-floor"),
-                               max_cpus=args.max_cpus, round_timeout=args.round_timeout, certs=args.certs,
-                               insecure=args.insecure),
-                  command=" ".join(["odl-fed compose", *args.given]))
+                               max_cpus=args.max_cpus, round_timeout=args.round_timeout, insecure=args.insecure,
+                               backbone=None if args.backbone is None else shlex.split(args.backbone)),
+                  command=shlex.join(["odl-fed", "compose", *args.given]))
     sys.stdout.write(text)
     return text
 
@@ -209,9 +219,15 @@ def watch(args) -> None:
 
 
 def certs(args) -> list[Path]:
-    from odl_fed.deploy.certs import CA_CERT, make_certs, node_names
+    from odl_fed.deploy.certs import CA_CERT, make_certs, make_split_certs, node_names
 
     names = node_names(args.nodes, args.node or ())
+    if args.split:  # a compose file's one-shot `certs` service: one share per container, kept when whole
+        written, why = make_split_certs(args.dir, nodes=names, hosts=args.host or (), days=args.days)
+        print(f"kept the certificates in {args.dir}: every share is whole and valid" if not written else
+              f"made the certificates in {args.dir} ({why}): {', '.join(sorted({p.parent.name for p in written}))}",
+              flush=True)
+        return written
     written = make_certs(args.dir, nodes=names, hosts=args.host or (), days=args.days, force=args.force)
     print(f"wrote in {args.dir} (valid {args.days} days; keep ca.key and server.key off the boards):")
     for path in written:
@@ -270,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre = commands.add_parser("pretrain", help="train a whole backbone on a source dataset and save it")
     common(pre)
     pre.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt)")
+    pre.add_argument("--if-missing", action="store_true",
+                     help="keep --out when it already holds a --model backbone (compose's backbone service)")
     pre.set_defaults(run=pretrain)
 
     sim = commands.add_parser("simulate", help="run a fleet file's federated job in simulation on this machine")
@@ -299,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the smallest mem_limit: a device with less RAM gets this, so Python and torch start")
     comp.add_argument("--round-timeout", type=float, help="seconds the server waits for a round's replies")
     comp.add_argument("--max-cpus", type=float, help="cap on each container's cpus (default: this machine's CPUs)")
-    comp.add_argument("--certs", default="certs", help="the directory of `odl-fed certs DIR --nodes N --host server` "
-                                                       "(TLS and node keys), under this directory")
+    comp.add_argument("--backbone", metavar="PRETRAIN_ARGS",
+                      help="a one-shot service makes the job's weights when missing: `odl-fed pretrain` with these "
+                           "arguments, e.g. '--model resnet18 --dataset fashion-mnist --epochs 2'")
     comp.add_argument("--insecure", action="store_true", help="a plaintext fleet: no TLS, any node may join")
     comp.set_defaults(run=compose)
 
@@ -326,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "for (repeatable; localhost and 127.0.0.1 always are)")
     cert.add_argument("--days", type=int, default=30, help="how long the certificates are valid")
     cert.add_argument("--force", action="store_true", help="replace existing keys and certificates")
+    cert.add_argument("--split", action="store_true",
+                      help="one share per container (DIR/ca, DIR/server, DIR/node-NAME), made only when not whole "
+                           "and valid (what a compose file's certs service runs)")
     cert.set_defaults(run=certs)
     return parser
 

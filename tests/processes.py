@@ -24,7 +24,10 @@ def env() -> dict:
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
-    """``command`` run from the repository, its output (both streams) to ``log``."""
+    """``command`` run from the repository, its output (both streams) to ``log``; a client's Flower log
+    goes beside it (``LOG.flower``), not into the repository's runs/."""
+    if "odl_fed.client" in command and "--verbose" not in command and "--flower-log" not in command:
+        command = [*command, "--flower-log", str(log.with_name(log.name + ".flower"))]
     return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["CertError", "ServerCerts", "make_certs", "node_names", "server_certs", "check_certificate",
-           "check_ca", "check_node_key", "check_node_public_key", "DEFAULT_DAYS", "DEFAULT_HOSTS"]
+           "check_ca", "check_node_key", "check_node_public_key", "make_split_certs", "DEFAULT_DAYS",
+           "DEFAULT_HOSTS"]
 
 DEFAULT_DAYS = 30
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -282,3 +284,76 @@ def server_certs(directory: Path, *, host: str | None = None, now: dt.datetime |
     for path in certs.node_keys:
         check_node_public_key(path)
     return certs
+
+
+def _share_files(nodes: list[str]) -> dict[str, list[str]]:
+    """What each share of a split certificates directory holds: one share per container."""
+    shares = {"ca": [CA_CERT, CA_KEY], "server": [CA_CERT, SERVER_CERT, SERVER_KEY] + [f"node-{n}.pub" for n in nodes]}
+    shares |= {f"node-{n}": [CA_CERT, f"node-{n}.key"] for n in nodes}
+    return shares
+
+
+def _split_problem(root: Path, nodes: list[str], hosts: tuple[str, ...] | list[str]) -> str | None:
+    """Why the split directory ``root`` cannot be kept as it is (None: every share is whole and checks out)."""
+    shares = _share_files(nodes)
+    for share, names in shares.items():
+        for name in names:
+            if not (root / share / name).is_file():
+                return f"{root / share / name} is missing"
+    try:
+        certs = server_certs(root / "server", host=hosts[0] if hosts else None)
+        ca = (root / "ca" / CA_CERT).read_bytes()
+        for share in shares:
+            if (root / share / CA_CERT).read_bytes() != ca:
+                return f"{root / share / CA_CERT} is not the CA of {root / 'ca'}"
+        for node in nodes:
+            key = root / f"node-{node}" / f"node-{node}.key"
+            check_node_key(key)
+            public = serialization.load_ssh_private_key(key.read_bytes(), password=None).public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            if not (root / "server" / f"node-{node}.pub").read_bytes().startswith(public):
+                return f"{key} does not match {root / 'server' / f'node-{node}.pub'}"
+        check_certificate(certs.cert, ca_path=root / "ca" / CA_CERT, host=None)
+        for host in hosts[1:]:
+            check_certificate(certs.cert, ca_path=certs.ca, host=host)
+        # nothing expires within a day: a run started now would not end with an expired certificate
+        check_certificate(certs.cert, ca_path=certs.ca, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1))
+    except CertError as error:
+        return str(error)
+    return None
+
+
+def make_split_certs(root: Path, *, nodes: list[str], hosts: tuple[str, ...] | list[str] = (),
+                     days: int = DEFAULT_DAYS) -> tuple[list[Path], str | None]:
+    """A certificates directory split into one share per container, made only when it is not whole.
+
+    ``root/ca/`` (``ca.crt``, ``ca.key``: for no container but this one), ``root/server/`` (``ca.crt``, the
+    server's certificate and key, every node's ``.pub``) and ``root/node-<name>/`` (``ca.crt`` and that
+    node's key), so each container mounts only its own share (a compose file's volumes). When every file
+    is there and checks out (one CA, the server's certificate valid for ``hosts`` for at least a day,
+    each key matching its ``.pub``) nothing is written. Otherwise every share is made again (a half-made
+    set is repaired, not patched); a non-empty directory where a file belongs is one error naming it.
+    Returns the files written and why (None when nothing was).
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CertError(f"{root} is a file, not a directory: give odl-fed certs a directory to write in")
+    problem = _split_problem(root, nodes, hosts) if root.is_dir() else f"{root} does not exist"
+    if problem is None:
+        return [], None
+    written = []
+    with tempfile.TemporaryDirectory() as scratch:
+        made = make_certs(Path(scratch), nodes=nodes, hosts=hosts, days=days)
+        by_name = {path.name: path for path in made}
+        for share, names in _share_files(nodes).items():
+            directory = root / share
+            directory.mkdir(parents=True, exist_ok=True)
+            _clear_stand_ins([directory / n for n in names if (directory / n).is_dir()], force=True)
+            for stale in directory.glob("node-*"):  # keys of nodes the fleet no longer has
+                if stale.is_file() and stale.name not in names:
+                    stale.unlink()
+            for name in names:
+                data = by_name[name].read_bytes()
+                _write(directory / name, data, private=name.endswith(".key"))
+                written.append(directory / name)
+    return written, problem

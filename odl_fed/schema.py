@@ -24,7 +24,8 @@ __all__ = ["ROUND_LOG", "CHECKPOINT_FILE", "TRAINED_LAYERS_FILE", "REPORT_FILE",
            "Metric", "AttemptKey", "Status", "Outcome", "Record", "ConfigKey", "MethodName", "METHOD_NAMES",
            "RunLine", "RoundLine", "GlobalMetrics", "ResumeLine", "EndLine", "ClientEntry", "ClientInfo",
            "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value", "END_QUERY", "RUN_END_FILE_ENV",
-           "EndNotice", "ROUND_NOTES_FILE_ENV"]
+           "EndNotice", "ROUND_NOTES_FILE_ENV", "JOIN_QUERY", "WEIGHTS_RECORD", "WEIGHTS_ARRAY", "WEIGHTS_HAVE",
+           "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV"]
 
 # -- files of a run directory, and the SuperLink's port --------------------------------------
 ROUND_LOG: Final = "rounds.jsonl"  # the round log (odl_fed.federation.recorder)
@@ -215,6 +216,27 @@ class ConfigKey:
 
     SERVER_ROUND: Final = "server-round"
     PROXIMAL_MU: Final = "proximal-mu"  # FedProx
+    # The job travels with every instruction, so a board needs no copy of the fleet file:
+    JOB: Final = "job"  # the fleet's job mapping, as JSON (odl_fed.config.job.job_mapping)
+    NUM_CLIENTS: Final = "num-clients"  # the fleet's clients: a node config without num-partitions
+    WEIGHTS_SHA256: Final = "weights-sha256"  # the backbone's file, when the job names one
+    WEIGHTS_PATH: Final = "weights-path"  # where the job's backbone file is on the server (query.join)
+
+
+# -- a node joins the run ------------------------------------------------------------------------
+# Before a node's first round the server greets it (Flower's ``query`` with the action ``join``;
+# ConfigRecord ``config`` with ConfigKey.WEIGHTS_SHA256 and WEIGHTS_PATH when the job has a backbone file).
+# The node answers in its ConfigRecord ``config`` who it is (ClientKey.CLIENT, ClientKey.DEVICE: a node
+# whose ClientApp later dies is still named) and whether it holds the backbone (WEIGHTS_HAVE). One that
+# does not gets a second such message with the file's bytes as one uint8 array (WEIGHTS_ARRAY) in the
+# ArrayRecord ``weights``; it checks their hash and keeps them in its cache (odl_fed.federation.backbone),
+# answering WEIGHTS_HAVE again, or WEIGHTS_ERROR.
+JOIN_QUERY: Final = "query.join"
+WEIGHTS_RECORD: Final = "weights"
+WEIGHTS_ARRAY: Final = "file"
+WEIGHTS_HAVE: Final = "have"
+WEIGHTS_ERROR: Final = "error"
+WEIGHTS_CACHE_ENV: Final = "ODL_FED_CACHE_DIR"  # a board's cache (default ~/.cache/odl-fed)
 
 
 # -- the end of a run, told to every node --------------------------------------------------------

@@ -22,12 +22,13 @@ from odl_fed.dashboard.console import ConsoleDashboard, plain_round_line
 from odl_fed.dashboard.report import write_report
 from odl_fed.dashboard.round_summary import format_bytes, summarise_round, summarise_rounds
 from odl_fed.dashboard.run_log import LogFollower, load_run
-from odl_fed.federation.client_app import handle_end, handle_train
+from odl_fed.federation.client_app import handle_end, handle_join, handle_train
 from odl_fed.federation.recorder import RoundRecorder, read_rounds
 from odl_fed.federation.server_app import run_server
 from odl_fed.schema import (
     END_QUERY,
     EVENT,
+    JOIN_QUERY,
     ROUND_LOG,
     RUN_END_FILE_ENV,
     AttemptKey,
@@ -78,6 +79,8 @@ class LocalGrid:
             if message.metadata.message_type == END_QUERY:
                 self.ended.append(node)
                 replies.append(handle_end(message, self.contexts[node]))
+            elif message.metadata.message_type == JOIN_QUERY:
+                replies.append(handle_join(message, self.contexts[node], self.run_config))
             else:
                 replies.append(reply := handle_train(message, self.contexts[node], self.run_config))
                 # the strategy empties a reply's content once it is aggregated: what was sent is kept here

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from odl_fed.config import names
 from odl_fed.config.errors import JobError
 from odl_fed.config.suggest import did_you_mean
 
-__all__ = ["JobSpec", "JobError", "STRATEGIES", "parse_job"]
+__all__ = ["JobSpec", "JobError", "STRATEGIES", "parse_job", "job_mapping"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,19 @@ def _positive_number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise JobError(f"{where}: must be a positive finite number, but got {value!r}")
     return float(value)
+
+
+def job_mapping(job: JobSpec) -> dict:
+    """The fleet-file mapping that :func:`parse_job` reads back into ``job`` (what the server sends each
+    node with its instruction, so a board needs no copy of the fleet file)."""
+    raw = {}
+    for field in fields(job):
+        value, key = getattr(job, field.name), field.name.replace("_", "-")
+        if field.name == "dirichlet_alpha":
+            raw["partition"] = "iid" if value is None else {"dirichlet": value}
+        elif key in _STRATEGY_KEYS:
+            if job.strategy == _STRATEGY_KEYS[key][0]:
+                raw[key] = value
+        elif value is not None:
+            raw[key] = list(value) if isinstance(value, tuple) else value
+    return raw

@@ -9,6 +9,7 @@ Which device a node is: its node config's ``device`` (and the profile's fields, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -19,10 +20,12 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from odl_fed.config.job import JobSpec, parse_job
 from odl_fed.config.machine import cgroup_memory_limit, cgroup_memory_usage, fit_to_memory_limit
 from odl_fed.config.node import NodeConfigError, node_profile, partition
 from odl_fed.config.profile import DeviceProfile
 from odl_fed.config.run import RunSettings
+from odl_fed.federation.backbone import BackboneError, backbone_answer, cache_dir, local_backbone
 from odl_fed.federation.client_round import PlanCache, run_client_round
 from odl_fed.federation.faults import drill_hook
 from odl_fed.federation.job_assets import client_data
@@ -37,7 +40,7 @@ from odl_fed.schema import (
     names,
 )
 
-__all__ = ["app", "handle_train", "handle_end", "node_identity", "BASES_KEY"]
+__all__ = ["app", "handle_train", "handle_end", "handle_join", "node_identity", "instructed_job", "BASES_KEY"]
 
 app = ClientApp()
 BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
@@ -49,15 +52,17 @@ def _plan_cache(directory: str | None) -> PlanCache:
     return PlanCache(directory)
 
 
-def node_identity(settings: RunSettings, node_config: Mapping) -> tuple[str, DeviceProfile, int, int]:
+def node_identity(settings: RunSettings, node_config: Mapping, *,
+                  num_clients: int | None = None) -> tuple[str, DeviceProfile, int, int]:
     """The client's name, device profile, partition id and number of partitions.
 
-    A deployed node's config carries its device (and the profile's fields); a simulated node's only
-    its partition, whose device the fleet says (:mod:`odl_fed.config.node`).
+    A deployed node's config carries its device (and the profile's fields) and its partitions: no fleet
+    file is read. A simulated node's holds only its partition, whose device the fleet says
+    (:mod:`odl_fed.config.node`); ``num_clients`` (the server's instruction) stands in for the fleet's count.
     """
-    fleet = settings.fleet()
-    partition_id, num_partitions = partition(node_config, default_partitions=fleet.num_clients)
     profile = node_profile(node_config, devices_file=settings.devices_file)
+    fleet = settings.fleet() if profile is None or num_clients is None else None
+    partition_id, num_partitions = partition(node_config, default_partitions=num_clients or fleet.num_clients)
     if profile is None:
         profiles = fleet.client_profiles()
         if not 0 <= partition_id < len(profiles):
@@ -70,6 +75,22 @@ def node_identity(settings: RunSettings, node_config: Mapping) -> tuple[str, Dev
     return f"{profile.name}-{partition_id}", profile, partition_id, num_partitions
 
 
+def instructed_job(settings: RunSettings, config: Mapping) -> JobSpec:
+    """The job the server sent with its instruction (the fleet file's only when it sent none), its backbone
+    read from where this node holds it (the job's own path with the same bytes, or the cached copy)."""
+    if ConfigKey.JOB not in config:
+        return settings.fleet().job
+    job = parse_job(json.loads(str(config[ConfigKey.JOB])), "the server's job")
+    sha256 = str(config.get(ConfigKey.WEIGHTS_SHA256, ""))
+    if job.weights is None or not sha256:
+        return job
+    path = local_backbone(job.weights, sha256)
+    if path is None:
+        raise BackboneError(f"this node does not hold the job's backbone {job.weights} (sha256 {sha256[:12]}...), "
+                            f"nor a copy in {cache_dir()}; the server sends it before a node's first round")
+    return dataclasses.replace(job, weights=str(path))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return handle_train(msg, context, context.run_config)
@@ -78,6 +99,26 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("end")
 def end(msg: Message, context: Context) -> Message:
     return handle_end(msg, context)
+
+
+@app.query("join")
+def join(msg: Message, context: Context) -> Message:
+    return handle_join(msg, context, context.run_config)
+
+
+def handle_join(msg: Message, context: Context, run_config: Mapping) -> Message:
+    """The server's greeting before this node's first round: who this node is, and whether it holds the job's
+    backbone (kept here when the greeting brings its bytes); see :mod:`odl_fed.federation.backbone`."""
+    answer = backbone_answer(msg.content)
+    try:
+        config = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
+        num_clients = config.get(ConfigKey.NUM_CLIENTS)
+        client, profile, _, _ = node_identity(RunSettings.from_config(run_config), context.node_config,
+                                              num_clients=None if num_clients is None else int(num_clients))
+        answer |= {ClientKey.CLIENT: client, ClientKey.DEVICE: profile.name}
+    except (NodeConfigError, ValueError, OSError) as error:  # its first round says so in full
+        log.warning("this node cannot say who it is: %s", error)
+    return Message(content=RecordDict({Record.CONFIG: ConfigRecord(answer)}), reply_to=msg)
 
 
 # What the client entry prints of a round (odl_fed.deploy.supernode), taken from the round's metrics.
@@ -114,9 +155,11 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     The node keeps its ASI bases in ``context.state`` (``asi-bases``), so its next round starts warm.
     """
     settings = RunSettings.from_config(run_config)
-    client, profile, partition_id, num_partitions = node_identity(settings, context.node_config)
-    job = settings.fleet().job
     config = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
+    num_clients = config.get(ConfigKey.NUM_CLIENTS)
+    client, profile, partition_id, num_partitions = node_identity(
+        settings, context.node_config, num_clients=None if num_clients is None else int(num_clients))
+    job = instructed_job(settings, config)
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
     drills = drill_hook(context.node_config)  # fault drills (python -m odl_fed.client --fault); none on a real node
     kept = context.state.array_records.get(BASES_KEY)

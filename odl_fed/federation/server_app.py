@@ -13,6 +13,8 @@ The server holds ``OUT-DIR/writer.lock`` while it writes there.
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -21,9 +23,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from odl_fed.config.job import job_mapping
 from odl_fed.config.run import RunSettings
 from odl_fed.dashboard.report import write_report
 from odl_fed.dashboard.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog
+from odl_fed.federation.backbone import NodeGreeter
 from odl_fed.federation.checkpoint import (
     CHECKPOINT,
     WRITER_LOCK,
@@ -41,6 +45,7 @@ from odl_fed.schema import (
     END_QUERY,
     ROUND_LOG,
     TRAINED_LAYERS_FILE,
+    ConfigKey,
     EndKey,
     EndNotice,
     GlobalKey,
@@ -84,6 +89,7 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     resumed = check_run_dir(settings.out_dir, fleet, resume=settings.resume, writer_lock=False)
     test = held_out_data(job)
     model, convs = global_model(job, num_classes=test.num_classes)
+    greeter = NodeGreeter(job.weights)  # the backbone read once: sent to the nodes that lack it
     initial = ArrayRecord(torch_state_dict=trained_state(model))
     expected = expected_layout({name: array.numpy() for name, array in initial.items()})  # what clients send
     if resumed is not None:
@@ -106,6 +112,10 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     strategy = make_strategy(job, num_clients=fleet.num_clients, recorder=recorder, expected=expected,
                              node_wait=settings.round_timeout, max_examples=train_size(job) * job.local_epochs)
     strategy.round_offset = done
+    # the job and the backbone travel to the nodes: a board needs no copy of the fleet file or the weights
+    strategy.instruction = {ConfigKey.JOB: json.dumps(job_mapping(job)), ConfigKey.NUM_CLIENTS: fleet.num_clients,
+                            **greeter.config()}
+    strategy.before_train = functools.partial(greeter.greet, timeout=settings.round_timeout)
     if resumed is not None:
         load_strategy_state(strategy, {name: {k: t.numpy() for k, t in arrays.items()}
                                        for name, arrays in resumed.strategy.items()})

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from odl_fed.config.run import RunSettings
 from odl_fed.dashboard.console import ConsoleDashboard
 from odl_fed.federation.checkpoint import SERVER_LOCK, RunLock, check_run_dir
-from odl_fed.federation.client_app import handle_end, handle_train
+from odl_fed.federation.client_app import handle_end, handle_join, handle_train
 from odl_fed.federation.flower_env import FLOWER_LOG, OFFLINE_ENV, flower_log_file, known_notices_hidden, offline
 from odl_fed.federation.job_assets import held_out_data, prepare_partitions, train_size
 from odl_fed.federation.server_app import run_server
@@ -50,6 +50,10 @@ def build_apps(run_config: Mapping, *, listeners: Sequence[Callable[[dict], None
     @client.query("end")
     def _end(msg: Message, context: Context) -> Message:
         return handle_end(msg, context)
+
+    @client.query("join")
+    def _join(msg: Message, context: Context) -> Message:
+        return handle_join(msg, context, run_config)
 
     return server, client
 

@@ -71,7 +71,12 @@ class ValidatedUpdates:
         self._bytes_down = 0
         self._asked: set[int] = set()
         self._instructions: list[Message] = []
-        self._names: dict[int, str] = {}  # node id -> client name, from its replies
+        self._names: dict[int, str] = {}  # node id -> client name, from its greeting and its replies
+        self._devices: dict[int, str] = {}  # node id -> device, from its greeting
+        self.instruction: dict = {}  # what every train instruction carries besides Flower's keys (the job)
+        # called with (grid, node ids) before their instructions go out; returns {node: (client, device)}
+        # (odl_fed.federation.backbone.NodeGreeter.greet: the nodes' names, and the backbone they lack)
+        self.before_train = None
         self.round_offset = 0  # rounds done before this process started (a resumed run)
 
     def _connected(self, grid: Grid, wanted: int) -> list[int]:
@@ -101,14 +106,24 @@ class ValidatedUpdates:
         # what is connected now (its fraction of them, at least what the job wants when it can).
         wanted_nodes = self.min_train_nodes
         self.min_available_nodes, self.min_train_nodes = connected, min(wanted_nodes, connected)
+        for key, value in self.instruction.items():
+            config[key] = value
         try:
             messages = list(super().configure_train(server_round, arrays, config, grid))
         finally:
             self.min_available_nodes, self.min_train_nodes = fleet, wanted_nodes
+        if self.before_train is not None:
+            for node, (client, device) in self.before_train(grid, [m.metadata.dst_node_id for m in messages]).items():
+                self._names.setdefault(node, client)
+                self._devices[node] = device
         self._asked = {m.metadata.dst_node_id for m in messages}
         self._instructions = messages  # the grid gives each its message id as it sends it
         self.recorder.sent(server_round, len(messages), self._bytes_down, arrays.count_bytes())
         return messages
+
+    def _device(self, node: int) -> dict:
+        """The node's device, as its greeting said (nothing when it never answered one)."""
+        return {ClientKey.DEVICE: self._devices[node]} if node in self._devices else {}
 
     def _node(self, message: Message) -> int:
         """The node a reply is about: the SuperLink answers for a node it lost (src = the SuperLink)."""
@@ -132,6 +147,7 @@ class ValidatedUpdates:
         for node in sorted(self._asked - {self._node(m) for m in replies}):
             name = self._names.get(node, f"node-{node}")
             self.recorder.client(server_round, {ClientKey.CLIENT: name, ClientKey.NODE: node,
+                                                **self._device(node),
                                                 ClientKey.STATUS: Status.LOST, ClientKey.BYTES_DOWN: self._bytes_down,
                                                 ClientKey.REASON: "no reply within the round's timeout"})
             log.warning("round %d: %s lost: no reply within the round's timeout", server_round, name)
@@ -148,7 +164,7 @@ class ValidatedUpdates:
         """The client's entry for the record; a valid message's content is reduced to what aggregation needs."""
         if message.has_error():
             return {ClientKey.CLIENT: self._names.get(node, f"node-{node}"), ClientKey.NODE: node,
-                    ClientKey.STATUS: Status.ERROR, ClientKey.REASON: message.error.reason,
+                    **self._device(node), ClientKey.STATUS: Status.ERROR, ClientKey.REASON: message.error.reason,
                     ClientKey.BYTES_DOWN: self._bytes_down}
         content = message.content
         info = dict(content.config_records.get(Record.CLIENT, ConfigRecord()))

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.compose
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "odlfedtest"  # the copy's directory name: Compose's project name, as a user's clone gets its own
 CACHE = Path(os.environ.get("ODL_FED_CACHE", "/var/cache/odl-fed"))
-UP_TIMEOUT = 1800  # seconds for one `docker compose up` (the first builds both images)
+UP_TIMEOUT = 2700  # seconds for one `docker compose up` (the first builds both images and pretrains the backbone)
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,7 @@ def _prune(engine) -> None:
     """Stopped containers, the role images and the untagged layers they leave (6-7 GB each): the engine's
     cache persists between runs, and a disk that fills up fails the next build ("no space left on device")."""
     engine.docker("container", "prune", "-f", check=False)
+    engine.docker("volume", "prune", "-f", check=False)  # a stopped run's certificate volumes
     engine.docker("image", "rm", "-f", SERVER_IMAGE, CLIENT_IMAGE, check=False)
     engine.docker("image", "prune", "-f", check=False)
 

@@ -3,7 +3,7 @@ minutes into a run.
 
 - the files the job needs (``job.weights``);
 - the model: enough convs for ``job.layers``, and images of ``job.image-size`` go through it;
-- the data: every client gets a share of at least :data:`MIN_SHARE` examples;
+- the data: every client gets a share of at least :data:`MIN_SHARE` examples (a named dataset's);
 - in simulation, this machine's memory: the clients that run at once (one per simulated CPU) must
   hold a Ray actor's own baseline plus their device's ``train-memory``.
 
@@ -61,19 +61,19 @@ def check_signal(fleet: FleetSpec) -> str | None:
             f"(odl-fed pretrain --model {job.model} ...).")
 
 
-def check_fleet(fleet: FleetSpec, *, train_examples: int, simulated_cpus: int | None = None) -> None:
+def check_fleet(fleet: FleetSpec, *, train_examples: int | None, simulated_cpus: int | None = None) -> None:
     """Raise :class:`~odl_fed.config.fleet.FleetError` for a fleet that cannot run here (see the module doc).
 
-    ``train_examples``: the size of the dataset's training split; ``simulated_cpus``: the CPUs a
-    simulation gets (None: not simulated here).
+    ``train_examples``: the size of the dataset's training split (None: the boards' own images, which
+    only they know); ``simulated_cpus``: the CPUs a simulation gets (None: not simulated here).
     """
     fleet.check_files()
     check_model(fleet)
     if (warning := check_signal(fleet)) is not None:
         log.warning(warning)
     job = fleet.job
-    shares = train_examples // fleet.num_clients
-    if shares < MIN_SHARE:
+    shares = None if train_examples is None else train_examples // fleet.num_clients
+    if shares is not None and shares < MIN_SHARE:
         raise FleetError(f"{fleet.path}: devices: {fleet.num_clients} clients split {train_examples} examples of "
                          f"{job.dataset} into shares of {shares}; this dataset can feed at most "
                          f"{train_examples // MIN_SHARE} clients ({MIN_SHARE} examples each)")

@@ -231,6 +231,8 @@ def run(args) -> int:
             _say(f"warning: {warning}")
         _say(f"--data {scan.root}: {scan.count} image(s) in {len(scan.images)} class folder(s) "
              f"{_listing(sorted(scan.images))}; they stay on this board")
+    if args.num_partitions is None:  # with --data, the partition id only names the board
+        args.num_partitions = args.partition_id + 1 if args.data is not None and args.partition_id >= 0 else 1
     fields = build_node_config(profile, partition_id=args.partition_id, num_partitions=args.num_partitions,
                                data_dir=args.data)
     drill = parse_fault(args.fault)
@@ -343,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--superlink", required=True, help="the server's SuperLink, HOST:PORT")
     parser.add_argument("--devices", type=Path, help="extra device profiles (YAML)")
     parser.add_argument("--partition-id", type=int, default=0, help="this client's share of the data")
-    parser.add_argument("--num-partitions", type=int, default=1, help="how many shares the data is cut into")
+    parser.add_argument("--num-partitions", type=int,
+                        help="how many shares the data is cut into (default 1; with --data: unused)")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="this board's own images, one sub-folder per class (a job with dataset: local)")
     parser.add_argument("--data-root", type=Path, help="where the datasets' files are, and the decoded --data "

@@ -252,15 +252,14 @@ def test_each_board_says_what_it_skipped_and_keeps_its_decoded_images(local_flee
 
 # -- the deployed fleet on loopback: what the SuperLink held ----------------------------------------
 
-def _patterns(folder, cache_dir) -> dict[str, bytes]:
+def _patterns(folder, tmp_path) -> dict[str, bytes]:
     """Byte runs only a board's pictures hold: 32 bytes from the middle of each file as written, and
-    from each decoded image (its busiest row, as the ClientApp trains on it)."""
+    from each image as decoded for training (its busiest row; decoded here as the board decodes it)."""
     found = {}
     for path in sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg")):
         raw = path.read_bytes()
         found[f"file {path.name}"] = raw[len(raw) // 2:len(raw) // 2 + 32]
-    (cached,) = cache_dir.glob("*.pt")
-    images = torch.load(cached, weights_only=True)["images"]
+    images = load_local(folder, classes=CLASSES, image_size=JOB["image-size"], cache_dir=tmp_path / "mine").data.images
     for i, image in enumerate(images):
         rows = image[0]  # (S, S) of the first channel
         row = int(rows.float().std(dim=1).argmax())
@@ -269,38 +268,39 @@ def _patterns(folder, cache_dir) -> dict[str, bytes]:
     return found
 
 
-class _StoreReader:
-    """What the SuperLink's object store holds (its --database SQLite file), read every few tenths of a
-    second while the run goes on: every object's content, by id. Flower deletes a message's objects
-    once they are delivered, so they are read while they wait."""
+class _StoreWatch:
+    """Reads the SuperLink's --database files (the SQLite file and its write-ahead log) as raw bytes
+    every few tenths of a second while the run goes on, without opening them as a database (no lock
+    the SuperLink could meet), and notes which of ``patterns`` ever appeared there. Flower deletes a
+    message's objects once delivered; their pages stay in the log or the file until reused, and are
+    read meanwhile."""
 
-    def __init__(self, database):
+    def __init__(self, database, patterns: dict[str, bytes]):
         import threading
 
-        self.database, self.seen, self.reads = database, {}, 0
+        self.files = [database, database.with_name(database.name + "-wal")]
+        self.patterns, self.found, self.reads = patterns, set(), 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
-        import sqlite3
-        import time
+        while not self.done.wait(0.3):
+            self.scan()
 
-        while not self.done.is_set():
-            if self.database.exists():
-                try:
-                    with sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=1) as db:
-                        for object_id, content in db.execute(
-                                "SELECT object_id, content FROM objects WHERE content IS NOT NULL"):
-                            self.seen.setdefault(object_id, bytes(content))
-                    self.reads += 1
-                except sqlite3.Error:  # not made yet, or busy: read again
-                    pass
-            time.sleep(0.2)
+    def scan(self):
+        for path in self.files:
+            try:
+                content = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            self.reads += 1
+            self.found |= {name for name, pattern in self.patterns.items() if pattern in content}
 
     def stop(self):
         self.done.set()
         self.thread.join(timeout=10)
+        self.scan()
 
 
 @pytest.mark.slow  # a deployed fleet: minutes of real processes (make test-slow)
@@ -324,7 +324,12 @@ def test_a_deployed_fleet_on_its_boards_images_sends_no_image_bytes(tmp_path):
     fleet = _fleet(tmp_path, rounds=2)
     port, out = free_port(), tmp_path / "out"
     started, pids = [], set()
-    reader = _StoreReader(out / "superlink.db")
+    # what only a reply holds (the check can see replies), and what only the boards' pictures hold
+    patterns = {"reply": b"num-examples", "reply of rpi4-0": b"rpi4-0"}
+    for i, folder in enumerate(folders[:2]):
+        patterns |= {f"board {i}: {name}": pattern for name, pattern in _patterns(folder, tmp_path).items()}
+    assert len(patterns) > 2 + 80
+    watch = _StoreWatch(out / "superlink.db", patterns)
     try:
         server = start([sys.executable, "-m", "odl_fed.server", "--insecure", "--fleet", str(fleet), "--out-dir",
                         str(out), "--listen", f"127.0.0.1:{port}", "--plan-cache", str(tmp_path / "plans")],
@@ -342,7 +347,7 @@ def test_a_deployed_fleet_on_its_boards_images_sends_no_image_bytes(tmp_path):
             for process in started:
                 pids |= tree(process)
             time.sleep(0.5)
-        reader.stop()
+        watch.stop()
         text = (tmp_path / "server.log").read_text()
         assert server.returncode == 0, text[-4000:]
         for i, process in enumerate(started[1:]):
@@ -364,16 +369,54 @@ def test_a_deployed_fleet_on_its_boards_images_sends_no_image_bytes(tmp_path):
             for name in ("rpi4-0", "rpi4-1"):  # a reply: the trained layers, plus a few KB of metrics and names
                 assert clients[name][ClientKey.RECORD_BYTES_UP] - clients[name][ClientKey.BYTES_UP] < 16 * 1024
     finally:
-        reader.stop()
+        watch.stop()
         stop_all(started, pids)
 
-    # What the SuperLink held: the replies went through it (the check can see them) ...
-    assert reader.reads > 10 and reader.seen, "the SuperLink's store was never read"
-    assert any(b"rpi4-0" in content and b"num-examples" in content for content in reader.seen.values())
-    # ... and no byte run of any picture, as written or as decoded, in what it held or in its files now
-    stored = list(reader.seen.values()) + [p.read_bytes() for p in out.glob("superlink.db*")]
-    for i, folder in enumerate(folders[:2]):
-        patterns = _patterns(folder, tmp_path / f"disk-{i}" / ".decoded")
-        assert len(patterns) > 40
-        leaked = [name for name, pattern in patterns.items() if any(pattern in content for content in stored)]
-        assert leaked == [], leaked
+    # The replies went through what was read (the check sees them) and no picture's bytes did,
+    # as written or as decoded.
+    assert watch.reads > 20
+    assert {"reply", "reply of rpi4-0"} <= watch.found, watch.found
+    assert watch.found == {"reply", "reply of rpi4-0"}, sorted(watch.found)
+
+
+# -- simulation: one folder per simulated client ----------------------------------------------------
+
+@pytest.mark.parametrize("folders, message", [
+    (1, "job.dataset: 'local' trains each client on its own images: give one --data DIR per client, in order "
+        "(3 clients, 1 folder(s) given)"),
+    (3, "--data {missing} does not exist"),
+])
+def test_a_simulated_local_fleet_needs_a_folder_per_client_before_anything_starts(tmp_path, capsys, folders,
+                                                                                    message):
+    from odl_fed.cli import main
+
+    digit_folder(tmp_path / "a", {"zero": 0, "one": 1}, per_class=2)
+    dirs = [tmp_path / "a", tmp_path / "a", tmp_path / "missing"][:folders]
+    given = [arg for folder in dirs for arg in ("--data", str(folder))]
+    assert main(["simulate", "--fleet", str(_fleet(tmp_path)), "--out-dir", str(tmp_path / "out"), "--no-progress",
+                 *given]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("odl-fed simulate: error: "), err
+    assert message.format(missing=tmp_path / "missing") in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # Flower's simulation engine (Ray) for one round
+def test_a_simulated_fleet_trains_each_client_on_its_own_folder(tmp_path, monkeypatch):
+    from odl_fed.federation.simulation import simulate
+
+    monkeypatch.setenv("ODL_FED_DATA", str(tmp_path / "disk"))
+    digit_folder(tmp_path / "a", {"zero": 0, "one": 1}, per_class=6)
+    digit_folder(tmp_path / "b", {"two": 2, "three": 3, "one": 1}, per_class=4, start=6)
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 2}],
+                                     "job": {**JOB, "clients-per-round": 2}}))
+    log = simulate({"fleet": str(fleet), "out-dir": str(tmp_path / "out"), "plan-cache": "",
+                    "data-dirs": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")])}, progress=False,
+                   cpus=2)
+    from odl_fed.federation.recorder import read_rounds
+
+    (round1,) = read_rounds(log)[1:]
+    clients = {c[ClientKey.CLIENT]: c for c in round1[RoundKey.CLIENTS]}
+    assert {n: (c[ClientKey.STATUS], c[Metric.NUM_EXAMPLES]) for n, c in clients.items()} == {
+        "rpi4-0": (Status.OK, 12), "rpi4-1": (Status.OK, 12)}

@@ -15,7 +15,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -101,11 +101,15 @@ def _note_round(server_round: int, outcome) -> None:
         notes.write(json.dumps(note) + "\n")
 
 
-def round_data(job, node_config: Mapping, partition_id: int, num_partitions: int) -> ImageData:
-    """What this node trains on: its own images (``dataset: local``: the node config's ``data-dir``), else
-    its share of the job's dataset. Raises :class:`~odl_fed.training.local_data.LocalDataError` for a
-    board's folder that cannot train; what it skipped is logged when the folder is decoded."""
+def round_data(job, node_config: Mapping, partition_id: int, num_partitions: int, *,
+               data_dirs: Sequence[Path] = ()) -> ImageData:
+    """What this node trains on: its own images (``dataset: local``: the node config's ``data-dir``, or in
+    simulation the run config's folder for its partition), else its share of the job's dataset. Raises
+    :class:`~odl_fed.training.local_data.LocalDataError` for a board's folder that cannot train; what it
+    skipped is logged when the folder is decoded."""
     folder = data_dir(node_config)
+    if folder is None and 0 <= partition_id < len(data_dirs):
+        folder = data_dirs[partition_id]
     if job.dataset != LOCAL_DATASET:
         if folder is not None:
             log.warning("--data %s is not used: the job trains on shares of %s (dataset: local would use it)",
@@ -144,7 +148,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     drills = drill_hook(context.node_config)  # fault drills (python -m odl_fed.client --fault); none on a real node
     kept = context.state.array_records.get(BASES_KEY)
     try:
-        data = round_data(job, context.node_config, partition_id, num_partitions)
+        data = round_data(job, context.node_config, partition_id, num_partitions, data_dirs=settings.data_dirs)
     except LocalDataError as error:  # this board's images cannot train: it sits the round out, saying why
         log.error("%s: its images cannot train: %s", client, error)
         outcome = ClientOutcome(client, profile.name, REFUSED,

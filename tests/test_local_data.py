@@ -377,6 +377,12 @@ def test_a_deployed_fleet_on_its_boards_images_sends_no_image_bytes(tmp_path):
     assert watch.reads > 20
     assert {"reply", "reply of rpi4-0"} <= watch.found, watch.found
     assert watch.found == {"reply", "reply of rpi4-0"}, sorted(watch.found)
+    # (and the decoded patterns are what a board holds: each is in its own decoded file)
+    for i in range(2):
+        (kept,) = (tmp_path / f"disk-{i}" / ".decoded").glob("*.pt")
+        held = kept.read_bytes()
+        assert all(pattern in held for name, pattern in patterns.items() if name.startswith(f"board {i}: decoded")
+                   and name.endswith("(CHW)"))
 
 
 # -- simulation: one folder per simulated client ----------------------------------------------------

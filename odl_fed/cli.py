@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -165,7 +166,9 @@ def _simulate_config(args) -> dict:
     return {"fleet": given(args.fleet, "fleet"), "devices-file": given(args.devices, "devices-file"),
             "out-dir": given(args.resume or args.out_dir, "out-dir"),
             "plan-cache": given(args.plan_cache, "plan-cache"),
-            "round-timeout": float(given(args.round_timeout, "round-timeout")), "resume": args.resume is not None}
+            "round-timeout": float(given(args.round_timeout, "round-timeout")), "resume": args.resume is not None,
+            "data-dirs": os.pathsep.join(str(d.absolute()) for d in args.data) if args.data
+            else stored.get("data-dirs", DEFAULTS["data-dirs"])}
 
 
 def compose(args) -> str:
@@ -301,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plan-cache", type=Path, help=f"where client plans are kept (default: {DEFAULTS['plan-cache']})")
     sim.add_argument("--round-timeout", type=float,
                      help=f"seconds to wait for a round's replies (default: {DEFAULTS['round-timeout']})")
+    sim.add_argument("--data", type=Path, action="append", metavar="DIR",
+                     help="a dataset: local fleet: one client's own image folder (one sub-folder per class); "
+                          "once per client, in order")
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
     sim.add_argument("--ray-address", help="run on a Ray cluster already started, e.g. 127.0.0.1:6379 "
                                            "(ray start --head; ray start --address on each other host)")

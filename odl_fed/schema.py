@@ -184,7 +184,7 @@ class Status:
     """A client's ``status`` in a round: what the client says (ok, refused, memory-exceeded), or the server."""
 
     OK: Final = "ok"  # trained; its update was aggregated
-    REFUSED: Final = "refused"  # its plan found no setting that fits its budget (it did not train)
+    REFUSED: Final = "refused"  # it did not train: no setting fits its budget, or its own images cannot train
     MEMORY_EXCEEDED: Final = "memory-exceeded"  # it broke its memory budget and could not retreat in time
     REJECTED: Final = "rejected"  # the server rejected its reply (odl_fed.federation.validation)
     ERROR: Final = "error"  # an error reply (the ClientApp failed, or the node was lost to the SuperLink)

@@ -17,8 +17,9 @@ at the edge.
       batch-size: 32
       lr: 0.001
       image-size: 32
-      dataset: mnist-digits
-      partition: iid              # or {dirichlet: 0.3}
+      dataset: mnist-digits       # or local: each board's own images (python -m odl_fed.client --data DIR)
+      classes: [cat, dog]         # dataset local only: the class sub-folder names, in label order
+      partition: iid              # or {dirichlet: 0.3} (a named dataset's shares)
       seed: 0
       strategy: fedavg            # fedavg | fedprox | fedadam (optional)
       proximal-mu: 0.01           # fedprox only

@@ -41,7 +41,8 @@ class JobSpec:
     min_clients: int = 1  # fewer connected clients than this and a round is skipped
     # how the clients' rank planner sums the layers' gradient errors (odl_fed.config.names.WEIGHTINGS)
     rank_weighting: str = "absolute"
-
+    # dataset "local" (each board's own image folder): the class sub-folder names, in label order
+    classes: tuple[str, ...] | None = None
 
 
 STRATEGIES = names.STRATEGIES
@@ -50,7 +51,7 @@ _OPTIONAL_INTS = ("examples-per-client", "eval-examples", "min-clients")
 _CHOICES = {"model": names.MODELS, "method": names.METHODS, "dataset": names.DATASETS}
 _STRATEGY_KEYS = {"proximal-mu": ("fedprox", 0.01), "server-lr": ("fedadam", 0.01)}
 _JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights", "strategy", *_STRATEGY_KEYS,
-             *_OPTIONAL_INTS, "rank-weighting")
+             *_OPTIONAL_INTS, "rank-weighting", "classes")
 _REQUIRED = (*_POSITIVE_INTS, *_CHOICES, "lr")
 
 
@@ -111,7 +112,8 @@ def parse_job(raw, where: str) -> JobSpec:
                    dataset=raw["dataset"], dirichlet_alpha=alpha, seed=seed, weights=weights, strategy=strategy,
                    proximal_mu=knobs["proximal-mu"], server_lr=knobs["server-lr"],
                    examples_per_client=raw.get("examples-per-client"), eval_examples=raw.get("eval-examples"),
-                   min_clients=raw.get("min-clients", 1), rank_weighting=weighting)
+                   min_clients=raw.get("min-clients", 1), rank_weighting=weighting,
+                   classes=_classes(raw, where))
 
 
 def _positive_number(value, where: str) -> float:
@@ -127,10 +129,41 @@ def job_mapping(job: JobSpec) -> dict:
     for field in fields(job):
         value, key = getattr(job, field.name), field.name.replace("_", "-")
         if field.name == "dirichlet_alpha":
-            raw["partition"] = "iid" if value is None else {"dirichlet": value}
+            if job.dataset != names.LOCAL_DATASET:  # a board's own images are not partitioned
+                raw["partition"] = "iid" if value is None else {"dirichlet": value}
         elif key in _STRATEGY_KEYS:
             if job.strategy == _STRATEGY_KEYS[key][0]:
                 raw[key] = value
         elif value is not None:
             raw[key] = list(value) if isinstance(value, tuple) else value
     return raw
+
+
+def _classes(raw: Mapping, where: str) -> tuple[str, ...] | None:
+    """``classes``: required with ``dataset: local`` (every board maps its sub-folders to labels by this
+    list, so labels agree across boards and the model gets one output per class), refused otherwise;
+    ``partition`` does not apply to a board's own images."""
+    local = raw["dataset"] == names.LOCAL_DATASET
+    if not local:
+        if "classes" in raw:
+            raise JobError(f"{where}.classes: only applies to dataset {names.LOCAL_DATASET!r} (each board's own "
+                           f"image folder); {raw['dataset']!r} has its own classes")
+        return None
+    if "partition" in raw:
+        raise JobError(f"{where}.partition: does not apply to dataset {names.LOCAL_DATASET!r}: each board trains "
+                       f"on its own images (python -m odl_fed.client --data DIR)")
+    classes = raw.get("classes")
+    if classes is None:
+        raise JobError(f"{where}.classes: dataset {names.LOCAL_DATASET!r} needs classes: [name, ...], the class "
+                       f"sub-folder names of the boards' --data folders, in label order")
+    if isinstance(classes, list):  # YAML reads a folder named 0 as a number
+        classes = [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in classes]
+    if not isinstance(classes, list) or len(classes) < 2 or not all(
+            isinstance(c, str) and c.strip() and c == c.strip() and "/" not in c and not c.startswith(".")
+            for c in classes):
+        raise JobError(f"{where}.classes: must be a list of at least 2 folder names (no '/', not starting with '.'), "
+                       f"but got {classes!r}")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise JobError(f"{where}.classes: {repeated} listed more than once")
+    return tuple(classes)

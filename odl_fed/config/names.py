@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from odl_fed.schema import METHOD_NAMES
 
-__all__ = ["MODELS", "DATASETS", "METHODS", "WEIGHTINGS", "GRIDS", "STRATEGIES", "check_registry"]
+__all__ = ["MODELS", "DATASETS", "NAMED_DATASETS", "LOCAL_DATASET", "METHODS", "WEIGHTINGS", "GRIDS", "STRATEGIES",
+           "check_registry"]
 
 # odl_fed.training.models: torchvision's CNNs, then EfficientNet-Lite0 with its packaged weights
 MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34", "efficientnet_lite0")
-# odl_fed.training.data
-DATASETS = ("fashion-mnist", "mnist-digits", "digits", "cifar10", "flowers102", "oxford-pets", "imagefolder")
+# odl_fed.training.data: the datasets it loads by name (each client gets a partition of one) ...
+NAMED_DATASETS = ("fashion-mnist", "mnist-digits", "digits", "cifar10", "flowers102", "oxford-pets", "imagefolder")
+# ... and each board's own image folder (odl_fed.training.local_data: `python -m odl_fed.client --data DIR`)
+LOCAL_DATASET = "local"
+DATASETS = (*NAMED_DATASETS, LOCAL_DATASET)  # what a fleet's job.dataset may name
 # odl_fed.training.methods (the names travel in the round log too, hence the schema)
 METHODS = METHOD_NAMES
 # odl_fed.planning.ranks: how the knapsack sums the layers' gradient errors, and its option grids

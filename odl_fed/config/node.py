@@ -7,6 +7,9 @@ client's::
     device="rpi4" ram=4294967296 train-memory=536870912 runtime-memory=419430400 cores=4
     relative-speed=1.0 partition-id=0 num-partitions=4
 
+A board that trains on its own images (``--data DIR``, a job with ``dataset: local``) also carries
+``data-dir="/abs/DIR"``; its ``partition-id`` then only names it (``rpi4-0``).
+
 In simulation Flower's node config is only ``partition-id`` and ``num-partitions``: the fleet's
 device for that partition is the node's device. Keys are kebab-case, sizes are bytes.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 from odl_fed.config.profile import (
     PROFILE_KEYS,
@@ -25,10 +29,11 @@ from odl_fed.config.profile import (
     profile_from_fields,
 )
 
-__all__ = ["DEVICE", "PARTITION_ID", "NUM_PARTITIONS", "NodeConfigError", "build_node_config", "format_node_config",
-           "node_profile", "partition"]
+__all__ = ["DEVICE", "PARTITION_ID", "NUM_PARTITIONS", "DATA_DIR", "NodeConfigError", "build_node_config",
+           "format_node_config", "node_profile", "partition", "data_dir"]
 
 DEVICE, PARTITION_ID, NUM_PARTITIONS = "device", "partition-id", "num-partitions"
+DATA_DIR = "data-dir"  # the board's own image folder (python -m odl_fed.client --data DIR)
 EXAMPLE = 'device="rpi4" partition-id=0 num-partitions=4'
 
 
@@ -36,12 +41,19 @@ class NodeConfigError(ValueError):
     """A node config this project cannot run a client with; the message shows a valid one."""
 
 
-def build_node_config(profile: DeviceProfile, *, partition_id: int, num_partitions: int) -> dict:
-    """The node config of a deployed client: its profile's fields and its share."""
+def build_node_config(profile: DeviceProfile, *, partition_id: int, num_partitions: int,
+                      data_dir: Path | None = None) -> dict:
+    """The node config of a deployed client: its profile's fields, its share, and its own images' folder."""
     if not 0 <= partition_id < num_partitions:
         raise NodeConfigError(f"partition-id must be in [0, num-partitions={num_partitions}), but got {partition_id}")
     return {DEVICE: profile.name, **profile_fields(profile), PARTITION_ID: partition_id,
-            NUM_PARTITIONS: num_partitions}
+            NUM_PARTITIONS: num_partitions, **({} if data_dir is None else {DATA_DIR: str(Path(data_dir).absolute())})}
+
+
+def data_dir(node_config: Mapping) -> Path | None:
+    """The board's own image folder its node config names (``data-dir``), or None."""
+    value = str(node_config.get(DATA_DIR, "")).strip()
+    return Path(value) if value else None
 
 
 def format_node_config(config: Mapping) -> str:

@@ -8,6 +8,8 @@ out-dir         where the server writes ``rounds.jsonl`` and the final trained l
 plan-cache      where clients keep their plans, or ``""`` for memory only
 round-timeout   seconds the server waits for a round's replies
 resume          go on from ``out-dir``'s checkpoint (:mod:`odl_fed.federation.checkpoint`) instead of starting anew
+data-dirs       simulation of a ``dataset: local`` fleet: each client's own image folder, by partition id,
+                joined by ``os.pathsep`` (``odl-fed simulate --data DIR ...``); ``""`` otherwise
 ==============  =====================================================================
 
 Relative paths are taken from the directory the command runs in.
@@ -16,6 +18,7 @@ Relative paths are taken from the directory the command runs in.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ DEFAULTS = {
     "plan-cache": ".odl-fed/plans",
     "round-timeout": 600,
     "resume": False,
+    "data-dirs": "",
 }
 
 
@@ -43,6 +47,7 @@ class RunSettings:
     plan_cache: Path | None
     round_timeout: float
     resume: bool = False
+    data_dirs: tuple[Path, ...] = ()  # a simulated dataset: local fleet's folders, by partition id
 
     @classmethod
     def from_config(cls, config: Mapping) -> RunSettings:
@@ -65,8 +70,10 @@ class RunSettings:
         resume = merged["resume"]
         if not isinstance(resume, bool):
             raise ValueError(f"run config: 'resume' must be true or false, but got {resume!r}")
+        folders = tuple(Path(part).expanduser().absolute() for part in str(merged["data-dirs"]).split(os.pathsep)
+                        if part.strip())
         return cls(fleet_path=fleet, devices_file=path("devices-file"), out_dir=path("out-dir") or Path.cwd(),
-                   plan_cache=path("plan-cache"), round_timeout=float(timeout), resume=resume)
+                   plan_cache=path("plan-cache"), round_timeout=float(timeout), resume=resume, data_dirs=folders)
 
     def fleet(self) -> FleetSpec:
         return _load_fleet(str(self.fleet_path), None if self.devices_file is None else str(self.devices_file),
@@ -75,7 +82,8 @@ class RunSettings:
     def as_config(self) -> dict:
         return {"fleet": str(self.fleet_path), "devices-file": str(self.devices_file or ""),
                 "out-dir": str(self.out_dir), "plan-cache": str(self.plan_cache or ""),
-                "round-timeout": self.round_timeout, "resume": self.resume}
+                "round-timeout": self.round_timeout, "resume": self.resume,
+                "data-dirs": os.pathsep.join(map(str, self.data_dirs))}
 
 
 def _mtime(path: Path | None) -> int:

@@ -6,6 +6,13 @@
         --root-certificates certs/ca.crt --auth-key certs/node-0.key
     python -m odl_fed.client --device auto --superlink 127.0.0.1:9092 --insecure  # nearest profile, plaintext
     python -m odl_fed.client --device my-board --devices my-devices.yaml --superlink ...
+    python -m odl_fed.client --device rpi4 --superlink 192.168.1.10:9092 --data ~/pictures --partition-id 2 ...
+
+``--data DIR``: the board's own images, one sub-folder per class (``DIR/cat/*.jpg``, ...), for a fleet whose
+job says ``dataset: local`` and lists the classes; checked here before the SuperNode starts (a folder
+that is missing or holds no readable image is one error), decoded once by the first round
+(:mod:`odl_fed.training.local_data`), and never sent anywhere: only the trained layers and the metrics
+travel. ``--partition-id`` then only names the board (``rpi4-2``): give each board its own.
 
 ``--root-certificates CA --auth-key KEY`` (files of ``odl-fed certs``, :mod:`odl_fed.deploy.certs`): TLS,
 checking the SuperLink's certificate against the CA, and the node's key for SuperNode
@@ -37,6 +44,7 @@ import argparse
 import collections
 import contextlib
 import json
+import math
 import os
 import re
 import resource
@@ -65,6 +73,7 @@ from odl_fed.deploy.processes import (
 )
 from odl_fed.federation.faults import FAULT_KEY, FAULTS, FaultError, parse_fault
 from odl_fed.schema import ROUND_NOTES_FILE_ENV, RUN_END_FILE_ENV, ClientKey, EndNotice, Metric
+from odl_fed.training.local_data import LocalDataError, check_folder
 
 __all__ = ["main", "resolve_profile", "hard_limit"]
 
@@ -97,6 +106,10 @@ def resolve_profile(device: str, *, devices_file: Path | None) -> tuple[DevicePr
 def hard_limit(profile: DeviceProfile) -> int:
     """RLIMIT_AS for the client's processes: what the profile lets them hold, plus torch's floor."""
     return profile.runtime_memory + profile.train_memory + TORCH_ADDRESS_FLOOR
+
+
+def _listing(names: list[str], shown: int = 8) -> str:
+    return "[" + ", ".join(names[:shown]) + (f", ... {len(names) - shown} more" if len(names) > shown else "") + "]"
 
 
 def _say(text: str) -> None:
@@ -221,7 +234,19 @@ def run(args) -> int:
     if machine.cgroup_limit:
         _say(f"memory limit here: {machine.cgroup_limit / 2**20:.0f} MiB (cgroup v{machine.cgroup_version}); each "
              f"round's train-memory is cut to what it leaves")
-    fields = build_node_config(profile, partition_id=args.partition_id, num_partitions=args.num_partitions)
+    if args.data is not None:
+        try:
+            scan, warnings = check_folder(args.data)
+        except LocalDataError as error:
+            raise LocalDataError(f"--data {error}") from None
+        for warning in warnings:
+            _say(f"warning: {warning}")
+        _say(f"--data {scan.root}: {scan.count} image(s) in {len(scan.images)} class folder(s) "
+             f"{_listing(sorted(scan.images))}; they stay on this board")
+    if args.num_partitions is None:  # with --data, the partition id only names the board
+        args.num_partitions = args.partition_id + 1 if args.data is not None and args.partition_id >= 0 else 1
+    fields = build_node_config(profile, partition_id=args.partition_id, num_partitions=args.num_partitions,
+                               data_dir=args.data)
     drill = parse_fault(args.fault)
     if drill is not None:
         fields[FAULT_KEY] = str(drill)
@@ -275,8 +300,10 @@ def _serve(args, host: str, port: int, deadline: float, extra: dict, node_config
             supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
                                         env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            _say(f"SuperNode {supernode.pid} connecting to {host}:{port} as partition {args.partition_id} of "
-                 f"{args.num_partitions}" + (", TLS" if not args.insecure else ", plaintext") +
+            share = (f"as board {args.partition_id}, on its own images" if args.data is not None else
+                     f"as partition {args.partition_id} of {args.num_partitions}")
+            _say(f"SuperNode {supernode.pid} connecting to {host}:{port} {share}"
+                 + (", TLS" if not args.insecure else ", plaintext") +
                  (f", address space capped at {limit / 2**30:.2f} GiB" if limit else ""))
             return supernode
 
@@ -288,8 +315,10 @@ def _serve(args, host: str, port: int, deadline: float, extra: dict, node_config
         finally:
             notes.stop()
         notice = json.loads(ended.read_text())
-        _say(f"the run is over: {notice[EndNotice.ROUNDS]} rounds, global accuracy "
-             f"{notice[EndNotice.ACCURACY]:.3f}; stopping the SuperNode")
+        accuracy = notice[EndNotice.ACCURACY]
+        _say(f"the run is over: {notice[EndNotice.ROUNDS]} rounds, "
+             + (f"global accuracy {accuracy:.3f}" if isinstance(accuracy, (int, float)) and math.isfinite(accuracy)
+                else "no global accuracy (the server holds no held-out images)") + "; stopping the SuperNode")
         return 0
 
 
@@ -348,8 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--superlink", required=True, help="the server's SuperLink, HOST:PORT")
     parser.add_argument("--devices", type=Path, help="extra device profiles (YAML)")
     parser.add_argument("--partition-id", type=int, default=0, help="this client's share of the data")
-    parser.add_argument("--num-partitions", type=int, default=1, help="how many shares the data is cut into")
-    parser.add_argument("--data-root", type=Path, help="where the datasets' files are (ODL_FED_DATA)")
+    parser.add_argument("--num-partitions", type=int,
+                        help="how many shares the data is cut into (default 1; with --data: unused)")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="this board's own images, one sub-folder per class (a job with dataset: local)")
+    parser.add_argument("--data-root", type=Path, help="where the datasets' files are, and the decoded --data "
+                                                       "images are kept (ODL_FED_DATA)")
     parser.add_argument("--hard-limit", action="store_true",
                         help="cap the client's address space (RLIMIT_AS) at runtime + train memory + torch's floor")
     parser.add_argument("--port", type=int, help="the SuperNode's local ClientApp port (default: a free one)")
@@ -391,7 +424,8 @@ def main(argv=None) -> int:
         _say(INSECURE_WARNING)
     try:
         return run(args)
-    except (AddressError, ProfileError, NodeConfigError, FaultError, FileNotFoundError, CertError) as error:
+    except (AddressError, ProfileError, NodeConfigError, FaultError, FileNotFoundError, CertError,
+            LocalDataError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except LinkError as error:

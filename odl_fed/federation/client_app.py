@@ -3,7 +3,9 @@
 Which device a node is: its node config's ``device`` (and the profile's fields, which
 ``python -m odl_fed.client`` puts there) when it has one, else the fleet's device for its
 ``partition-id`` (simulation, where the node config holds only the partition); see
-:mod:`odl_fed.config.node`. The work itself is
+:mod:`odl_fed.config.node`. What it trains on: its share of a named dataset, or, for ``dataset: local``,
+its own images (the node config's ``data-dir``, from ``--data DIR``); a board whose images cannot train
+refuses the round, saying why, and the others go on. The work itself is
 :func:`odl_fed.federation.client_round.run_client_round`.
 """
 
@@ -14,7 +16,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,13 +24,14 @@ from flwr.clientapp import ClientApp
 
 from odl_fed.config.job import JobSpec, parse_job
 from odl_fed.config.machine import cgroup_memory_limit, cgroup_memory_usage, fit_to_memory_limit
-from odl_fed.config.node import NodeConfigError, node_profile, partition
+from odl_fed.config.names import LOCAL_DATASET
+from odl_fed.config.node import NodeConfigError, data_dir, node_profile, partition
 from odl_fed.config.profile import DeviceProfile
 from odl_fed.config.run import RunSettings
 from odl_fed.federation.backbone import BackboneError, backbone_answer, cache_dir, local_backbone
-from odl_fed.federation.client_round import PlanCache, run_client_round
+from odl_fed.federation.client_round import REFUSED, ClientOutcome, PlanCache, run_client_round
 from odl_fed.federation.faults import drill_hook
-from odl_fed.federation.job_assets import client_data
+from odl_fed.federation.job_assets import board_data, client_data
 from odl_fed.schema import (
     ROUND_NOTES_FILE_ENV,
     RUN_END_FILE_ENV,
@@ -39,8 +42,11 @@ from odl_fed.schema import (
     Record,
     names,
 )
+from odl_fed.training.data import ImageData
+from odl_fed.training.local_data import LocalDataError
 
-__all__ = ["app", "handle_train", "handle_end", "handle_join", "node_identity", "instructed_job", "BASES_KEY"]
+__all__ = ["app", "handle_train", "handle_end", "handle_join", "node_identity", "instructed_job", "round_data",
+           "BASES_KEY"]
 
 app = ClientApp()
 BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
@@ -137,6 +143,28 @@ def _note_round(server_round: int, outcome) -> None:
         notes.write(json.dumps(note) + "\n")
 
 
+def round_data(job, node_config: Mapping, partition_id: int, num_partitions: int, *,
+               data_dirs: Sequence[Path] = ()) -> ImageData:
+    """What this node trains on: its own images (``dataset: local``: the node config's ``data-dir``, or in
+    simulation the run config's folder for its partition), else its share of the job's dataset. Raises
+    :class:`~odl_fed.training.local_data.LocalDataError` for a board's folder that cannot train; what it
+    skipped is logged when the folder is decoded."""
+    folder = data_dir(node_config)
+    if folder is None and 0 <= partition_id < len(data_dirs):
+        folder = data_dirs[partition_id]
+    if job.dataset != LOCAL_DATASET:
+        if folder is not None:
+            log.warning("--data %s is not used: the job trains on shares of %s (dataset: local would use it)",
+                        folder, job.dataset)
+        return client_data(job, partition_id, num_partitions)
+    local = board_data(job, folder)
+    if local.decoded:  # once per change of the folder, not every round
+        for warning in local.warnings:
+            log.warning(warning)
+        log.info(local.summary)
+    return local.data
+
+
 def handle_end(msg: Message, context: Context) -> Message:
     """The server's end notice: written to the file the client entry named (``ODL_FED_RUN_END_FILE``), so
     it exits 0 once the SuperLink goes; in simulation, where no entry waits, nothing is written."""
@@ -163,13 +191,20 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
     drills = drill_hook(context.node_config)  # fault drills (python -m odl_fed.client --fault); none on a real node
     kept = context.state.array_records.get(BASES_KEY)
-    outcome = run_client_round(
-        job, profile, msg.content[Record.ARRAYS].to_torch_state_dict(), client=client,
-        data=client_data(job, partition_id, num_partitions),
-        cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
-        proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)), server_round=server_round,
-        bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout,
-        budget_scale=drills.budget_scale(server_round))
+    try:
+        data = round_data(job, context.node_config, partition_id, num_partitions, data_dirs=settings.data_dirs)
+    except LocalDataError as error:  # this board's images cannot train: it sits the round out, saying why
+        log.error("%s: its images cannot train: %s", client, error)
+        outcome = ClientOutcome(client, profile.name, REFUSED,
+                                {Metric.TRAIN_MEMORY: profile.train_memory, Metric.SERVER_ROUND: server_round},
+                                error=f"its images cannot train: {error}")
+    else:
+        outcome = run_client_round(
+            job, profile, msg.content[Record.ARRAYS].to_torch_state_dict(), client=client, data=data,
+            cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
+            proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)), server_round=server_round,
+            bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout,
+            budget_scale=drills.budget_scale(server_round))
     drills.after_round(client, outcome.arrays, outcome.metrics, server_round)
     _note_round(server_round, outcome)
     if outcome.bases:

@@ -1,5 +1,6 @@
 """The job's shared pieces, used by the server and by every client: the global model, the trained
-state that travels, each client's share of the data and the server's held-out split.
+state that travels, each client's share of the data (or a board's own images: ``dataset: local``)
+and the server's held-out split (none for ``dataset: local``: the images stay on the boards).
 
 Neither side imports the other: the server (:mod:`odl_fed.federation.server_app`) and a client
 (:mod:`odl_fed.federation.client_round`) both build what they share from here, from the same :class:`JobSpec`.
@@ -8,6 +9,7 @@ Neither side imports the other: the server (:mod:`odl_fed.federation.server_app`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import multiprocessing
 from pathlib import Path
@@ -17,11 +19,13 @@ from torch import Tensor, nn
 
 from odl_fed.asi import restore_model
 from odl_fed.config.job import JobSpec
+from odl_fed.config.names import LOCAL_DATASET
 from odl_fed.training.data import ImageData, load_dataset, partition, partition_file, partitions_dir
+from odl_fed.training.local_data import LocalData, LocalDataError, load_local
 from odl_fed.training.models import build_model, prepare_finetune
 
-__all__ = ["global_model", "client_model", "trained_state", "client_data", "prepare_partitions", "held_out_data",
-           "train_size"]
+__all__ = ["global_model", "client_model", "trained_state", "client_data", "board_data", "prepare_partitions",
+           "held_out_data", "train_size", "output_classes"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -104,6 +108,8 @@ def prepare_partitions(job: JobSpec, num_partitions: int) -> None:
     flwr-datasets' HuggingFace stack, and neither does this process (a server that runs for hours
     keeps what it imports: about 180 MB).
     """
+    if job.dataset == LOCAL_DATASET:
+        return  # each board has its own images: nothing to split
     labels = _dataset(job.dataset, "train").labels
     if len(labels) < num_partitions:  # said here, not in a child process's traceback
         raise ValueError(f"cannot split {len(labels)} examples of {job.dataset} into {num_partitions} partitions")
@@ -120,6 +126,8 @@ def prepare_partitions(job: JobSpec, num_partitions: int) -> None:
 
 def client_data(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData:
     """This client's share of the training split (cached per process: simulated clients share actors)."""
+    if job.dataset == LOCAL_DATASET:
+        raise ValueError("dataset 'local': each board's own images (board_data), not a share of a named dataset")
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), but got {partition_id}")
     indices = _partitions(job.dataset, num_partitions, job.dirichlet_alpha, job.seed)[partition_id]
@@ -128,8 +136,32 @@ def client_data(job: JobSpec, partition_id: int, num_partitions: int) -> ImageDa
     return _dataset(job.dataset, "train").subset(torch.as_tensor(indices))
 
 
-def held_out_data(job: JobSpec) -> ImageData:
-    """The server's evaluation set: the test split, capped at ``eval-examples``."""
+def board_data(job: JobSpec, data_dir: Path | None) -> LocalData:
+    """A board's own images for a ``dataset: local`` job (its ``--data`` folder), labelled by the job's
+    ``classes`` and capped at ``examples-per-client`` (a fixed random subset); decoded once per folder
+    (:mod:`odl_fed.training.local_data`). :class:`LocalDataError` when nothing there can train."""
+    if data_dir is None:
+        raise LocalDataError("the job trains on each board's own images (dataset: local), but this client has no "
+                             "image folder: start it with --data DIR (one sub-folder of images per class)")
+    local = load_local(data_dir, classes=job.classes, image_size=job.image_size)
+    if job.examples_per_client is not None and job.examples_per_client < len(local.data):
+        order = torch.randperm(len(local.data), generator=torch.Generator().manual_seed(job.seed))
+        local = dataclasses.replace(local, data=local.data.subset(order[:job.examples_per_client]))
+    return local
+
+
+def output_classes(job: JobSpec) -> int:
+    """How many outputs the job's model has: its dataset's classes, or the job's ``classes``."""
+    if job.dataset == LOCAL_DATASET:
+        return len(job.classes)
+    return _dataset(job.dataset, "test").num_classes
+
+
+def held_out_data(job: JobSpec) -> ImageData | None:
+    """The server's evaluation set: the test split, capped at ``eval-examples``; None for ``dataset:
+    local`` (the images are the boards' own, and stay there)."""
+    if job.dataset == LOCAL_DATASET:
+        return None
     data = _dataset(job.dataset, "test")
     if job.eval_examples is not None and job.eval_examples < len(data):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed))
@@ -137,6 +169,9 @@ def held_out_data(job: JobSpec) -> ImageData:
     return data
 
 
-def train_size(job: JobSpec) -> int:
-    """How many training examples the job's dataset has (what the clients' shares split)."""
+def train_size(job: JobSpec) -> int | None:
+    """How many training examples the job's dataset has (what the clients' shares split); None for
+    ``dataset: local`` (only each board knows its own)."""
+    if job.dataset == LOCAL_DATASET:
+        return None
     return len(_dataset(job.dataset, "train"))

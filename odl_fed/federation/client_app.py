@@ -25,7 +25,7 @@ from odl_fed.config.profile import DeviceProfile
 from odl_fed.config.run import RunSettings
 from odl_fed.federation.client_round import PlanCache, run_client_round
 from odl_fed.federation.faults import drill_hook
-from odl_fed.federation.job_assets import client_data
+from odl_fed.federation.job_assets import client_data, client_held_out
 from odl_fed.schema import (
     ROUND_NOTES_FILE_ENV,
     RUN_END_FILE_ENV,
@@ -82,7 +82,8 @@ def end(msg: Message, context: Context) -> Message:
 
 # What the client entry prints of a round (odl_fed.deploy.supernode), taken from the round's metrics.
 NOTED_METRICS = (Metric.NUM_EXAMPLES, Metric.TRAIN_TIME, Metric.CLIENT_TIME, Metric.PEAK_MEMORY, Metric.MEMORY_BUDGET,
-                 Metric.BATCH_SIZE, Metric.LAYERS_TRAINED, Metric.TRAIN_LOSS)
+                 Metric.BATCH_SIZE, Metric.LAYERS_TRAINED, Metric.TRAIN_LOSS, Metric.EVAL_ACC_BEFORE,
+                 Metric.EVAL_ACC_AFTER, Metric.EVAL_EXAMPLES)
 
 
 def _note_round(server_round: int, outcome) -> None:
@@ -126,7 +127,8 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
         cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
         proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)), server_round=server_round,
         bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout,
-        budget_scale=drills.budget_scale(server_round))
+        budget_scale=drills.budget_scale(server_round),
+        eval_data=client_held_out(job, partition_id, num_partitions))
     drills.after_round(client, outcome.arrays, outcome.metrics, server_round)
     _note_round(server_round, outcome)
     if outcome.bases:

@@ -12,6 +12,7 @@ import functools
 import multiprocessing
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -20,8 +21,8 @@ from odl_fed.config.job import JobSpec
 from odl_fed.training.data import ImageData, load_dataset, partition, partition_file, partitions_dir
 from odl_fed.training.models import build_model, prepare_finetune
 
-__all__ = ["global_model", "client_model", "trained_state", "client_data", "prepare_partitions", "held_out_data",
-           "train_size"]
+__all__ = ["global_model", "client_model", "trained_state", "client_data", "client_held_out", "split_held_out",
+           "held_out_positions", "prepare_partitions", "held_out_data", "train_size", "num_classes"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -119,22 +120,72 @@ def prepare_partitions(job: JobSpec, num_partitions: int) -> None:
 
 
 def client_data(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData:
-    """This client's share of the training split (cached per process: simulated clients share actors)."""
+    """What this client trains on: its share of the training split, less the part it holds out when
+    clients evaluate (:func:`held_out_positions`), capped at ``examples-per-client``."""
+    indices = _share(job, partition_id, num_partitions)
+    train, _ = held_out_positions(len(indices), job, salt=partition_id)
+    return _dataset(job.dataset, "train").subset(torch.as_tensor(indices[train]))
+
+
+def client_held_out(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData | None:
+    """The part of this client's share it holds out to evaluate on (None when clients do not evaluate)."""
+    if not job.clients_evaluate:
+        return None
+    indices = _share(job, partition_id, num_partitions)
+    _, held = held_out_positions(len(indices), job, salt=partition_id)
+    return _dataset(job.dataset, "train").subset(torch.as_tensor(indices[held])) if len(held) else None
+
+
+def _share(job: JobSpec, partition_id: int, num_partitions: int) -> np.ndarray:
+    """This client's share of the training split, as indices (cached per process: simulated clients share actors)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), but got {partition_id}")
-    indices = _partitions(job.dataset, num_partitions, job.dirichlet_alpha, job.seed)[partition_id]
-    if job.examples_per_client is not None:
-        indices = indices[:job.examples_per_client]
-    return _dataset(job.dataset, "train").subset(torch.as_tensor(indices))
+    return np.asarray(_partitions(job.dataset, num_partitions, job.dirichlet_alpha, job.seed)[partition_id])
 
 
-def held_out_data(job: JobSpec) -> ImageData:
-    """The server's evaluation set: the test split, capped at ``eval-examples``."""
+def held_out_positions(n: int, job: JobSpec, *, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Which of a client's ``n`` examples it trains on and which it holds out, by position.
+
+    When clients evaluate, ``eval-fraction`` of the ``n`` (at least one, and at least one left to train
+    on) is held out; the client trains on the first of the others, up to ``examples-per-client``, and
+    holds out a subset of the rest drawn with the job's seed and ``salt`` (the client's partition):
+    the same split every round, and, when ``examples-per-client`` leaves enough unused, the same
+    training examples as with no evaluation. ``eval-examples`` caps the part held out.
+    """
+    held_count = 0
+    if job.clients_evaluate and n > 1:
+        held_count = min(max(1, round(job.eval_fraction * n)), n - 1)
+    rest = n - held_count
+    trained = rest if job.examples_per_client is None else min(job.examples_per_client, rest)
+    pool = np.arange(trained, n)
+    held = np.random.default_rng([job.seed, salt]).permutation(pool)[:held_count]
+    if job.eval_examples is not None:
+        held = held[:job.eval_examples]
+    return np.arange(trained), np.sort(held)
+
+
+def split_held_out(data: ImageData, job: JobSpec, *, salt: int = 0) -> tuple[ImageData, ImageData | None]:
+    """A client's own data (a board's image folder, say) split as :func:`held_out_positions` says: what it
+    trains on, and what it holds out (None when clients do not evaluate)."""
+    train, held = held_out_positions(len(data), job, salt=salt)
+    return data.subset(train), data.subset(held) if len(held) else None
+
+
+def held_out_data(job: JobSpec) -> ImageData | None:
+    """The server's evaluation set: the test split, capped at ``eval-examples``; None when the server
+    does not evaluate (``evaluation: clients``), which then needs no data of its own."""
+    if not job.server_evaluates:
+        return None
     data = _dataset(job.dataset, "test")
     if job.eval_examples is not None and job.eval_examples < len(data):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed))
         data = data.subset(order[:job.eval_examples])
     return data
+
+
+def num_classes(job: JobSpec) -> int:
+    """How many classes the job's model tells apart (its head's outputs)."""
+    return _dataset(job.dataset, "train").num_classes
 
 
 def train_size(job: JobSpec) -> int:

@@ -1,7 +1,9 @@
 """The Flower ServerApp: send the trained layers, aggregate the valid updates, evaluate, record.
 
 Only the trained layers (the last convs and the head) travel, both ways. Each round the global
-model is evaluated on the held-out split and the round is written to ``OUT-DIR/rounds.jsonl``
+model is evaluated on the held-out split (unless the job's ``evaluation`` is ``clients``: then the
+server needs no data, and the clients' own evaluations, which come with their updates, are what the
+round records) and the round is written to ``OUT-DIR/rounds.jsonl``
 (:mod:`odl_fed.federation.recorder`), TensorBoard's event files to ``OUT-DIR/tensorboard/`` as rounds land,
 and the final trained layers to ``OUT-DIR/trained_layers.pt``; at the end, the report
 ``OUT-DIR/report.html`` (:mod:`odl_fed.dashboard.report`).
@@ -33,7 +35,7 @@ from odl_fed.federation.checkpoint import (
     fleet_identity,
     save_checkpoint,
 )
-from odl_fed.federation.job_assets import global_model, held_out_data, train_size, trained_state
+from odl_fed.federation.job_assets import global_model, held_out_data, num_classes, train_size, trained_state
 from odl_fed.federation.recorder import RoundRecorder
 from odl_fed.federation.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
 from odl_fed.federation.validation import expected_layout
@@ -82,8 +84,8 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     identity = fleet_identity(fleet)
     checkpoint_path = settings.out_dir / CHECKPOINT
     resumed = check_run_dir(settings.out_dir, fleet, resume=settings.resume, writer_lock=False)
-    test = held_out_data(job)
-    model, convs = global_model(job, num_classes=test.num_classes)
+    test = held_out_data(job)  # None when only the clients evaluate
+    model, convs = global_model(job, num_classes=num_classes(job) if test is None else test.num_classes)
     initial = ArrayRecord(torch_state_dict=trained_state(model))
     expected = expected_layout({name: array.numpy() for name, array in initial.items()})  # what clients send
     if resumed is not None:
@@ -123,12 +125,14 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
         if resumed is not None and flower_round == 0:
             return None  # the checkpoint's model: evaluated and recorded before the server stopped
         server_round = flower_round + done
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-        started = time.perf_counter()
-        with mmap_threshold(LARGEST_THRESHOLD):  # batches reuse the heap; handed back after
-            result = evaluate(model, test, batch_size=256, image_size=job.image_size)
-        metrics = {GlobalKey.ACCURACY: result["accuracy"], GlobalKey.LOSS: result["loss"],
-                   GlobalKey.EXAMPLES: result["examples"], GlobalKey.EVAL_TIME: time.perf_counter() - started}
+        metrics = {}  # evaluation: clients: the round's line holds what the clients measured
+        if test is not None:
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+            started = time.perf_counter()
+            with mmap_threshold(LARGEST_THRESHOLD):  # batches reuse the heap; handed back after
+                result = evaluate(model, test, batch_size=256, image_size=job.image_size, in_eval_mode=True)
+            metrics = {GlobalKey.ACCURACY: result["accuracy"], GlobalKey.LOSS: result["loss"],
+                       GlobalKey.EXAMPLES: result["examples"], GlobalKey.EVAL_TIME: time.perf_counter() - started}
         recorder.end_round(server_round, metrics)
         latest["arrays"] = arrays
         checkpoint(server_round)
@@ -138,7 +142,7 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
                    timeout=settings.round_timeout, evaluate_fn=evaluate_global)
     torch.save(latest["arrays"].to_torch_state_dict(), settings.out_dir / TRAINED_LAYERS_FILE)
     last = recorder.rounds[-1]
-    final_accuracy = last[RoundKey.GLOBAL][GlobalKey.ACCURACY]
+    final_accuracy = last[RoundKey.GLOBAL].get(GlobalKey.ACCURACY)  # None: the server did not evaluate
     recorder.end_run(**{EndKey.FINAL_ACCURACY: final_accuracy, EndKey.ROUNDS: job.rounds})
     checkpoint(job.rounds, finished=True)
     try:
@@ -148,16 +152,19 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
         log.warning("the report was not written (%s: %s); make it with: odl-fed report %s", type(error).__name__,
                     error, settings.out_dir)
     told = announce_end(grid, rounds=job.rounds, accuracy=final_accuracy, timeout=END_TIMEOUT)
-    log.info("done: global accuracy %.3f after %d rounds; round log %s; %d node(s) told the run is over",
-             final_accuracy, job.rounds, recorder.path, told)
+    log.info("done: %s after %d rounds; round log %s; %d node(s) told the run is over",
+             "the clients evaluated" if final_accuracy is None else f"global accuracy {final_accuracy:.3f}",
+             job.rounds, recorder.path, told)
     return last
 
 
-def announce_end(grid: Grid, *, rounds: int, accuracy: float, timeout: float) -> int:
+def announce_end(grid: Grid, *, rounds: int, accuracy: float | None, timeout: float) -> int:
     """Tell every connected node that the run is over (``query.end``), so its client can exit 0 instead
-    of taking the SuperLink's end for a lost link; returns how many answered within ``timeout``."""
+    of taking the SuperLink's end for a lost link; returns how many answered within ``timeout``.
+    ``accuracy`` is None when the server did not evaluate (the notice then holds none)."""
     nodes = list(grid.get_node_ids())
-    notice = ConfigRecord({EndNotice.ROUNDS: rounds, EndNotice.ACCURACY: float(accuracy)})
+    notice = ConfigRecord({EndNotice.ROUNDS: rounds} | ({} if accuracy is None else
+                                                        {EndNotice.ACCURACY: float(accuracy)}))
     messages = [Message(RecordDict({Record.CONFIG: notice}), dst_node_id=node, message_type=END_QUERY)
                 for node in nodes]
     replies = grid.send_and_receive(messages, timeout=timeout) if messages else []

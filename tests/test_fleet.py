@@ -46,6 +46,14 @@ def test_shipped_fleets_load():
     (("  method: asi\n", "  method: asi\n  evaluation: server\n  eval-fraction: 0.1\n"),
      "job.eval-fraction: only applies when clients evaluate, but evaluation is 'server'"),
 ])
+def test_fleet_mistakes_name_the_file_and_field(tmp_path, change, message):
+    text = (FLEETS / "demo.yaml").read_text()
+    assert change[0] in text
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text.replace(change[0], change[1]))
+    with pytest.raises(FleetError, match=re.escape(message)) as info:
+        load_fleet(path)
+    assert str(path) in str(info.value)
 
 
 def test_who_evaluates_defaults_to_both_where_the_server_has_a_held_out_split(tmp_path):
@@ -58,14 +66,6 @@ def test_who_evaluates_defaults_to_both_where_the_server_has_a_held_out_split(tm
     job = load_fleet(path).job
     assert (job.evaluation, job.eval_fraction, job.server_evaluates, job.clients_evaluate) == ("clients", 0.25, False,
                                                                                                True)
-def test_fleet_mistakes_name_the_file_and_field(tmp_path, change, message):
-    text = (FLEETS / "demo.yaml").read_text()
-    assert change[0] in text
-    path = tmp_path / "fleet.yaml"
-    path.write_text(text.replace(change[0], change[1]))
-    with pytest.raises(FleetError, match=re.escape(message)) as info:
-        load_fleet(path)
-    assert str(path) in str(info.value)
 
 
 def test_missing_fleet_file(tmp_path):

@@ -384,7 +384,8 @@ def test_a_log_written_before_the_schema_reads_the_same(tmp_path):
 
 # -- only the clients evaluate, and the server has no held-out split -------------------------------
 CLIENTS_JOB = JOB | {"rounds": 2, "clients-per-round": 2, "evaluation": "clients", "eval-fraction": 0.25,
-                     "model": "resnet18", "examples-per-client": 64, "eval-examples": 48, "lr": 0.003}
+                     "model": "resnet18", "dataset": "mnist-digits", "examples-per-client": 64, "eval-examples": 48,
+                     "lr": 0.01}
 CLIENT_DEVICES = ("rpi4", "rpi4")
 
 
@@ -436,10 +437,13 @@ def test_a_run_where_only_the_clients_evaluate_records_their_before_and_after(cl
         for key, metric in ((ClientEvalKey.ACCURACY_BEFORE, Metric.EVAL_ACC_BEFORE),
                             (ClientEvalKey.ACCURACY_AFTER, Metric.EVAL_ACC_AFTER)):
             assert evaluation[key] == pytest.approx(sum(c[metric] * c[Metric.EVAL_EXAMPLES] for c in clients) / held)
-    # a round of fine-tuning helps, on the clients' own held-out examples
-    first = rounds[1][RoundKey.CLIENT_EVAL]
-    assert first[ClientEvalKey.GAIN] == pytest.approx(first[ClientEvalKey.ACCURACY_AFTER]
-                                                      - first[ClientEvalKey.ACCURACY_BEFORE]) > 0.05
+    for r in rounds[1:]:
+        evaluation = r[RoundKey.CLIENT_EVAL]
+        assert evaluation[ClientEvalKey.GAIN] == pytest.approx(evaluation[ClientEvalKey.ACCURACY_AFTER]
+                                                               - evaluation[ClientEvalKey.ACCURACY_BEFORE])
+    # from the model round 1 aggregated (a random backbone's head, after 4 steps per client), a round of
+    # fine-tuning helps on the clients' own held-out examples (measured: +0.146 on 96)
+    assert rounds[2][RoundKey.CLIENT_EVAL][ClientEvalKey.GAIN] > 0.05
 
 
 def test_before_is_the_global_model_the_client_was_sent_on_its_held_out_examples(clients_run):

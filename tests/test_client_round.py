@@ -243,3 +243,27 @@ def test_a_process_reuses_one_working_model_reset_to_the_built_values_for_each_c
     assert all(p.grad is None for p in second.parameters())
     assert {n for n, p in second.named_parameters() if p.requires_grad} == \
         {n for n, p in fresh.named_parameters() if p.requires_grad}
+
+
+def test_a_client_holds_out_the_same_part_every_round_and_never_trains_on_it():
+    import dataclasses
+
+    from odl_fed.federation.job_assets import client_held_out, held_out_positions, split_held_out
+
+    job = dataclasses.replace(JOB, evaluation="both", eval_fraction=0.25, examples_per_client=None)
+    train, held = held_out_positions(400, job, salt=3)
+    assert len(held) == 100 and len(train) == 300 and not set(train) & set(held)
+    assert max(held) - min(held) > 200  # drawn from the whole share, not its tail
+    assert all((a == b).all() for a, b in zip((train, held), held_out_positions(400, job, salt=3)))  # every round
+    assert not (held == held_out_positions(400, job, salt=4)[1]).all()  # another client, another draw
+    capped = dataclasses.replace(job, examples_per_client=64, eval_examples=30)
+    train, held = held_out_positions(400, capped, salt=3)
+    assert list(train) == list(range(64)) and len(held) == 30 and min(held) >= 64  # trains as with no evaluation
+    assert held_out_positions(400, dataclasses.replace(job, evaluation="server"))[1].size == 0
+    assert held_out_positions(1, job)[1].size == 0  # nothing left to train on otherwise
+    data = client_data(JOB, 0, 4)  # JOB: evaluation both (the default), 64 examples a client
+    own_train, own_held = split_held_out(data, job)
+    assert len(own_train) + len(own_held) == len(data) and len(own_held) == 16
+    held_data = client_held_out(JOB, 0, 4)
+    assert len(held_data) == 72 and held_data.num_classes == data.num_classes  # a fifth of its share of 360
+    assert client_held_out(dataclasses.replace(JOB, evaluation="server"), 0, 4) is None

@@ -85,3 +85,47 @@ def test_plans_are_cached_per_device_after_the_first_round(run):
     later = [c for r in run["rounds"][2:] for c in r["clients"] if c["status"] == "ok"]
     assert later and all(c["plan-cached"] == 1 for c in later)
     assert len(list(Path(run["log"]).parent.parent.joinpath("plans").glob("*.json"))) == 3  # rpi4, phone, starved
+
+
+@pytest.mark.slow  # a second simulated fleet (Ray starts again): about a minute
+def test_a_simulated_fleet_whose_server_has_no_held_out_split_is_scored_by_its_clients(tmp_path, monkeypatch):
+    """``evaluation: clients`` in Flower's simulation engine: the server process cannot read any held-out
+    split (the clients, in Ray's worker processes, read their training shares), and the run still ends,
+    each round scored by the clients before and after their fine-tuning."""
+    import io
+    import json
+
+    import yaml
+
+    from odl_fed.federation import job_assets
+    from odl_fed.federation.recorder import read_rounds
+    from odl_fed.federation.simulation import simulate
+
+    job = {"model": "resnet18", "layers": 2, "method": "asi", "rounds": 2, "clients-per-round": 2,
+           "local-epochs": 1, "batch-size": 16, "lr": 0.01, "image-size": 32, "dataset": "mnist-digits",
+           "partition": "iid", "seed": 0, "examples-per-client": 64, "eval-examples": 48, "evaluation": "clients"}
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 2}], "job": job}))
+    read = job_assets._dataset
+
+    def train_split_only(name, split):
+        if split != "train":
+            raise AssertionError(f"the server read the {split} split of {name}")
+        return read(name, split)
+
+    monkeypatch.setattr(job_assets, "_dataset", train_split_only)
+    console = io.StringIO()
+    log = simulate({"fleet": str(fleet), "out-dir": str(tmp_path / "out"), "plan-cache": str(tmp_path / "plans")},
+                   progress=console)
+    rounds = read_rounds(log)
+    end = json.loads(log.read_text().splitlines()[-1])
+    assert [r["round"] for r in rounds] == [0, 1, 2] and end["event"] == "end" and end["final_accuracy"] is None
+    assert all(r["global"] == {} for r in rounds)
+    for r in rounds[1:]:
+        assert [c["status"] for c in r["clients"]] == ["ok", "ok"]
+        assert all(0 <= c["eval-acc-before"] <= 1 and 0 <= c["eval-acc-after"] <= 1 and c["eval-examples"] == 48
+                   for c in r["clients"])
+        assert r["client-eval"]["clients"] == 2 and r["client-eval"]["examples"] == 96
+    lines = console.getvalue().splitlines()
+    assert lines[1].startswith("round 0/2 | starting model: not evaluated on the server (the clients evaluate)")
+    assert "| no server evaluation | clients' top-1 " in lines[2] and lines[-1].startswith("done: clients' top-1 ")

@@ -36,6 +36,15 @@ def test_shipped_fleets_load():
     (("  batch-size: 32\n", ""), "job: missing field(s) batch-size"),
     (("  method: asi\n", "  method: asi\n  rank-weighting: relativ\n"),
      "job.rank-weighting: must be one of ['absolute', 'relative'], but got 'relativ' (did you mean 'relative'?)"),
+    (("  method: asi\n", "  method: asi\n  evaluation: client\n"),
+     "job.evaluation: must be one of ['server', 'clients', 'both'], but got 'client' (did you mean 'clients'?)"),
+    (("  method: asi\n", "  method: asi\n  evaluation: true\n"),
+     "job.evaluation: must be one of ['server', 'clients', 'both'], but got True"),
+    (("  method: asi\n", "  method: asi\n  eval-fraction: 1.5\n"),
+     "job.eval-fraction: must be a number between 0 and 1 (the share of each client's data it holds out), "
+     "but got 1.5"),
+    (("  method: asi\n", "  method: asi\n  evaluation: server\n  eval-fraction: 0.1\n"),
+     "job.eval-fraction: only applies when clients evaluate, but evaluation is 'server'"),
 ])
 def test_fleet_mistakes_name_the_file_and_field(tmp_path, change, message):
     text = (FLEETS / "demo.yaml").read_text()
@@ -45,6 +54,18 @@ def test_fleet_mistakes_name_the_file_and_field(tmp_path, change, message):
     with pytest.raises(FleetError, match=re.escape(message)) as info:
         load_fleet(path)
     assert str(path) in str(info.value)
+
+
+def test_who_evaluates_defaults_to_both_where_the_server_has_a_held_out_split(tmp_path):
+    demo = load_fleet(FLEETS / "demo.yaml").job  # a named dataset: the server holds its test split
+    assert (demo.evaluation, demo.eval_fraction, demo.server_evaluates, demo.clients_evaluate) == ("both", 0.2, True,
+                                                                                                   True)
+    path = tmp_path / "fleet.yaml"
+    path.write_text((FLEETS / "demo.yaml").read_text().replace("  method: asi\n", "  method: asi\n"
+                                                               "  evaluation: clients\n  eval-fraction: 0.25\n"))
+    job = load_fleet(path).job
+    assert (job.evaluation, job.eval_fraction, job.server_evaluates, job.clients_evaluate) == ("clients", 0.25, False,
+                                                                                               True)
 
 
 def test_missing_fleet_file(tmp_path):

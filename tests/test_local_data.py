@@ -224,7 +224,11 @@ def test_a_fleet_on_its_boards_images_trains_around_a_board_that_cannot(local_fl
     clients = {c[ClientKey.CLIENT]: c for c in round1[RoundKey.CLIENTS]}
     assert {name: c[ClientKey.STATUS] for name, c in clients.items()} == {
         "rpi4-0": Status.OK, "rpi4-1": Status.OK, "rpi4-2": Status.REFUSED}
-    assert clients["rpi4-0"][Metric.NUM_EXAMPLES] == 24 and clients["rpi4-1"][Metric.NUM_EXAMPLES] == 16
+    # each board holds out eval-fraction (0.2) of its images and scores the global model there, before and after
+    assert clients["rpi4-0"][Metric.NUM_EXAMPLES] == 24 - 5 and clients["rpi4-1"][Metric.NUM_EXAMPLES] == 16 - 3
+    assert clients["rpi4-0"][Metric.EVAL_EXAMPLES] == 5 and clients["rpi4-1"][Metric.EVAL_EXAMPLES] == 3
+    assert all(0 <= clients[n][k] <= 1 for n in ("rpi4-0", "rpi4-1")
+               for k in (Metric.EVAL_ACC_BEFORE, Metric.EVAL_ACC_AFTER))
     assert round1[RoundKey.AGGREGATED] == 2
     reason = clients["rpi4-2"][ClientKey.REASON]
     assert reason.startswith("its images cannot train: ") and str(local_fleet["folders"][2]) in reason
@@ -425,4 +429,4 @@ def test_a_simulated_fleet_trains_each_client_on_its_own_folder(tmp_path, monkey
     (round1,) = read_rounds(log)[1:]
     clients = {c[ClientKey.CLIENT]: c for c in round1[RoundKey.CLIENTS]}
     assert {n: (c[ClientKey.STATUS], c[Metric.NUM_EXAMPLES]) for n, c in clients.items()} == {
-        "rpi4-0": (Status.OK, 12), "rpi4-1": (Status.OK, 12)}
+        "rpi4-0": (Status.OK, 10), "rpi4-1": (Status.OK, 10)}  # 12 images each, 2 held out to evaluate on

@@ -5,7 +5,11 @@ The run is real, in one process: the ServerApp's ``run_server`` with the real st
 each train message handled by the real ClientApp (``handle_train``: planning and training a small
 MobileNetV2 on scikit-learn's digits), through a grid that delivers them in place of a SuperLink.
 Three clients are asked in round 1: ``rpi4`` trains, ``tiny`` is refused (it cannot hold the model)
-and ``phone`` never answers (lost).
+and ``phone`` never answers (lost). Both the server and the clients evaluate (the default where the
+server has a held-out split): ``rpi4`` reports its held-out top-1 before and after its fine-tuning.
+
+A second run (``clients_run``) has only the clients evaluate, on a server that cannot read any
+held-out split: two ``rpi4`` clients, two rounds.
 """
 
 import io
@@ -18,7 +22,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from odl_fed import schema
-from odl_fed.dashboard.console import ConsoleDashboard, plain_round_line
+from odl_fed.dashboard.console import ConsoleDashboard, client_eval_text, plain_round_line
 from odl_fed.dashboard.report import write_report
 from odl_fed.dashboard.round_summary import format_bytes, summarise_round, summarise_rounds
 from odl_fed.dashboard.run_log import LogFollower, load_run
@@ -32,6 +36,7 @@ from odl_fed.schema import (
     ROUND_LOG,
     RUN_END_FILE_ENV,
     AttemptKey,
+    ClientEvalKey,
     ClientKey,
     EndKey,
     EndNotice,
@@ -58,14 +63,15 @@ class LocalGrid:
     """Flower's Grid in one process: a train message goes straight to the real ClientApp handler of its
     node (as a SuperLink would deliver it), and ``silent`` nodes never answer."""
 
-    def __init__(self, run_config: dict, *, silent=()):
+    def __init__(self, run_config: dict, *, silent=(), devices=DEVICES):
         self.run_config = run_config
         self.silent = set(silent)
         self.contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=run_config,
-                                       node_config={"partition-id": node - FIRST_NODE, "num-partitions": len(DEVICES)})
-                         for node in range(FIRST_NODE, FIRST_NODE + len(DEVICES))}
+                                       node_config={"partition-id": node - FIRST_NODE, "num-partitions": len(devices)})
+                         for node in range(FIRST_NODE, FIRST_NODE + len(devices))}
         self.replies: list[tuple[dict, set]] = []  # each reply's ClientInfo and metric keys, as it was sent
         self.ended: list[int] = []  # the nodes told the run is over
+        self.sent: dict[tuple[int, int], dict] = {}  # (round, node) -> the global trained layers it was sent
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -82,11 +88,26 @@ class LocalGrid:
             elif message.metadata.message_type == JOIN_QUERY:
                 replies.append(handle_join(message, self.contexts[node], self.run_config))
             else:
+                server_round = int(message.content[Record.CONFIG]["server-round"])
+                self.sent[(server_round, node)] = message.content[Record.ARRAYS].to_torch_state_dict()
                 replies.append(reply := handle_train(message, self.contexts[node], self.run_config))
                 # the strategy empties a reply's content once it is aggregated: what was sent is kept here
                 self.replies.append(({name: dict(record) for name, record in reply.content.config_records.items()},
                                      {name: set(record) for name, record in reply.content.metric_records.items()}))
         return replies
+
+
+def _serve(grid: LocalGrid, config: dict) -> str:
+    """Run the real ServerApp over ``grid``; returns its console view as a non-terminal gets it."""
+    console = io.StringIO()
+    # what Flower's ServerApp runtime sets before the app runs (its messages carry the run and node)
+    before = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    try:
+        run_server(grid, config, listeners=[ConsoleDashboard(console, live=False)])
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+    return console.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +118,9 @@ def run(tmp_path_factory):
     out = root / "out"
     config = {"fleet": str(fleet), "out-dir": str(out), "plan-cache": "", "round-timeout": 60}
     grid = LocalGrid(config, silent={LOST_NODE})
-    console = io.StringIO()
-    # what Flower's ServerApp runtime sets before the app runs (its messages carry the run and node)
-    before = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    try:
-        run_server(grid, config, listeners=[ConsoleDashboard(console, live=False)])
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
+    console = _serve(grid, config)
     lines = [json.loads(text) for text in (out / ROUND_LOG).read_text().splitlines()]
-    return {"out": out, "lines": lines, "console": console.getvalue(), "replies": grid.replies, "ended": grid.ended,
+    return {"out": out, "lines": lines, "console": console, "replies": grid.replies, "ended": grid.ended,
             "contexts": grid.contexts}
 
 
@@ -184,6 +198,23 @@ def test_every_reader_sees_what_the_writer_wrote(run):
     assert "refused x1 (tiny-1): " in text[2] and f"lost x1 (node-{LOST_NODE}): no reply" in text[2]
     assert text[3] == f"done: accuracy {end[EndKey.FINAL_ACCURACY]:.3f} after 1 rounds in {end[EndKey.ELAPSED]:.1f} s"
 
+    # the clients' evaluation: rpi4-0's held-out top-1 before and after its fine-tuning, in the round line,
+    # the summary and the console line
+    before, after, held = ok[Metric.EVAL_ACC_BEFORE], ok[Metric.EVAL_ACC_AFTER], ok[Metric.EVAL_EXAMPLES]
+    assert 0 <= before <= 1 and 0 <= after <= 1 and held == 96  # a fifth of its 479 examples
+    assert ok[Metric.EVAL_TIME] > 0 and Metric.EVAL_ACC_BEFORE not in refused
+    assert rounds[1][RoundKey.CLIENT_EVAL] == {ClientEvalKey.ACCURACY_BEFORE: before,
+                                               ClientEvalKey.ACCURACY_AFTER: after,
+                                               ClientEvalKey.GAIN: after - before, ClientEvalKey.EXAMPLES: held,
+                                               ClientEvalKey.CLIENTS: 1}
+    assert RoundKey.CLIENT_EVAL not in rounds[0]  # the starting model: no client trained
+    assert (s1.client_before, s1.client_after, s1.client_gain, s1.client_eval_examples) == (before, after,
+                                                                                            after - before, held)
+    assert (rpi4.eval_before, rpi4.eval_after, rpi4.eval_examples) == (before, after, held)
+    assert devices["tiny"].eval_before is None
+    assert f" | clients' top-1 {before:.3f} -> {after:.3f} ({after - before:+.3f}) on {held} held out " \
+           f"[rpi4 {before:.3f} -> {after:.3f} ({after - before:+.3f})] | " in text[2]
+
     # TensorBoard's event files (written by the server as the rounds landed)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -202,6 +233,9 @@ def test_every_reader_sees_what_the_writer_wrote(run):
     assert scalars("memory/peak-over-budget-max/rpi4")[1] == pytest.approx(ratio)
     assert scalars("activations/bytes/rpi4")[1] == pytest.approx(ok[Metric.ACTIVATION_BYTES])
     assert scalars("traffic/bytes-up")[1] == pytest.approx(ok[ClientKey.BYTES_UP])
+    assert scalars("clients-eval/accuracy-before")[1] == pytest.approx(before)
+    assert scalars("clients-eval/accuracy-after/rpi4")[1] == pytest.approx(after)
+    assert scalars("clients-eval/gain/rpi4")[1] == pytest.approx(after - before)
 
     # the report: the page the server wrote, and Markdown
     page = (out / schema.REPORT_FILE).read_text()
@@ -212,6 +246,8 @@ def test_every_reader_sees_what_the_writer_wrote(run):
     assert f'data-value="{ratio!r}"' in page
     assert '<td class="text" data-value="refused">refused</td><td class="text">tiny-1</td>' in page
     assert f'<td class="text">node-{LOST_NODE}</td>' in page
+    assert f'data-value="{before!r}">{before:.3f}</td><td class="" data-value="{after!r}">{after:.3f}</td>' in page
+    assert f">{after - before:+.3f}</td>" in page
     markdown = write_report([out], fmt="md", out=out / "report.md").read_text()
     assert (f"| 1 | {accuracy[1]:.3f} | {rounds[1][RoundKey.GLOBAL][GlobalKey.LOSS]:.4f} | 1 | 1 | 0 | 1 | "
             f"{format_bytes(rounds[1][RoundKey.BYTES_DOWN])} | {format_bytes(ok[ClientKey.BYTES_UP])} |") in markdown
@@ -219,6 +255,7 @@ def test_every_reader_sees_what_the_writer_wrote(run):
             f"{format_bytes(ok[Metric.MEMORY_BUDGET])} | {format_bytes(ok[Metric.ACTIVATION_BYTES])} |") in markdown
     reason = refused[ClientKey.REASON].replace("|", "\\|").replace("\n", " ")
     assert f"| 1 | refused | tiny-1 | {reason} |" in markdown
+    assert f"| {before:.3f} | {after:.3f} | {after - before:+.3f} |" in markdown
 
 
 def _keys(typed_dict) -> set[str]:
@@ -231,8 +268,10 @@ def test_what_the_writer_emits_is_what_the_schema_declares(run, tmp_path):
     assert set(run_line) == _keys(schema.RunLine)
     assert {schema.JobKey.MODEL, schema.JobKey.METHOD, schema.JobKey.ROUNDS} <= set(run_line[RunKey.JOB])
     optional = {RoundKey.SKIPPED}  # only in a round that asked no one
+    assert set(round0) == _keys(schema.RoundLine) - optional - {RoundKey.CLIENT_EVAL}  # no client evaluated
+    assert set(round1) == _keys(schema.RoundLine) - optional
+    assert set(round1[RoundKey.CLIENT_EVAL]) == _keys(schema.ClientEvalMetrics)
     for line in (round0, round1):
-        assert set(line) == _keys(schema.RoundLine) - optional
         assert set(line[RoundKey.GLOBAL]) == _keys(schema.GlobalMetrics)
     assert set(end) == _keys(schema.EndLine)
 
@@ -295,6 +334,7 @@ def test_each_key_namespace_names_exactly_its_declared_fields():
     assert set(schema.names(Metric)) == _keys(schema.ClientMetrics)
     assert set(schema.names(AttemptKey)) == _keys(schema.AttemptEntry)
     assert set(schema.names(GlobalKey)) == _keys(schema.GlobalMetrics)
+    assert set(schema.names(ClientEvalKey)) == _keys(schema.ClientEvalMetrics)
     assert set(schema.names(Event)) == set(schema.LINE_TYPES)
     assert set(Status.FAILED) < set(schema.names(Status))
     assert len(set(schema.names(Metric))) == len(schema.names(Metric))
@@ -343,3 +383,138 @@ def test_a_log_written_before_the_schema_reads_the_same(tmp_path):
     recorder.end_round(1, old_round["global"])
     (written,) = read_rounds(recorder.path)
     assert json.dumps(written | {"time": 3.0, "elapsed": 4.0}) == OLD_LOG.splitlines()[2]  # byte for byte
+
+
+# -- only the clients evaluate, and the server has no held-out split -------------------------------
+CLIENTS_JOB = JOB | {"rounds": 2, "clients-per-round": 2, "evaluation": "clients", "eval-fraction": 0.25,
+                     "model": "resnet18", "dataset": "mnist-digits", "examples-per-client": 64, "eval-examples": 48,
+                     "lr": 0.01}
+CLIENT_DEVICES = ("rpi4", "rpi4")
+
+
+@pytest.fixture(scope="module")
+def clients_run(tmp_path_factory):
+    """Two rounds with ``evaluation: clients``, on a server for which any held-out split is missing: the
+    job's test split cannot be read in this process (the clients, here in the same process, read only
+    their training shares)."""
+    from odl_fed.federation import job_assets
+
+    root = tmp_path_factory.mktemp("clients-eval")
+    fleet = root / "fleet.yaml"
+    job = {k: v for k, v in CLIENTS_JOB.items() if v is not None}
+    fleet.write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 2}], "job": job}))
+    out = root / "out"
+    config = {"fleet": str(fleet), "out-dir": str(out), "plan-cache": "", "round-timeout": 60}
+    grid = LocalGrid(config, devices=CLIENT_DEVICES)
+    read = job_assets._dataset
+
+    def no_test_split(name, split):
+        if split != "train":
+            raise AssertionError(f"the server read the {split} split of {name}")
+        return read(name, split)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(job_assets, "_dataset", no_test_split)
+    try:
+        console = _serve(grid, config)
+    finally:
+        patch.undo()
+    lines = [json.loads(text) for text in (out / ROUND_LOG).read_text().splitlines()]
+    return {"out": out, "lines": lines, "console": console, "sent": grid.sent, "fleet": fleet}
+
+
+def test_a_run_where_only_the_clients_evaluate_records_their_before_and_after(clients_run):
+    lines = clients_run["lines"]
+    assert [line[EVENT] for line in lines] == [Event.RUN, Event.ROUND, Event.ROUND, Event.ROUND, Event.END]
+    assert lines[0][RunKey.JOB]["evaluation"] == "clients"
+    rounds = _by_event(lines, Event.ROUND)
+    assert all(r[RoundKey.GLOBAL] == {} for r in rounds)  # the server evaluated nothing
+    assert lines[-1][EndKey.FINAL_ACCURACY] is None
+    for r in rounds[1:]:
+        clients = r[RoundKey.CLIENTS]
+        assert [c[ClientKey.STATUS] for c in clients] == [Status.OK, Status.OK]
+        assert all(c[Metric.EVAL_EXAMPLES] == 48 and c[Metric.NUM_EXAMPLES] == 64 for c in clients)
+        held = sum(c[Metric.EVAL_EXAMPLES] for c in clients)
+        evaluation = r[RoundKey.CLIENT_EVAL]
+        assert evaluation[ClientEvalKey.EXAMPLES] == held and evaluation[ClientEvalKey.CLIENTS] == 2
+        for key, metric in ((ClientEvalKey.ACCURACY_BEFORE, Metric.EVAL_ACC_BEFORE),
+                            (ClientEvalKey.ACCURACY_AFTER, Metric.EVAL_ACC_AFTER)):
+            assert evaluation[key] == pytest.approx(sum(c[metric] * c[Metric.EVAL_EXAMPLES] for c in clients) / held)
+    for r in rounds[1:]:
+        evaluation = r[RoundKey.CLIENT_EVAL]
+        assert evaluation[ClientEvalKey.GAIN] == pytest.approx(evaluation[ClientEvalKey.ACCURACY_AFTER]
+                                                               - evaluation[ClientEvalKey.ACCURACY_BEFORE])
+    # from the model round 1 aggregated (a random backbone's head, after 4 steps per client), a round of
+    # fine-tuning helps on the clients' own held-out examples (measured: +0.146 on 96)
+    assert rounds[2][RoundKey.CLIENT_EVAL][ClientEvalKey.GAIN] > 0.05
+
+
+def test_before_is_the_global_model_the_client_was_sent_on_its_held_out_examples(clients_run):
+    """Each client's ``eval-acc-before`` is the global model it was sent that round, scored here on the
+    client's held-out part (the same split every round, disjoint from what it trains on)."""
+    import torch
+
+    from odl_fed.config.fleet import load_fleet
+    from odl_fed.federation.job_assets import client_data, client_held_out, global_model
+    from odl_fed.training.task import evaluate
+
+    job = load_fleet(clients_run["fleet"]).job
+    rounds = _by_event(clients_run["lines"], Event.ROUND)
+    for partition in range(2):
+        held, trained = client_held_out(job, partition, 2), client_data(job, partition, 2)
+        assert len(held) == 48 and len(trained) == 64
+        pictures = {bytes(image.numpy()) for image in trained.images}
+        assert not any(bytes(image.numpy()) in pictures for image in held.images)  # nothing trained on is scored
+        for r in rounds[1:]:
+            (entry,) = [c for c in r[RoundKey.CLIENTS] if c[ClientKey.CLIENT] == f"rpi4-{partition}"]
+            model, _ = global_model(job, num_classes=10)
+            model.load_state_dict(clients_run["sent"][(r[RoundKey.ROUND], FIRST_NODE + partition)], strict=False)
+            scored = evaluate(model, held, batch_size=entry[ClientKey.PLAN]["batch_size"],
+                              image_size=job.image_size, in_eval_mode=True)
+            assert entry[Metric.EVAL_ACC_BEFORE] == pytest.approx(scored["accuracy"], abs=1e-9), r[RoundKey.ROUND]
+    # round 2 started from what round 1 aggregated: its "before" is not round 1's
+    assert rounds[2][RoundKey.CLIENT_EVAL][ClientEvalKey.ACCURACY_BEFORE] != \
+        rounds[1][RoundKey.CLIENT_EVAL][ClientEvalKey.ACCURACY_BEFORE]
+    assert not torch.equal(*(next(iter(clients_run["sent"][(r, FIRST_NODE)].values())) for r in (1, 2)))
+
+
+def test_the_views_show_the_clients_evaluation_where_the_server_made_none(clients_run):
+    out, rounds = clients_run["out"], _by_event(clients_run["lines"], Event.ROUND)
+    summaries = summarise_rounds(rounds, clients_run["lines"][0])
+    assert all(not s.server_evaluated for s in summaries)
+    text = clients_run["console"].splitlines()
+    assert text[1] == "round 0/2 | starting model: not evaluated on the server (the clients evaluate) | " \
+                      f"{summaries[0].seconds:.1f} s"
+    for line, s in zip(text[2:4], summaries[1:]):
+        assert line.startswith(f"round {s.round}/2 | no server evaluation | clients' top-1 {s.client_before:.3f} -> "
+                               f"{s.client_after:.3f} ({s.client_gain:+.3f}) on 96 held out [rpi4 ")
+        assert client_eval_text(s) in line
+    last = summaries[-1]
+    assert text[4].startswith(f"done: clients' top-1 {last.client_before:.3f} -> {last.client_after:.3f} "
+                              f"({last.client_gain:+.3f}) in the last round, after 2 rounds")
+    page = (out / schema.REPORT_FILE).read_text()
+    assert "the clients, each on the part of its data it holds out" in page
+    assert (f"the clients&#x27; held-out top-1 in round 2: {last.client_before:.3f} before fine-tuning, "
+            f"{last.client_after:.3f} after") in page
+    assert f'data-value="{last.client_after!r}">{last.client_after:.3f}</td>' in page
+    markdown = write_report([out], fmt="md", out=out / "report.md").read_text()
+    assert "| 2 | - | - | 2 | 0 | 0 | 0 |" in markdown
+    assert f"| {last.client_before:.3f} | {last.client_after:.3f} | {last.client_gain:+.3f} |" in markdown
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / schema.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "global/accuracy" not in events.Tags()["scalars"]
+    assert {e.step: e.value for e in events.Scalars("clients-eval/gain")} == pytest.approx(
+        {s.round: s.client_gain for s in summaries[1:]})
+
+
+def test_a_deployed_clients_own_round_lines_show_its_held_out_scores():
+    """What ``python -m odl_fed.client`` prints from its ClientApp's round notes."""
+    from odl_fed.deploy.supernode import round_line
+
+    note = {"round": 2, ClientKey.STATUS: Status.OK, ClientKey.ERROR: "", Metric.NUM_EXAMPLES: 64,
+            Metric.EVAL_ACC_BEFORE: 0.0625, Metric.EVAL_ACC_AFTER: 0.2083, Metric.EVAL_EXAMPLES: 48}
+    assert round_line(note).startswith("round 2: ok, 64 examples, ")
+    assert round_line(note).endswith(", held-out top-1 0.062 -> 0.208 on 48")
+    assert "held-out" not in round_line({k: v for k, v in note.items() if not k.startswith("eval-")})

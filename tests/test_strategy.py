@@ -66,6 +66,13 @@ def _record(arrays: dict) -> ArrayRecord:
     (GLOBAL, {"num-examples": 2.5}, "positive whole number"),
     (GLOBAL, {"num-examples": float("nan")}, "positive whole number"),
     (None, {"num-examples": 5}, "no arrays"),
+    (GLOBAL, {"num-examples": 5, "eval-acc-before": 1.5, "eval-acc-after": 0.5, "eval-examples": 8},
+     r"eval-acc-before must be an accuracy in \[0, 1\], but got 1.5"),
+    (GLOBAL, {"num-examples": 5, "eval-acc-before": 0.5, "eval-acc-after": float("nan"), "eval-examples": 8},
+     "eval-acc-after must be an accuracy"),
+    (GLOBAL, {"num-examples": 5, "eval-acc-before": 0.5, "eval-acc-after": 0.5, "eval-examples": 0},
+     "eval-examples must be a positive whole number"),
+    (GLOBAL, {"num-examples": 5, "eval-acc-before": 0.5}, "its evaluation has"),
 ])
 def test_malformed_updates_are_rejected_naming_the_client(arrays, metrics, match):
     with pytest.raises(UpdateRejected, match=f"client phone-3: .*{match}"):

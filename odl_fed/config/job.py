@@ -7,6 +7,7 @@ convs on ``image-size`` images is checked by :mod:`odl_fed.planning.preflight` b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -43,6 +44,17 @@ class JobSpec:
     rank_weighting: str = "absolute"
     # dataset "local" (each board's own image folder): the class sub-folder names, in label order
     classes: tuple[str, ...] | None = None
+    # who evaluates (odl_fed.config.names.EVALUATIONS) and what share of its data each client holds out
+    evaluation: str = "both"
+    eval_fraction: float = 0.2
+
+    @property
+    def server_evaluates(self) -> bool:
+        return self.evaluation in ("server", "both")
+
+    @property
+    def clients_evaluate(self) -> bool:
+        return self.evaluation in ("clients", "both")
 
 
 STRATEGIES = names.STRATEGIES
@@ -53,10 +65,17 @@ _STRATEGY_KEYS = {"proximal-mu": ("fedprox", 0.01), "server-lr": ("fedadam", 0.0
 _JOB_KEYS = (*_POSITIVE_INTS, *_CHOICES, "lr", "partition", "seed", "weights", "strategy", *_STRATEGY_KEYS,
              *_OPTIONAL_INTS, "rank-weighting", "classes")
 _REQUIRED = (*_POSITIVE_INTS, *_CHOICES, "lr")
+_EVALUATION_KEYS = ("evaluation", "eval-fraction")  # federated evaluation: see _evaluation below
+_JOB_KEYS += _EVALUATION_KEYS
 
 
 def parse_job(raw, where: str) -> JobSpec:
     """A fleet's ``job`` mapping, checked field by field (``where`` starts every error: the file and ``job``)."""
+    job = _parse_training(raw, where)
+    return dataclasses.replace(job, **_evaluation(raw, where, dataset=job.dataset))
+
+
+def _parse_training(raw, where: str) -> JobSpec:
     if not isinstance(raw, Mapping):
         raise JobError(f"{where}: expected a mapping, got {type(raw).__name__}")
     for key in raw:
@@ -131,6 +150,8 @@ def job_mapping(job: JobSpec) -> dict:
         if field.name == "dirichlet_alpha":
             if job.dataset != names.LOCAL_DATASET:  # a board's own images are not partitioned
                 raw["partition"] = "iid" if value is None else {"dirichlet": value}
+        elif key == "eval-fraction" and not job.clients_evaluate:
+            continue  # refused with evaluation: server
         elif key in _STRATEGY_KEYS:
             if job.strategy == _STRATEGY_KEYS[key][0]:
                 raw[key] = value
@@ -167,3 +188,27 @@ def _classes(raw: Mapping, where: str) -> tuple[str, ...] | None:
     if repeated:
         raise JobError(f"{where}.classes: {repeated} listed more than once")
     return tuple(classes)
+
+
+# Datasets whose server holds no held-out split (a board's own images): their clients evaluate.
+_NO_SERVER_SPLIT = ("local",)
+
+
+def _evaluation(raw: Mapping, where: str, *, dataset: str) -> dict:
+    """``evaluation`` (server, clients or both; by default both where the server has a held-out split,
+    else clients) and ``eval-fraction`` (the share of each client's data it holds out, in (0, 1))."""
+    server_split = dataset not in _NO_SERVER_SPLIT
+    mode = raw.get("evaluation", "both" if server_split else "clients")
+    if mode not in names.EVALUATIONS:
+        raise JobError(f"{where}.evaluation: must be one of {list(names.EVALUATIONS)}, but got {mode!r}"
+                       f"{did_you_mean(str(mode), names.EVALUATIONS)}")
+    if mode != "clients" and not server_split:
+        raise JobError(f"{where}.evaluation: {mode!r} needs a held-out split on the server, and dataset "
+                       f"{dataset!r} has none; use 'clients'")
+    fraction = raw.get("eval-fraction", JobSpec.eval_fraction)
+    if "eval-fraction" in raw and mode == "server":
+        raise JobError(f"{where}.eval-fraction: only applies when clients evaluate, but evaluation is 'server'")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise JobError(f"{where}.eval-fraction: must be a number between 0 and 1 (the share of each client's "
+                       f"data it holds out), but got {fraction!r}")
+    return {"evaluation": mode, "eval_fraction": float(fraction)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from odl_fed.schema import METHOD_NAMES
 
 __all__ = ["MODELS", "DATASETS", "NAMED_DATASETS", "LOCAL_DATASET", "METHODS", "WEIGHTINGS", "GRIDS", "STRATEGIES",
-           "check_registry"]
+           "EVALUATIONS", "check_registry"]
 
 # odl_fed.training.models: torchvision's CNNs, then EfficientNet-Lite0 with its packaged weights
 MODELS = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34", "efficientnet_lite0")
@@ -27,6 +27,9 @@ WEIGHTINGS = ("absolute", "relative")
 GRIDS = ("batch-whole", "mixed", "paper")
 # odl_fed.federation.strategy
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+# who evaluates the global model (a job's `evaluation`): the server on its held-out split, the clients on
+# the part of their own data they hold out, or both (odl_fed.federation.server_app, client_round)
+EVALUATIONS = ("server", "clients", "both")
 
 
 def check_registry(kind: str, names, registry) -> None:

@@ -2,7 +2,8 @@
 
 In a terminal it is a ``rich`` view: a progress bar over the rounds that stays at the bottom, and
 above it, as each round lands, a table per device type (plan, peak memory against budget,
-activation bytes, FLOPs, bytes down and up) with the round's totals and the reasons of every
+activation bytes, FLOPs, bytes down and up, and where clients evaluate, their top-1 on their
+held-out data before and after fine-tuning) with the round's totals and the reasons of every
 client that did not count. Anywhere else (a container's log, CI, a pipe) it writes one plain line
 per round and no escape codes.
 
@@ -17,13 +18,35 @@ from typing import TextIO
 from odl_fed.dashboard.round_summary import RoundSummary, format_bytes, summarise_round
 from odl_fed.schema import EVENT, EndKey, Event, JobKey, RunKey
 
-__all__ = ["ConsoleDashboard", "plain_round_line"]
+__all__ = ["ConsoleDashboard", "plain_round_line", "client_eval_text"]
 
 REASON_WIDTH = 160  # a reason is cut to this many characters in the plain line
 
 
 def _change(summary: RoundSummary) -> str:
     return "" if summary.accuracy_change is None else f" ({summary.accuracy_change:+.3f})"
+
+
+def _accuracy(summary: RoundSummary) -> str:
+    """The server's evaluation of the global model, or that it made none (evaluation: clients)."""
+    if not summary.server_evaluated:
+        return "no server evaluation"
+    return f"accuracy {summary.accuracy:.3f}{_change(summary)} loss {summary.loss:.3f}"
+
+
+def _scores(before: float | None, after: float | None) -> str:
+    return f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
+
+
+def client_eval_text(summary: RoundSummary) -> str:
+    """The clients' evaluations of a round: ``clients' top-1 0.412 -> 0.634 (+0.222) on 240 held out
+    [phone 0.400 -> 0.650 (+0.250), ...]``; empty when none evaluated."""
+    if summary.client_before is None or summary.client_after is None:
+        return ""
+    devices = ", ".join(f"{d.device} {_scores(d.eval_before, d.eval_after)}" for d in summary.devices
+                        if d.eval_before is not None and d.eval_after is not None)
+    return (f"clients' top-1 {_scores(summary.client_before, summary.client_after)} on "
+            f"{summary.client_eval_examples} held out [{devices}]")
 
 
 def _ratio_range(summary: RoundSummary) -> str:
@@ -45,13 +68,15 @@ def plain_round_line(summary: RoundSummary, total: int | None) -> str:
     """One round in one line (what a non-terminal gets)."""
     of = f"/{total}" if total is not None else ""
     if summary.round == 0:
-        return (f"round 0{of} | starting model: accuracy {summary.accuracy:.3f} loss {summary.loss:.3f} | "
-                f"{summary.seconds:.1f} s")
+        starting = "not evaluated on the server (the clients evaluate)" if not summary.server_evaluated else \
+            f"accuracy {summary.accuracy:.3f} loss {summary.loss:.3f}"
+        return f"round 0{of} | starting model: {starting} | {summary.seconds:.1f} s"
     if summary.skipped:
-        return (f"round {summary.round}{of} | SKIPPED: {summary.skipped} | accuracy {summary.accuracy:.3f} "
-                f"loss {summary.loss:.3f} | {summary.seconds:.1f} s")
+        return (f"round {summary.round}{of} | SKIPPED: {summary.skipped} | {_accuracy(summary)} | "
+                f"{summary.seconds:.1f} s")
     devices = " ".join(f"{d.device} {d.trained}/{d.asked}" for d in summary.devices)
-    line = (f"round {summary.round}{of} | accuracy {summary.accuracy:.3f}{_change(summary)} loss {summary.loss:.3f}"
+    evaluated = client_eval_text(summary)
+    line = (f"round {summary.round}{of} | {_accuracy(summary)}" + (f" | {evaluated}" if evaluated else "") +
             f" | trained {summary.trained}/{summary.asked} refused {summary.refused} failed {summary.failed}"
             f" lost {summary.lost} | peak/budget {_ratio_range(summary)}"
             f" | activations {format_bytes(summary.activation_bytes)} | {summary.train_flops / 1e9:.1f} GFLOP"
@@ -70,7 +95,9 @@ def _run_line(run: dict) -> str:
 
 
 def _end_line(end: dict, last: RoundSummary | None) -> str:
-    accuracy = f"accuracy {last.accuracy:.3f} " if last else ""
+    accuracy = f"accuracy {last.accuracy:.3f} " if last and last.server_evaluated else ""
+    if last and not last.server_evaluated and last.client_after is not None:
+        accuracy = f"clients' top-1 {_scores(last.client_before, last.client_after)} in the last round, "
     return (f"done: {accuracy}after {end.get(EndKey.ROUNDS, last.round if last else '?')} rounds in "
             f"{end.get(EndKey.ELAPSED, 0):.1f} s")
 
@@ -164,8 +191,10 @@ class _LiveView:
         from rich.text import Text
 
         of = f"/{total}" if total is not None else ""
-        title = (f"round {summary.round}{of}: accuracy {summary.accuracy:.3f}{_change(summary)}, "
-                 f"loss {summary.loss:.3f}, {summary.seconds:.1f} s")
+        title = f"round {summary.round}{of}: {_accuracy(summary)}, {summary.seconds:.1f} s"
+        evaluated = client_eval_text(summary)
+        if evaluated:
+            title += f"; clients' top-1 {_scores(summary.client_before, summary.client_after)}"
         if summary.round == 0:
             self.console.print(f"[bold]{title}[/] (the starting model)")
         elif summary.skipped:
@@ -174,7 +203,8 @@ class _LiveView:
             table = Table(title=title, title_justify="left", title_style="bold", expand=False)
             for column, justify in (("device", "left"), ("trained", "right"), ("plan", "left"),
                                     ("peak/budget min mean max", "right"), ("budget", "right"),
-                                    ("activations", "right"), ("GFLOP", "right"), ("down / up", "right")):
+                                    ("activations", "right"), ("GFLOP", "right"), ("down / up", "right"),
+                                    ("held-out top-1 before -> after", "right")):
                 table.add_column(column, justify=justify)
             for d in summary.devices:
                 ratio = " ".join(f"{v:.2f}" for v in d.peak_ratio) if d.peak_ratio else "-"
@@ -183,7 +213,8 @@ class _LiveView:
                               format_bytes(d.budget_bytes) if d.budget_bytes else "-",
                               format_bytes(d.activation_bytes) if d.trained else "-",
                               f"{d.train_flops / 1e9:.1f}" if d.trained else "-",
-                              f"{format_bytes(d.bytes_down)} / {format_bytes(d.bytes_up)}", style=style)
+                              f"{format_bytes(d.bytes_down)} / {format_bytes(d.bytes_up)}",
+                              "-" if d.eval_before is None else _scores(d.eval_before, d.eval_after), style=style)
             table.caption = (f"trained {summary.trained}/{summary.asked}, refused {summary.refused}, failed "
                              f"{summary.failed}, lost {summary.lost}; down {format_bytes(summary.bytes_down)}, up "
                              f"{format_bytes(summary.bytes_up)} (the whole model: "
@@ -192,9 +223,11 @@ class _LiveView:
             self.console.print(table)
             for reason in _reasons(summary, width=None):
                 self.console.print(Text("  " + reason, style="yellow"))
+        shown = f"accuracy {summary.accuracy:.3f}" if summary.server_evaluated else (
+            f"clients' top-1 {summary.client_after:.3f}" if summary.client_after is not None else "trained")
         self.progress.update(self.task, completed=summary.round,
-                             status=f"accuracy {summary.accuracy:.3f}, waiting for round {summary.round + 1}"
-                             if total is None or summary.round < total else f"accuracy {summary.accuracy:.3f}")
+                             status=f"{shown}, waiting for round {summary.round + 1}"
+                             if total is None or summary.round < total else shown)
 
     def stop(self) -> None:
         self.live.stop()

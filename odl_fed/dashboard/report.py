@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -98,21 +99,49 @@ def _given(log: RunLog) -> str:
     return json.dumps({k: log.run.get(k) for k in (RunKey.FLEET, RunKey.DEVICES, RunKey.JOB)}, indent=2, default=str)
 
 
+def _evaluation(job: dict) -> str:
+    """Who evaluated (a log from before the job had ``evaluation``: the server)."""
+    return {"server": "the server, on its held-out split",
+            "clients": "the clients, each on the part of its data it holds out",
+            "both": "the server, on its held-out split, and the clients, each on the part of its data it holds out"
+            }.get(job.get(JobKey.EVALUATION, "server"), str(job.get(JobKey.EVALUATION)))
+
+
+def _final(report: RunReport) -> str:
+    """The server's final accuracy; where it did not evaluate, the clients' last evaluation."""
+    final = report.final
+    if final.server_evaluated:
+        return f"{final.accuracy:.3f}"
+    last = next((s for s in reversed(report.summaries) if s.client_gain is not None), None)
+    if last is None:
+        return "- (no evaluation)"
+    return (f"- (the server did not evaluate); the clients' held-out top-1 in round {last.round}: "
+            f"{last.client_before:.3f} before fine-tuning, {last.client_after:.3f} after")
+
+
 # -- tables as rows, shared by the HTML and the Markdown -------------------------------------
 ROUND_COLUMNS = ("round", "accuracy", "loss", Outcome.TRAINED, Outcome.REFUSED, Outcome.FAILED, Outcome.LOST,
-                 "bytes down", "bytes up", "whole model", "seconds")
+                 "bytes down", "bytes up", "whole model", "seconds", "clients' top-1 before", "after", "gain")
+
+
+def _score(value: float | None, digits: int = 3, sign: bool = False) -> tuple[object, str]:
+    """(exact value, shown text) of an accuracy, ``-`` where there is none (NaN: the server did not evaluate)."""
+    if value is None or math.isnan(value):
+        return None, "-"
+    return value, f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
 def _round_row(s: RoundSummary) -> list[tuple[object, str]]:
     """(exact value, shown text) per column of :data:`ROUND_COLUMNS`."""
-    return [(s.round, str(s.round)), (s.accuracy, f"{s.accuracy:.3f}"), (s.loss, f"{s.loss:.4f}"),
+    return [(s.round, str(s.round)), _score(s.accuracy), _score(s.loss, 4),
             (s.trained, str(s.trained)), (s.refused, str(s.refused)), (s.failed, str(s.failed)),
             (s.lost, str(s.lost)), (s.bytes_down, format_bytes(s.bytes_down)), (s.bytes_up, format_bytes(s.bytes_up)),
-            (s.whole_model_bytes, format_bytes(s.whole_model_bytes)), (s.seconds, f"{s.seconds:.1f}")]
+            (s.whole_model_bytes, format_bytes(s.whole_model_bytes)), (s.seconds, f"{s.seconds:.1f}"),
+            _score(s.client_before), _score(s.client_after), _score(s.client_gain, sign=True)]
 
 
 DEVICE_COLUMNS = ("round", "device", "trained", "peak/budget min", "mean", "max", "peak", "budget", "activations",
-                  "GFLOP")
+                  "GFLOP", "held-out top-1 before", "after", "gain")
 
 
 def _device_rows(summaries: Sequence[RoundSummary]) -> list[list[tuple[object, str]]]:
@@ -124,7 +153,8 @@ def _device_rows(summaries: Sequence[RoundSummary]) -> list[list[tuple[object, s
                          *[(v, "-" if v is None else f"{v:.3f}") for v in ratio],
                          *[(v, format_bytes(v) if v else "-") for v in (d.peak_bytes, d.budget_bytes)],
                          (d.activation_bytes, format_bytes(d.activation_bytes) if d.trained else "-"),
-                         (d.train_flops, f"{d.train_flops / 1e9:.1f}" if d.trained else "-")])
+                         (d.train_flops, f"{d.train_flops / 1e9:.1f}" if d.trained else "-"),
+                         _score(d.eval_before), _score(d.eval_after), _score(d.eval_gain, sign=True)])
     return rows
 
 
@@ -168,7 +198,8 @@ def _run_section(report: RunReport, *, prefix: str) -> str:
                                 f"{', '.join(log.run.get(RunKey.TRAINED_CONVS) or [])} + head"),
              ("rounds", f"{report.final.round} of {job.get(JobKey.ROUNDS, '?')}"
               + ("" if log.finished else " (not ended)")),
-             ("final accuracy", f"{report.final.accuracy:.3f}"),
+             ("evaluation", _evaluation(job)),
+             ("final accuracy", _final(report)),
              ("wall time", f"{end[EndKey.ELAPSED]:.1f} s" if EndKey.ELAPSED in end else "-"),
              ("trained layers", format_bytes(log.run.get(RunKey.TRAINED_BYTES, 0)) + " per transfer, of a "
               + format_bytes(log.run.get(RunKey.MODEL_BYTES, 0)) + " model")]
@@ -177,8 +208,10 @@ def _run_section(report: RunReport, *, prefix: str) -> str:
              '<table class="facts">' + "".join(f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>'
                                                 for k, v in facts) + "</table>",
              '<div class="plots">',
-             _figure("accuracy", plots.accuracy_plot(s), "Global accuracy (and loss) of the held-out split per round; "
-                                                         "round 0 is the starting model."),
+             _figure("accuracy", plots.accuracy_plot(s), "Global accuracy (and loss) of the server's held-out split "
+                                                         "per round, round 0 the starting model; where clients "
+                                                         "evaluate, their top-1 on their own held-out data before "
+                                                         "and after their fine-tuning (weighted by examples)."),
              _figure("memory", plots.memory_plot(s[1:] or s), "Peak memory over budget per device type (line: mean, "
                                                               "band: min to max); above 1 is a breach."),
              _figure("traffic", plots.traffic_plot(s[1:] or s),
@@ -207,7 +240,7 @@ def _run_section(report: RunReport, *, prefix: str) -> str:
 def _compare_rows(reports: Sequence[RunReport]) -> list[list[tuple[object, str]]]:
     return [[(r.name, r.name), (r.log.job.get(JobKey.METHOD), str(r.log.job.get(JobKey.METHOD))),
              (r.log.job.get(JobKey.MODEL), str(r.log.job.get(JobKey.MODEL))),
-             (r.activation_bytes, format_bytes(r.activation_bytes)), (r.final.accuracy, f"{r.final.accuracy:.3f}"),
+             (r.activation_bytes, format_bytes(r.activation_bytes)), _score(r.final.accuracy),
              (r.final.round, str(r.final.round)),
              (sum(x.bytes_up + x.bytes_down for x in r.summaries), format_bytes(sum(x.bytes_up + x.bytes_down
                                                                                    for x in r.summaries)))]
@@ -265,7 +298,8 @@ def markdown_report(reports: Sequence[RunReport]) -> str:
         out += [f"{job.get(JobKey.METHOD, '?')} on {job.get(JobKey.MODEL, '?')}, "
                 f"fleet `{log.run.get(RunKey.FLEET, '?')}` ({log.run.get(RunKey.CLIENTS, '?')} clients); "
                 f"round {report.final.round} of {job.get(JobKey.ROUNDS, '?')}"
-                f"{'' if log.finished else ' (not ended)'}; final accuracy {report.final.accuracy:.3f}", "",
+                f"{'' if log.finished else ' (not ended)'}; evaluation: {_evaluation(job)}; "
+                f"final accuracy {_final(report)}", "",
                 "**Rounds**", "", _md_table(ROUND_COLUMNS, [[shown for _, shown in _round_row(x)] for x in s]), "",
                 "**Plans**", "", _md_table(("device", "plan", "rounds"),
                                            [[d, p, _rounds_text(r)] for d, p, r in report.plans()]), "",

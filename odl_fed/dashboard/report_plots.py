@@ -44,13 +44,28 @@ def _rounds_axis(axes, rounds: Sequence[int]) -> None:
 
 
 def accuracy_plot(summaries: Sequence[RoundSummary]) -> str:
+    """The server's accuracy and loss per round, where it evaluates; where clients evaluate, their top-1
+    on their held-out data before and after fine-tuning (weighted means)."""
     figure, axes = _figure()
     rounds = [s.round for s in summaries]
-    axes.plot(rounds, [s.accuracy for s in summaries], marker="o", color="#1565c0", label="accuracy")
-    axes.set_ylabel("global accuracy (held out)")
+    served = [s for s in summaries if s.server_evaluated]
+    if served:
+        axes.plot([s.round for s in served], [s.accuracy for s in served], marker="o", color="#1565c0",
+                  label="accuracy")
+    evaluated = [s for s in summaries if s.client_gain is not None]
+    if evaluated:
+        axes.plot([s.round for s in evaluated], [s.client_before for s in evaluated], marker="v", color="#ef6c00",
+                  label="clients, before")
+        axes.plot([s.round for s in evaluated], [s.client_after for s in evaluated], marker="^", color="#2e7d32",
+                  label="clients, after")
+    axes.set_ylabel("accuracy (held out)")
     loss_axes = axes.twinx()
-    loss_axes.plot(rounds, [s.loss for s in summaries], marker=".", linestyle="--", color="#9e9e9e", label="loss")
-    loss_axes.set_ylabel("loss")
+    if served:
+        loss_axes.plot([s.round for s in served], [s.loss for s in served], marker=".", linestyle="--",
+                       color="#9e9e9e", label="loss")
+        loss_axes.set_ylabel("loss")
+    else:
+        loss_axes.set_yticks([])
     _rounds_axis(axes, rounds)
     axes.legend(handles=[*axes.get_lines(), *loss_axes.get_lines()], loc="center right")
     return _svg(figure)

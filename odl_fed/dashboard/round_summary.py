@@ -8,15 +8,21 @@ A client the server asked is, in a round: ``trained`` (status ``ok``: its update
 ``refused`` (its plan found no setting that fits its budget), ``failed`` (it trained but broke its
 budget, errored, or its reply was rejected) or ``lost`` (no reply by the round's timeout). A round
 with too few clients connected is ``skipped``: it asks no one.
+
+Where clients evaluate (the job's ``evaluation``: clients or both), a round also says how the global
+model it started from scored on their held-out parts (``client_before``) and how their fine-tuned
+models scored there (``client_after``), overall and per device type, each a mean weighted by
+held-out examples. Where the server does not evaluate, ``accuracy`` and ``loss`` are NaN.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from statistics import fmean
 
-from odl_fed.schema import ClientKey, GlobalKey, Metric, Outcome, RoundKey, RunKey, Status
+from odl_fed.schema import ClientEvalKey, ClientKey, GlobalKey, Metric, Outcome, RoundKey, RunKey, Status
 
 __all__ = ["DeviceRound", "RoundSummary", "summarise_round", "summarise_rounds", "plan_text", "format_bytes",
            "FAILED_STATUSES"]
@@ -39,6 +45,14 @@ class DeviceRound:
     train_flops: float  # summed over its clients
     bytes_down: int
     bytes_up: int
+    # its clients' evaluations (weighted by held-out examples); None where none evaluated
+    eval_before: float | None = None
+    eval_after: float | None = None
+    eval_examples: int = 0
+
+    @property
+    def eval_gain(self) -> float | None:
+        return None if self.eval_before is None or self.eval_after is None else self.eval_after - self.eval_before
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,20 @@ class RoundSummary:
     devices: list[DeviceRound] = field(default_factory=list)
     reasons: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (status, reason) -> clients
     skipped: str = ""  # why the round asked no one, when it did not
+    # the clients' evaluations (client-eval): the global model before their fine-tuning, theirs after it
+    client_before: float | None = None
+    client_after: float | None = None
+    client_eval_examples: int = 0
+    client_eval_clients: int = 0
+
+    @property
+    def server_evaluated(self) -> bool:
+        return not math.isnan(self.accuracy)
+
+    @property
+    def client_gain(self) -> float | None:
+        return None if self.client_before is None or self.client_after is None else \
+            self.client_after - self.client_before
 
     @property
     def statuses(self) -> Counter:
@@ -119,6 +147,14 @@ def _device_round(device: str, clients: list[dict]) -> DeviceRound:
               if _number(c.get(Metric.PEAK_MEMORY)) > 0 and _number(c.get(Metric.MEMORY_BUDGET)) > 0]
     plans = list(dict.fromkeys(plan_text(c.get(ClientKey.PLAN)) for c in trained if c.get(ClientKey.PLAN)))
     budgets = [_number(c.get(Metric.MEMORY_BUDGET)) for c in clients if _number(c.get(Metric.MEMORY_BUDGET)) > 0]
+    scored = [c for c in trained if _number(c.get(Metric.EVAL_EXAMPLES)) > 0
+              and _number(c.get(Metric.EVAL_ACC_BEFORE), None) is not None
+              and _number(c.get(Metric.EVAL_ACC_AFTER), None) is not None]
+    held_out = sum(c[Metric.EVAL_EXAMPLES] for c in scored)
+
+    def weighted(key: str) -> float | None:
+        return sum(c[key] * c[Metric.EVAL_EXAMPLES] for c in scored) / held_out if scored else None
+
     return DeviceRound(
         device=device, asked=len(clients), trained=len(trained), plan=" / ".join(plans),
         peak_ratio=(min(ratios), fmean(ratios), max(ratios)) if ratios else None,
@@ -127,7 +163,9 @@ def _device_round(device: str, clients: list[dict]) -> DeviceRound:
         activation_bytes=int(max((_number(c.get(Metric.ACTIVATION_BYTES)) for c in trained), default=0)),
         train_flops=float(sum(_number(c.get(Metric.TRAIN_FLOPS)) for c in trained)),
         bytes_down=int(sum(_number(c.get(ClientKey.BYTES_DOWN)) for c in clients)),
-        bytes_up=int(sum(_number(c.get(ClientKey.BYTES_UP)) for c in trained)))
+        bytes_up=int(sum(_number(c.get(ClientKey.BYTES_UP)) for c in trained)),
+        eval_before=weighted(Metric.EVAL_ACC_BEFORE), eval_after=weighted(Metric.EVAL_ACC_AFTER),
+        eval_examples=int(held_out))
 
 
 def summarise_round(line: dict, *, previous: dict | None = None, run: dict | None = None) -> RoundSummary:
@@ -143,14 +181,15 @@ def summarise_round(line: dict, *, previous: dict | None = None, run: dict | Non
             reasons[(str(client.get(ClientKey.STATUS)), str(client.get(ClientKey.REASON) or ""))].append(
                 str(client.get(ClientKey.CLIENT)))
     asked = int(_number(line.get(RoundKey.CLIENTS_ASKED), len(clients)))
-    accuracy = float(line[RoundKey.GLOBAL].get(GlobalKey.ACCURACY, float("nan")))
-    before = previous[RoundKey.GLOBAL].get(GlobalKey.ACCURACY) if previous else None
+    accuracy = float(_number(line.get(RoundKey.GLOBAL, {}).get(GlobalKey.ACCURACY), float("nan")))
+    before = previous.get(RoundKey.GLOBAL, {}).get(GlobalKey.ACCURACY) if previous else None
+    evaluation = line.get(RoundKey.CLIENT_EVAL) or {}
     model_bytes = int(_number((run or {}).get(RunKey.MODEL_BYTES)))
     devices = [_device_round(name, members) for name, members in sorted(by_device.items())]
     return RoundSummary(
         round=int(line[RoundKey.ROUND]), accuracy=accuracy,
-        loss=float(line[RoundKey.GLOBAL].get(GlobalKey.LOSS, float("nan"))),
-        accuracy_change=accuracy - before if isinstance(before, (int, float)) else None,
+        loss=float(_number(line.get(RoundKey.GLOBAL, {}).get(GlobalKey.LOSS), float("nan"))),
+        accuracy_change=accuracy - before if isinstance(before, (int, float)) and not math.isnan(accuracy) else None,
         asked=asked, trained=statuses[Status.OK], refused=statuses[Status.REFUSED],
         failed=sum(n for status, n in statuses.items() if status not in (Status.OK, Status.REFUSED, Status.LOST)),
         lost=statuses[Status.LOST] + max(asked - len(clients), 0),
@@ -160,7 +199,11 @@ def summarise_round(line: dict, *, previous: dict | None = None, run: dict | Non
         whole_model_bytes=model_bytes * (asked + statuses[Status.OK]),
         activation_bytes=max((d.activation_bytes for d in devices), default=0),
         train_flops=sum(d.train_flops for d in devices), devices=devices, reasons=dict(reasons),
-        skipped=str(line.get(RoundKey.SKIPPED) or ""))
+        skipped=str(line.get(RoundKey.SKIPPED) or ""),
+        client_before=_number(evaluation.get(ClientEvalKey.ACCURACY_BEFORE), None),
+        client_after=_number(evaluation.get(ClientEvalKey.ACCURACY_AFTER), None),
+        client_eval_examples=int(_number(evaluation.get(ClientEvalKey.EXAMPLES))),
+        client_eval_clients=int(_number(evaluation.get(ClientEvalKey.CLIENTS))))
 
 
 def summarise_rounds(rounds: list[dict], run: dict | None = None) -> list[RoundSummary]:

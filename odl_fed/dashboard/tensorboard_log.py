@@ -2,7 +2,10 @@
 
 Fed the round log's events (like the console view), it writes at step = round number:
 
-- ``global/accuracy``, ``global/loss``; ``round/seconds``;
+- ``global/accuracy``, ``global/loss`` (where the server evaluates); ``round/seconds``;
+- where clients evaluate: ``clients-eval/accuracy-before``, ``clients-eval/accuracy-after``,
+  ``clients-eval/gain`` (weighted by held-out examples), and per device type D
+  ``clients-eval/accuracy-before/D``, ``clients-eval/accuracy-after/D``, ``clients-eval/gain/D``;
 - ``clients/trained``, ``clients/refused``, ``clients/failed``, ``clients/lost``;
 - ``traffic/bytes-down``, ``traffic/bytes-up``, ``traffic/whole-model-bytes``;
 - per device type D: ``memory/peak-over-budget-max/D``, ``memory/peak-over-budget-mean/D``,
@@ -69,11 +72,18 @@ class TensorBoardLog:
     def _round(self, writer, line: dict) -> None:
         s = summarise_round(line, previous=self._previous, run=self.run)
         step = s.round
-        scalars = {"global/accuracy": s.accuracy, "global/loss": s.loss, "round/seconds": s.seconds,
-                   "clients/trained": s.trained, "clients/refused": s.refused, "clients/failed": s.failed,
-                   "clients/lost": s.lost, "traffic/bytes-down": s.bytes_down, "traffic/bytes-up": s.bytes_up,
-                   "traffic/whole-model-bytes": s.whole_model_bytes}
+        scalars = {"global/accuracy": s.accuracy, "global/loss": s.loss} if s.server_evaluated else {}
+        scalars |= {"round/seconds": s.seconds, "clients/trained": s.trained, "clients/refused": s.refused,
+                    "clients/failed": s.failed, "clients/lost": s.lost, "traffic/bytes-down": s.bytes_down,
+                    "traffic/bytes-up": s.bytes_up, "traffic/whole-model-bytes": s.whole_model_bytes}
+        if s.client_gain is not None:
+            scalars |= {"clients-eval/accuracy-before": s.client_before, "clients-eval/accuracy-after": s.client_after,
+                        "clients-eval/gain": s.client_gain}
         for device in s.devices:
+            if device.eval_gain is not None:
+                scalars[f"clients-eval/accuracy-before/{device.device}"] = device.eval_before
+                scalars[f"clients-eval/accuracy-after/{device.device}"] = device.eval_after
+                scalars[f"clients-eval/gain/{device.device}"] = device.eval_gain
             if device.peak_ratio:
                 scalars[f"memory/peak-over-budget-max/{device.device}"] = device.peak_ratio[2]
                 scalars[f"memory/peak-over-budget-mean/{device.device}"] = device.peak_ratio[1]

@@ -170,6 +170,9 @@ def round_line(note: dict) -> str:
              f"peak {note.get(Metric.PEAK_MEMORY, 0) / mib:.1f} of {note.get(Metric.MEMORY_BUDGET, 0) / mib:.1f} MiB"]
     if Metric.TRAIN_LOSS in note:
         parts.append(f"loss {note[Metric.TRAIN_LOSS]:.3f}")
+    if Metric.EVAL_ACC_BEFORE in note and Metric.EVAL_ACC_AFTER in note:  # its own held-out images
+        parts.append(f"held-out top-1 {note[Metric.EVAL_ACC_BEFORE]:.3f} -> {note[Metric.EVAL_ACC_AFTER]:.3f} "
+                     f"on {note.get(Metric.EVAL_EXAMPLES, 0):.0f}")
     return f"{head}, " + ", ".join(parts)
 
 
@@ -315,10 +318,10 @@ def _serve(args, host: str, port: int, deadline: float, extra: dict, node_config
         finally:
             notes.stop()
         notice = json.loads(ended.read_text())
-        accuracy = notice[EndNotice.ACCURACY]
+        accuracy = notice.get(EndNotice.ACCURACY)  # none when only the clients evaluated
         _say(f"the run is over: {notice[EndNotice.ROUNDS]} rounds, "
              + (f"global accuracy {accuracy:.3f}" if isinstance(accuracy, (int, float)) and math.isfinite(accuracy)
-                else "no global accuracy (the server holds no held-out images)") + "; stopping the SuperNode")
+                else "no global accuracy (the server did not evaluate; the clients did)") + "; stopping the SuperNode")
         return 0
 
 

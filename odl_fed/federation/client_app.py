@@ -31,7 +31,7 @@ from odl_fed.config.run import RunSettings
 from odl_fed.federation.backbone import BackboneError, backbone_answer, cache_dir, local_backbone
 from odl_fed.federation.client_round import REFUSED, ClientOutcome, PlanCache, run_client_round
 from odl_fed.federation.faults import drill_hook
-from odl_fed.federation.job_assets import board_data, client_data
+from odl_fed.federation.job_assets import board_data, client_data, client_held_out, split_held_out
 from odl_fed.schema import (
     ROUND_NOTES_FILE_ENV,
     RUN_END_FILE_ENV,
@@ -129,7 +129,8 @@ def handle_join(msg: Message, context: Context, run_config: Mapping) -> Message:
 
 # What the client entry prints of a round (odl_fed.deploy.supernode), taken from the round's metrics.
 NOTED_METRICS = (Metric.NUM_EXAMPLES, Metric.TRAIN_TIME, Metric.CLIENT_TIME, Metric.PEAK_MEMORY, Metric.MEMORY_BUDGET,
-                 Metric.BATCH_SIZE, Metric.LAYERS_TRAINED, Metric.TRAIN_LOSS)
+                 Metric.BATCH_SIZE, Metric.LAYERS_TRAINED, Metric.TRAIN_LOSS, Metric.EVAL_ACC_BEFORE,
+                 Metric.EVAL_ACC_AFTER, Metric.EVAL_EXAMPLES)
 
 
 def _note_round(server_round: int, outcome) -> None:
@@ -144,9 +145,10 @@ def _note_round(server_round: int, outcome) -> None:
 
 
 def round_data(job, node_config: Mapping, partition_id: int, num_partitions: int, *,
-               data_dirs: Sequence[Path] = ()) -> ImageData:
-    """What this node trains on: its own images (``dataset: local``: the node config's ``data-dir``, or in
-    simulation the run config's folder for its partition), else its share of the job's dataset. Raises
+               data_dirs: Sequence[Path] = ()) -> tuple[ImageData, ImageData | None]:
+    """What this node trains on and what it holds out to evaluate on (None when clients do not evaluate):
+    its own images (``dataset: local``: the node config's ``data-dir``, or in simulation the run config's
+    folder for its partition), else its share of the job's dataset. Raises
     :class:`~odl_fed.training.local_data.LocalDataError` for a board's folder that cannot train; what it
     skipped is logged when the folder is decoded."""
     folder = data_dir(node_config)
@@ -156,13 +158,13 @@ def round_data(job, node_config: Mapping, partition_id: int, num_partitions: int
         if folder is not None:
             log.warning("--data %s is not used: the job trains on shares of %s (dataset: local would use it)",
                         folder, job.dataset)
-        return client_data(job, partition_id, num_partitions)
+        return client_data(job, partition_id, num_partitions), client_held_out(job, partition_id, num_partitions)
     local = board_data(job, folder)
     if local.decoded:  # once per change of the folder, not every round
         for warning in local.warnings:
             log.warning(warning)
         log.info(local.summary)
-    return local.data
+    return split_held_out(local.data, job, salt=partition_id)
 
 
 def handle_end(msg: Message, context: Context) -> Message:
@@ -192,7 +194,8 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     drills = drill_hook(context.node_config)  # fault drills (python -m odl_fed.client --fault); none on a real node
     kept = context.state.array_records.get(BASES_KEY)
     try:
-        data = round_data(job, context.node_config, partition_id, num_partitions, data_dirs=settings.data_dirs)
+        data, eval_data = round_data(job, context.node_config, partition_id, num_partitions,
+                                     data_dirs=settings.data_dirs)
     except LocalDataError as error:  # this board's images cannot train: it sits the round out, saying why
         log.error("%s: its images cannot train: %s", client, error)
         outcome = ClientOutcome(client, profile.name, REFUSED,
@@ -204,7 +207,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
             cache=_plan_cache(None if settings.plan_cache is None else str(settings.plan_cache)),
             proximal_mu=float(config.get(ConfigKey.PROXIMAL_MU, 0.0)), server_round=server_round,
             bases=None if kept is None else kept.to_torch_state_dict(), deadline=settings.round_timeout,
-            budget_scale=drills.budget_scale(server_round))
+            budget_scale=drills.budget_scale(server_round), eval_data=eval_data)
     drills.after_round(client, outcome.arrays, outcome.metrics, server_round)
     _note_round(server_round, outcome)
     if outcome.bases:

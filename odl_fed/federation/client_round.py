@@ -15,7 +15,10 @@ The Flower ClientApp (:mod:`odl_fed.federation.client_app`) only converts messag
    while the round's deadline allows; the new plan replaces the cached one;
 5. returns the trained layers, the ASI bases to keep, and what the dashboard needs: activation
    bytes (measured with ``saved_tensors_hooks``), the guard's peak, FLOPs, time, loss, examples,
-   and every attempt the round made.
+   and every attempt the round made;
+6. with held-out data (federated evaluation), the top-1 there of the global model before the
+   training and of the trained model after it (eval mode, no gradients, the plan's batch; outside
+   the guard, its seconds in ``eval-time``).
 
 A plan that cannot fit or a breached budget is an outcome, not an exception: the server logs it
 and aggregates the others.
@@ -45,7 +48,7 @@ from odl_fed.schema import AttemptKey, Metric, Status
 from odl_fed.training.data import ImageData, batches
 from odl_fed.training.memory_guard import MemoryBudgetExceeded, MemoryGuard
 from odl_fed.training.models import prepare_finetune
-from odl_fed.training.task import apply_method, make_optimizer, train_epoch, warm_up
+from odl_fed.training.task import apply_method, evaluate, make_optimizer, train_epoch, warm_up
 
 __all__ = ["ClientOutcome", "PlanCache", "run_client_round", "asi_bases", "OK", "REFUSED", "MEMORY_EXCEEDED"]
 
@@ -184,8 +187,12 @@ class _Deadline:
 def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mapping[str, Tensor], *, client: str,
                      data: ImageData, cache: PlanCache | None = None, proximal_mu: float = 0.0,
                      server_round: int = 1, bases: Mapping[str, Tensor] | None = None,
-                     deadline: float | None = None, budget_scale: float = 1.0) -> ClientOutcome:
+                     deadline: float | None = None, budget_scale: float = 1.0,
+                     eval_data: ImageData | None = None) -> ClientOutcome:
     """Fine-tune the global trained layers on ``data`` within ``profile``'s memory; see the module doc.
+
+    With ``eval_data`` (the part of its data the client holds out), a round that trains also reports the
+    global model's top-1 there before the fine-tuning and the trained model's after it.
 
     ``bases`` are the ASI bases this client kept from its last round (:attr:`ClientOutcome.bases`);
     ``deadline`` the seconds the round may take (a retreat after a breach starts only while at
@@ -197,7 +204,7 @@ def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mappin
     try:
         return _client_round(model, job, profile, global_arrays, client=client, data=data, cache=cache,
                              proximal_mu=proximal_mu, server_round=server_round, bases=bases, deadline=deadline,
-                             budget_scale=budget_scale, started=started)
+                             budget_scale=budget_scale, started=started, eval_data=eval_data)
     finally:
         restore_model(model)  # the process's working model goes back as it came (job.client_model)
 
@@ -205,7 +212,7 @@ def run_client_round(job: JobSpec, profile: DeviceProfile, global_arrays: Mappin
 def _client_round(model: nn.Module, job: JobSpec, profile: DeviceProfile, global_arrays: Mapping[str, Tensor], *,
                   client: str, data: ImageData, cache: PlanCache | None, proximal_mu: float, server_round: int,
                   bases: Mapping[str, Tensor] | None, deadline: float | None, budget_scale: float,
-                  started: float) -> ClientOutcome:
+                  started: float, eval_data: ImageData | None = None) -> ClientOutcome:
     clock = _Deadline(deadline)
     _load_global(model, global_arrays, client)
     base = {Metric.TRAIN_MEMORY: profile.train_memory, Metric.SERVER_ROUND: server_round}
@@ -228,6 +235,13 @@ def _client_round(model: nn.Module, job: JobSpec, profile: DeviceProfile, global
                 return ClientOutcome(client, profile.name, REFUSED, base, error=str(error))
             cache.put(key, plan)
     plan_seconds = time.perf_counter() - started
+    scores = {}
+    if eval_data is not None and len(eval_data):
+        eval_started = time.perf_counter()
+        _load_global_subset(model, global_arrays)  # the global model, as the server sent it
+        before = _evaluate(model, eval_data, plan, job)
+        scores = {Metric.EVAL_ACC_BEFORE: before, Metric.EVAL_EXAMPLES: len(eval_data),
+                  Metric.EVAL_TIME: time.perf_counter() - eval_started}
 
     attempts: list[dict] = []
     while True:
@@ -260,11 +274,22 @@ def _client_round(model: nn.Module, job: JobSpec, profile: DeviceProfile, global
             continue
         break
     metrics, arrays, kept = trained
+    if scores:  # the model as trained (its method's layers still in place: exact without gradients)
+        eval_started = time.perf_counter()
+        scores[Metric.EVAL_ACC_AFTER] = _evaluate(model, eval_data, plan, job)
+        scores[Metric.EVAL_TIME] += time.perf_counter() - eval_started
+        metrics = metrics | scores
     attempts.append(_attempt(plan, OK, metrics[Metric.PEAK_MEMORY], metrics[Metric.MEMORY_BUDGET]))
     metrics = base | metrics | {Metric.PLAN_TIME: plan_seconds, Metric.PLAN_CACHED: int(cached),
                                 Metric.ATTEMPTS: len(attempts), Metric.CLIENT_TIME: time.perf_counter() - started}
     return ClientOutcome(client, profile.name, OK, metrics, plan=plan.to_dict(), arrays=arrays, bases=kept,
                          attempts=attempts)
+
+
+def _evaluate(model: nn.Module, data: ImageData, plan: ClientPlan, job: JobSpec) -> float:
+    """Top-1 on ``data`` in eval mode, without gradients, in batches of the plan's size."""
+    return evaluate(model, data, batch_size=plan.batch_size, image_size=job.image_size,
+                    in_eval_mode=True)["accuracy"]
 
 
 def _attempt(plan: ClientPlan, status: str, peak: int, budget: int, error: str = "") -> dict:

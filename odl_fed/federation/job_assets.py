@@ -14,6 +14,7 @@ import functools
 import multiprocessing
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -24,8 +25,8 @@ from odl_fed.training.data import ImageData, load_dataset, partition, partition_
 from odl_fed.training.local_data import LocalData, LocalDataError, load_local
 from odl_fed.training.models import build_model, prepare_finetune
 
-__all__ = ["global_model", "client_model", "trained_state", "client_data", "board_data", "prepare_partitions",
-           "held_out_data", "train_size", "output_classes"]
+__all__ = ["global_model", "client_model", "trained_state", "client_data", "client_held_out", "split_held_out",
+           "held_out_positions", "board_data", "prepare_partitions", "held_out_data", "train_size", "output_classes"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -125,42 +126,83 @@ def prepare_partitions(job: JobSpec, num_partitions: int) -> None:
 
 
 def client_data(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData:
-    """This client's share of the training split (cached per process: simulated clients share actors)."""
+    """What this client trains on: its share of the training split, less the part it holds out when
+    clients evaluate (:func:`held_out_positions`), capped at ``examples-per-client``."""
     if job.dataset == LOCAL_DATASET:
         raise ValueError("dataset 'local': each board's own images (board_data), not a share of a named dataset")
+    indices = _share(job, partition_id, num_partitions)
+    train, _ = held_out_positions(len(indices), job, salt=partition_id)
+    return _dataset(job.dataset, "train").subset(torch.as_tensor(indices[train]))
+
+
+def client_held_out(job: JobSpec, partition_id: int, num_partitions: int) -> ImageData | None:
+    """The part of this client's share it holds out to evaluate on (None when clients do not evaluate)."""
+    if not job.clients_evaluate:
+        return None
+    indices = _share(job, partition_id, num_partitions)
+    _, held = held_out_positions(len(indices), job, salt=partition_id)
+    return _dataset(job.dataset, "train").subset(torch.as_tensor(indices[held])) if len(held) else None
+
+
+def _share(job: JobSpec, partition_id: int, num_partitions: int) -> np.ndarray:
+    """This client's share of the training split, as indices (cached per process: simulated clients share actors)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), but got {partition_id}")
-    indices = _partitions(job.dataset, num_partitions, job.dirichlet_alpha, job.seed)[partition_id]
-    if job.examples_per_client is not None:
-        indices = indices[:job.examples_per_client]
-    return _dataset(job.dataset, "train").subset(torch.as_tensor(indices))
+    return np.asarray(_partitions(job.dataset, num_partitions, job.dirichlet_alpha, job.seed)[partition_id])
 
 
 def board_data(job: JobSpec, data_dir: Path | None) -> LocalData:
     """A board's own images for a ``dataset: local`` job (its ``--data`` folder), labelled by the job's
-    ``classes`` and capped at ``examples-per-client`` (a fixed random subset); decoded once per folder
+    ``classes``, in a fixed random order (:func:`split_held_out` then holds part out and caps what trains at
+    ``examples-per-client``); decoded once per folder
     (:mod:`odl_fed.training.local_data`). :class:`LocalDataError` when nothing there can train."""
     if data_dir is None:
         raise LocalDataError("the job trains on each board's own images (dataset: local), but this client has no "
                              "image folder: start it with --data DIR (one sub-folder of images per class)")
     local = load_local(data_dir, classes=job.classes, image_size=job.image_size)
-    if job.examples_per_client is not None and job.examples_per_client < len(local.data):
-        order = torch.randperm(len(local.data), generator=torch.Generator().manual_seed(job.seed))
-        local = dataclasses.replace(local, data=local.data.subset(order[:job.examples_per_client]))
-    return local
+    # in a fixed random order (the folder's is by class), which split_held_out then cuts
+    order = torch.randperm(len(local.data), generator=torch.Generator().manual_seed(job.seed))
+    return dataclasses.replace(local, data=local.data.subset(order))
 
 
 def output_classes(job: JobSpec) -> int:
     """How many outputs the job's model has: its dataset's classes, or the job's ``classes``."""
     if job.dataset == LOCAL_DATASET:
         return len(job.classes)
-    return _dataset(job.dataset, "test").num_classes
+    return _dataset(job.dataset, "train").num_classes  # the split a server that does not evaluate has too
+
+
+def held_out_positions(n: int, job: JobSpec, *, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Which of a client's ``n`` examples it trains on and which it holds out, by position.
+
+    When clients evaluate, ``eval-fraction`` of the ``n`` (at least one, and at least one left to train
+    on) is held out, drawn with the job's seed and ``salt`` (the client's partition): the same split
+    every round. The client trains on the others in order, up to ``examples-per-client``; where that
+    cap leaves enough unused, the part held out is drawn from the unused ones only, so the client
+    trains on the very examples it would with no evaluation. ``eval-examples`` caps the part held out.
+    """
+    held_count = 0
+    if job.clients_evaluate and n > 1:
+        held_count = min(max(1, round(job.eval_fraction * n)), n - 1)
+    cap = n if job.examples_per_client is None else job.examples_per_client
+    start = min(cap, n - held_count) if cap < n else 0  # the draw keeps clear of the first `cap` when it can
+    drawn = np.random.default_rng([job.seed, salt]).permutation(np.arange(start, n))[:held_count]
+    held = drawn if job.eval_examples is None else drawn[:job.eval_examples]
+    return np.setdiff1d(np.arange(n), drawn)[:cap], np.sort(held)
+
+
+def split_held_out(data: ImageData, job: JobSpec, *, salt: int = 0) -> tuple[ImageData, ImageData | None]:
+    """A client's own data (a board's image folder, say) split as :func:`held_out_positions` says: what it
+    trains on, and what it holds out (None when clients do not evaluate)."""
+    train, held = held_out_positions(len(data), job, salt=salt)
+    return data.subset(train), data.subset(held) if len(held) else None
 
 
 def held_out_data(job: JobSpec) -> ImageData | None:
-    """The server's evaluation set: the test split, capped at ``eval-examples``; None for ``dataset:
-    local`` (the images are the boards' own, and stay there)."""
-    if job.dataset == LOCAL_DATASET:
+    """The server's evaluation set: the test split, capped at ``eval-examples``; None when the server
+    does not evaluate (``evaluation: clients``, and always for ``dataset: local``, whose images are the
+    boards' own and stay there), which then needs no data of its own."""
+    if job.dataset == LOCAL_DATASET or not job.server_evaluates:
         return None
     data = _dataset(job.dataset, "test")
     if job.eval_examples is not None and job.eval_examples < len(data):

@@ -9,7 +9,10 @@ The file holds, in order:
   ``error``), budget, plan, activation bytes, peak memory, FLOPs, bytes up/down, time, loss,
   examples, the number of ``attempts`` and their ``attempt-log`` (a breach retreats and trains
   again within the round), and the reason when it was not aggregated (status ``lost``: asked, no
-  reply by the round's timeout); ``skipped`` says why a round asked no one;
+  reply by the round's timeout); ``skipped`` says why a round asked no one; when clients evaluate,
+  each aggregated client's top-1 on its held-out part before and after its fine-tuning, and
+  ``client-eval``: their means weighted by held-out examples, and the gain; ``global`` is empty
+  when the server does not evaluate;
 - ``{"event": "end", ...}``: wall time and the final accuracy.
 
 A resumed run (:mod:`odl_fed.federation.checkpoint`) adds ``{"event": "resume", "from-round": k}`` after
@@ -29,9 +32,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from odl_fed.schema import EVENT, ClientKey, EndKey, Event, ResumeKey, RoundKey, RunKey, Status, to_json_value
+from odl_fed.schema import (
+    EVENT,
+    ClientEvalKey,
+    ClientKey,
+    EndKey,
+    Event,
+    Metric,
+    ResumeKey,
+    RoundKey,
+    RunKey,
+    Status,
+    to_json_value,
+)
 
-__all__ = ["RoundRecorder", "read_rounds", "cut_back"]
+__all__ = ["RoundRecorder", "read_rounds", "cut_back", "client_evaluation"]
 
 log = logging.getLogger("flwr.odl_fed")
 
@@ -119,6 +134,9 @@ class RoundRecorder:
         }
         if server_round in self._skipped:
             line[RoundKey.SKIPPED] = self._skipped.pop(server_round)
+        evaluation = client_evaluation(aggregated)
+        if evaluation is not None:
+            line[RoundKey.CLIENT_EVAL] = evaluation
         self._write(line)
         self.rounds.append(line)
         return line
@@ -126,6 +144,21 @@ class RoundRecorder:
     def end_run(self, **info) -> None:
         self._write({EVENT: Event.END, EndKey.TIME: time.time(), EndKey.ELAPSED: time.time() - self._started, **info})
         self._file.close()
+
+
+def client_evaluation(clients: Sequence[dict]) -> dict | None:
+    """The clients' evaluations of a round (``client-eval``): accuracy before and after their
+    fine-tuning, each a mean weighted by held-out examples, and the gain; None when none evaluated."""
+    scored = [c for c in clients if all(isinstance(c.get(k), (int, float)) for k in
+                                        (Metric.EVAL_ACC_BEFORE, Metric.EVAL_ACC_AFTER, Metric.EVAL_EXAMPLES))]
+    examples = sum(c[Metric.EVAL_EXAMPLES] for c in scored)
+    if not scored or examples <= 0:
+        return None
+    before = sum(c[Metric.EVAL_ACC_BEFORE] * c[Metric.EVAL_EXAMPLES] for c in scored) / examples
+    after = sum(c[Metric.EVAL_ACC_AFTER] * c[Metric.EVAL_EXAMPLES] for c in scored) / examples
+    return {ClientEvalKey.ACCURACY_BEFORE: before, ClientEvalKey.ACCURACY_AFTER: after,
+            ClientEvalKey.GAIN: after - before, ClientEvalKey.EXAMPLES: int(examples),
+            ClientEvalKey.CLIENTS: len(scored)}
 
 
 def cut_back(path: Path, run_line: dict, rounds: Sequence[dict]) -> None:

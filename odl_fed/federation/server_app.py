@@ -1,7 +1,9 @@
 """The Flower ServerApp: send the trained layers, aggregate the valid updates, evaluate, record.
 
 Only the trained layers (the last convs and the head) travel, both ways. Each round the global
-model is evaluated on the held-out split and the round is written to ``OUT-DIR/rounds.jsonl``
+model is evaluated on the held-out split (unless the job's ``evaluation`` is ``clients``: then the
+server needs no data, and the clients' own evaluations, which come with their updates, are what the
+round records) and the round is written to ``OUT-DIR/rounds.jsonl``
 (:mod:`odl_fed.federation.recorder`), TensorBoard's event files to ``OUT-DIR/tensorboard/`` as rounds land,
 and the final trained layers to ``OUT-DIR/trained_layers.pt``; at the end, the report
 ``OUT-DIR/report.html`` (:mod:`odl_fed.dashboard.report`).
@@ -87,7 +89,7 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     identity = fleet_identity(fleet)
     checkpoint_path = settings.out_dir / CHECKPOINT
     resumed = check_run_dir(settings.out_dir, fleet, resume=settings.resume, writer_lock=False)
-    test = held_out_data(job)  # None for dataset: local (the images stay on the boards)
+    test = held_out_data(job)  # None when only the clients evaluate (always for dataset: local)
     model, convs = global_model(job, num_classes=output_classes(job))
     greeter = NodeGreeter(job.weights)  # the backbone read once: sent to the nodes that lack it
     initial = ArrayRecord(torch_state_dict=trained_state(model))
@@ -134,17 +136,14 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
         if resumed is not None and flower_round == 0:
             return None  # the checkpoint's model: evaluated and recorded before the server stopped
         server_round = flower_round + done
-        if test is None:  # no held-out images here: the round is recorded without a global accuracy
-            recorder.end_round(server_round, {})
-            latest["arrays"] = arrays
-            checkpoint(server_round)
-            return None
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-        started = time.perf_counter()
-        with mmap_threshold(LARGEST_THRESHOLD):  # batches reuse the heap; handed back after
-            result = evaluate(model, test, batch_size=256, image_size=job.image_size)
-        metrics = {GlobalKey.ACCURACY: result["accuracy"], GlobalKey.LOSS: result["loss"],
-                   GlobalKey.EXAMPLES: result["examples"], GlobalKey.EVAL_TIME: time.perf_counter() - started}
+        metrics = {}  # evaluation: clients: the round's line holds what the clients measured
+        if test is not None:
+            model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+            started = time.perf_counter()
+            with mmap_threshold(LARGEST_THRESHOLD):  # batches reuse the heap; handed back after
+                result = evaluate(model, test, batch_size=256, image_size=job.image_size, in_eval_mode=True)
+            metrics = {GlobalKey.ACCURACY: result["accuracy"], GlobalKey.LOSS: result["loss"],
+                       GlobalKey.EXAMPLES: result["examples"], GlobalKey.EVAL_TIME: time.perf_counter() - started}
         recorder.end_round(server_round, metrics)
         latest["arrays"] = arrays
         checkpoint(server_round)
@@ -154,7 +153,7 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
                    timeout=settings.round_timeout, evaluate_fn=evaluate_global)
     torch.save(latest["arrays"].to_torch_state_dict(), settings.out_dir / TRAINED_LAYERS_FILE)
     last = recorder.rounds[-1]
-    final_accuracy = last[RoundKey.GLOBAL].get(GlobalKey.ACCURACY)  # None: no held-out split here
+    final_accuracy = last[RoundKey.GLOBAL].get(GlobalKey.ACCURACY)  # None: the server did not evaluate
     recorder.end_run(**{EndKey.FINAL_ACCURACY: final_accuracy, EndKey.ROUNDS: job.rounds})
     checkpoint(job.rounds, finished=True)
     try:
@@ -163,18 +162,20 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     except Exception as error:  # the run is done and recorded; a report can be made again with odl-fed report
         log.warning("the report was not written (%s: %s); make it with: odl-fed report %s", type(error).__name__,
                     error, settings.out_dir)
-    accuracy = float("nan") if final_accuracy is None else final_accuracy
-    told = announce_end(grid, rounds=job.rounds, accuracy=accuracy, timeout=END_TIMEOUT)
-    log.info("done: global accuracy %.3f after %d rounds; round log %s; %d node(s) told the run is over",
-             accuracy, job.rounds, recorder.path, told)
+    told = announce_end(grid, rounds=job.rounds, accuracy=final_accuracy, timeout=END_TIMEOUT)
+    log.info("done: %s after %d rounds; round log %s; %d node(s) told the run is over",
+             "the clients evaluated" if final_accuracy is None else f"global accuracy {final_accuracy:.3f}",
+             job.rounds, recorder.path, told)
     return last
 
 
-def announce_end(grid: Grid, *, rounds: int, accuracy: float, timeout: float) -> int:
+def announce_end(grid: Grid, *, rounds: int, accuracy: float | None, timeout: float) -> int:
     """Tell every connected node that the run is over (``query.end``), so its client can exit 0 instead
-    of taking the SuperLink's end for a lost link; returns how many answered within ``timeout``."""
+    of taking the SuperLink's end for a lost link; returns how many answered within ``timeout``.
+    ``accuracy`` is None when the server did not evaluate (the notice then holds none)."""
     nodes = list(grid.get_node_ids())
-    notice = ConfigRecord({EndNotice.ROUNDS: rounds, EndNotice.ACCURACY: float(accuracy)})
+    notice = ConfigRecord({EndNotice.ROUNDS: rounds} | ({} if accuracy is None else
+                                                        {EndNotice.ACCURACY: float(accuracy)}))
     messages = [Message(RecordDict({Record.CONFIG: notice}), dst_node_id=node, message_type=END_QUERY)
                 for node in nodes]
     replies = grid.send_and_receive(messages, timeout=timeout) if messages else []

@@ -239,8 +239,9 @@ def make_strategy(job: JobSpec, *, num_clients: int, recorder: RoundRecorder, ex
                   node_wait: float = 60.0, max_examples: int | None = None):
     """The job's strategy (FedAvg, FedProx or FedAdam), weighted by examples, validating every reply.
 
-    ``clients-per-round`` of the ``num_clients`` nodes train each round; the server evaluates the
-    global model itself, so no federated evaluation is configured.
+    ``clients-per-round`` of the ``num_clients`` nodes train each round; no Flower evaluate round is
+    configured: the server evaluates the global model itself, and clients that evaluate do so inside
+    their train reply (before and after their fine-tuning: no extra message per round).
     """
     base = STRATEGY_CLASSES[job.strategy]
     kwargs = dict(fraction_train=job.clients_per_round / num_clients, fraction_evaluate=0.0,

@@ -3,7 +3,8 @@
 Flower's strategies end the run on inconsistent replies; a fleet must instead drop the one bad
 client and go on. So every reply is checked here first, against what the server sent: the same
 layer names, shapes and dtypes, finite values, and a positive whole number of examples no larger
-than the training set allows.
+than the training set allows; a client's evaluation, when it sends one, holds both accuracies in
+[0, 1] and a positive whole number of held-out examples.
 """
 
 from __future__ import annotations
@@ -59,3 +60,24 @@ def check_update(client: str, arrays: Mapping[str, np.ndarray] | None, metrics: 
     if max_examples is not None and count > max_examples:
         raise UpdateRejected(f"client {client}: {weight_key} is {int(count)}, more than the {max_examples} "
                              f"a client can train on (the training set times the local epochs)")
+    _check_evaluation(client, metrics)
+
+
+EVALUATION_METRICS = (Metric.EVAL_ACC_BEFORE, Metric.EVAL_ACC_AFTER, Metric.EVAL_EXAMPLES)
+
+
+def _check_evaluation(client: str, metrics: Mapping) -> None:
+    sent = [key for key in EVALUATION_METRICS if key in metrics]
+    if not sent:
+        return
+    if len(sent) != len(EVALUATION_METRICS):
+        raise UpdateRejected(f"client {client}: its evaluation has {sent} but not all of {list(EVALUATION_METRICS)}")
+    for key in (Metric.EVAL_ACC_BEFORE, Metric.EVAL_ACC_AFTER):
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise UpdateRejected(f"client {client}: {key} must be an accuracy in [0, 1], but got {value!r}")
+    count = metrics[Metric.EVAL_EXAMPLES]
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) \
+            or count <= 0 or count != int(count):
+        raise UpdateRejected(f"client {client}: {Metric.EVAL_EXAMPLES} must be a positive whole number, "
+                             f"but got {count!r}")

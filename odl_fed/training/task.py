@@ -23,7 +23,7 @@ from odl_fed.training.methods import METHODS, Method, get_method
 from odl_fed.training.saved_memory import SavedTensorMeter
 
 __all__ = ["METHODS", "apply_method", "make_optimizer", "warm_up", "train_step", "train_steps", "train_epoch",
-           "evaluate"]
+           "evaluate", "eval_mode"]
 
 
 def apply_method(model: nn.Module, method: str | Method, ranks: Mapping[str, Ranks | None], *,
@@ -126,13 +126,31 @@ def train_epoch(model: nn.Module, data: ImageData, *, optimizer: torch.optim.Opt
                        optimizer=optimizer, measured_layers=measured_layers, guard=guard, regularizer=regularizer)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode (dropout off, BatchNorm on its running statistics), every module put back in
+    the mode it was in afterwards (a client's BatchNorm is frozen in eval, its trained part in train)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, *, batch_size: int, image_size: int) -> dict[str, float]:
-    """Loss and top-1 accuracy on ``data`` (no compression happens under no_grad)."""
+def evaluate(model: nn.Module, data: ImageData, *, batch_size: int, image_size: int,
+             in_eval_mode: bool = False) -> dict[str, float]:
+    """Loss and top-1 accuracy on ``data`` (no compression happens under no_grad); with ``in_eval_mode``
+    the model runs in eval mode (:func:`eval_mode`), else in the modes it is in."""
+    if len(data) == 0:
+        raise ValueError(f"{data.name}: no examples to evaluate on")
     total_loss, correct, examples = 0.0, 0, 0
-    for x, y in batches(data, batch_size=batch_size, image_size=image_size):
-        logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        examples += y.numel()
+    with eval_mode(model) if in_eval_mode else contextlib.nullcontext():
+        for x, y in batches(data, batch_size=batch_size, image_size=image_size):
+            logits = model(x)
+            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            examples += y.numel()
     return {"loss": total_loss / examples, "accuracy": correct / examples, "examples": examples}

@@ -18,7 +18,13 @@ then ends in one error. ``--insecure`` (plaintext, no authentication) only when 
 warning; one of the two is required.
 
 The node config carries the whole device profile and the client's share of the data
-(:mod:`odl_fed.config.node`); Flower starts a fresh ClientApp process per message, which reads them.
+(:mod:`odl_fed.config.node`). Flower runs a ClientApp process per message, which reads them. By
+default the SuperNode runs with ``--isolation process`` beside a warm launcher
+(:mod:`odl_fed.deploy.launcher`): torch, Flower and odl_fed imported once per board start, the
+job's model and the client's share of the data built once per run, and a forked child per message.
+``--cold`` leaves it to Flower's own SuperExec (a fresh ``flwr-clientapp`` process per message, which
+imports and builds everything again), for comparison. ``--state-dir`` keeps the launcher's record
+(``launcher.jsonl``: its imports, builds and children).
 In a container with a memory limit, each round's ``train-memory`` is cut to what the limit leaves
 once the ClientApp is loaded (:func:`odl_fed.config.machine.fit_to_memory_limit`), so the plan and
 the MemoryGuard stop training before the kernel would kill it. ``--hard-limit`` also caps the address space of the
@@ -186,8 +192,14 @@ def _security(args) -> list[str]:
 
 def _supernode_command(args, node_config: str, io_port: int) -> list[str]:
     return [flower_command("flower-supernode"), *_security(args), "--superlink", args.superlink,
-            "--node-config", node_config, "--port", str(io_port), "--isolation", "subprocess",
-            "--max-wait-time", str(args.reconnect_timeout)]
+            "--node-config", node_config, "--port", str(io_port),
+            "--isolation", "subprocess" if args.cold else "process", "--max-wait-time", str(args.reconnect_timeout)]
+
+
+def _launcher_command(io_port: int, state_dir: Path) -> list[str]:
+    """The warm SuperExec beside a SuperNode in ``process`` isolation (odl_fed.deploy.launcher)."""
+    return [sys.executable, "-m", "odl_fed.deploy.launcher", "--runtime-api-address", f"127.0.0.1:{io_port}",
+            "--state-dir", str(state_dir.absolute()), "--parent-pid", str(os.getpid())]
 
 
 def _check_tls(args, host: str, port: int) -> None:
@@ -234,15 +246,24 @@ def run(args) -> int:
 
     # A Flower home of its own (the app Flower installs per run goes there), removed at exit; the
     # ClientApp writes the server's end notice in it (odl_fed.schema.END_QUERY).
+    io_port = args.port or free_port()  # the same for every SuperNode started: the launcher polls it
     with tempfile.TemporaryDirectory(prefix="odl-fed-client-") as home, Processes() as processes:
         ended = Path(home) / RUN_END_FILE
         extra[RUN_END_FILE_ENV] = str(ended)
         extra[ROUND_NOTES_FILE_ENV] = str(Path(home) / ROUND_NOTES_FILE)
         notes = _RoundNotes(Path(home) / ROUND_NOTES_FILE)
         notes.start()
+        if not args.cold:
+            state_dir = args.state_dir or Path(home)
+            launcher = processes.start(_launcher_command(io_port, state_dir),
+                                       env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            _Output(launcher.stdout).start()
+            _say(f"warm launcher {launcher.pid}: a forked ClientApp per message (record: "
+                 f"{state_dir / 'launcher.jsonl'})")
 
         def start() -> subprocess.Popen:
-            supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
+            supernode = processes.start(_supernode_command(args, node_config, io_port),
                                         env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             _say(f"SuperNode {supernode.pid} connecting to {host}:{port} as partition {args.partition_id} of "
@@ -325,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the SuperLink to answer at start")
     parser.add_argument("--reconnect-timeout", type=float, default=30.0,
                         help="seconds without the SuperLink before the client gives up")
+    parser.add_argument("--cold", action="store_true",
+                        help="Flower's own SuperExec: a fresh flwr-clientapp process per message (imports and builds "
+                             "again each time; default: the warm launcher, odl_fed/deploy/launcher.py)")
+    parser.add_argument("--state-dir", type=Path,
+                        help="where the warm launcher keeps its record, launcher.jsonl (default: a temporary "
+                             "directory removed at exit)")
     parser.add_argument("--fault", metavar="KIND[:ARG][@ROUNDS]",
                         help=f"a fault drill: this client misbehaves on purpose ({', '.join(FAULTS)}; "
                              f"see odl_fed/federation/faults.py), e.g. nan@2 or slow:60")

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,19 +26,22 @@ from odl_fed.config.profile import DeviceProfile
 from odl_fed.config.run import RunSettings
 from odl_fed.federation.client_round import PlanCache, run_client_round
 from odl_fed.federation.faults import drill_hook
-from odl_fed.federation.job_assets import client_data
+from odl_fed.federation.job_assets import client_data, client_model
 from odl_fed.schema import (
     ROUND_NOTES_FILE_ENV,
     RUN_END_FILE_ENV,
+    WARM_HINT_FILE_ENV,
     ClientKey,
     ConfigKey,
     EndNotice,
+    LauncherKey,
     Metric,
     Record,
+    WarmHint,
     names,
 )
 
-__all__ = ["app", "handle_train", "handle_end", "node_identity", "BASES_KEY"]
+__all__ = ["app", "handle_train", "handle_end", "node_identity", "warm_client", "BASES_KEY"]
 
 app = ClientApp()
 BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
@@ -96,6 +100,33 @@ def _note_round(server_round: int, outcome) -> None:
         notes.write(json.dumps(note) + "\n")
 
 
+def _write_warm_hint(run_config: Mapping, node_config: Mapping) -> None:
+    """The job and node of this message, for a warm launcher (``ODL_FED_WARM_HINT_FILE``), when one asked."""
+    path = os.environ.get(WARM_HINT_FILE_ENV)
+    if not path:
+        return
+    partial = Path(f"{path}.partial")
+    partial.write_text(json.dumps({WarmHint.RUN_CONFIG: dict(run_config), WarmHint.NODE_CONFIG: dict(node_config)},
+                                  sort_keys=True))
+    partial.replace(path)
+
+
+def warm_client(hint: Mapping) -> dict[str, float]:
+    """Build what a node's rounds share, ahead of its next message: the client's share of the data and the
+    job's model (cached in this process, :mod:`odl_fed.federation.job_assets`). A long-lived launcher calls
+    this with what :func:`handle_train` noted (:data:`~odl_fed.schema.WARM_HINT_FILE_ENV`); its forked
+    ClientApps then find both built. Returns the seconds each took."""
+    settings = RunSettings.from_config(hint[WarmHint.RUN_CONFIG])
+    _, _, partition_id, num_partitions = node_identity(settings, hint[WarmHint.NODE_CONFIG])
+    job = settings.fleet().job
+    started = time.perf_counter()
+    data = client_data(job, partition_id, num_partitions)
+    loaded = time.perf_counter()
+    client_model(job, num_classes=data.num_classes)
+    _plan_cache(None if settings.plan_cache is None else str(settings.plan_cache))
+    return {LauncherKey.DATA_S: loaded - started, LauncherKey.MODEL_S: time.perf_counter() - loaded}
+
+
 def handle_end(msg: Message, context: Context) -> Message:
     """The server's end notice: written to the file the client entry named (``ODL_FED_RUN_END_FILE``), so
     it exits 0 once the SuperLink goes; in simulation, where no entry waits, nothing is written."""
@@ -115,6 +146,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     """
     settings = RunSettings.from_config(run_config)
     client, profile, partition_id, num_partitions = node_identity(settings, context.node_config)
+    _write_warm_hint(run_config, context.node_config)
     job = settings.fleet().job
     config = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))

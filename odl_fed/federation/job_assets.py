@@ -21,7 +21,7 @@ from odl_fed.training.data import ImageData, load_dataset, partition, partition_
 from odl_fed.training.models import build_model, prepare_finetune
 
 __all__ = ["global_model", "client_model", "trained_state", "client_data", "prepare_partitions", "held_out_data",
-           "train_size"]
+           "train_size", "build_counts"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -135,6 +135,13 @@ def held_out_data(job: JobSpec) -> ImageData:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed))
         data = data.subset(order[:job.eval_examples])
     return data
+
+
+def build_counts() -> dict[str, int]:
+    """How many times this process built a model, copied one to work on, loaded a dataset and split one
+    (the caches' misses). A forked child starts with its parent's counts: what it built is the difference."""
+    return {"model": _model_template.cache_info().misses, "model-copy": _working_model.cache_info().misses,
+            "data": _dataset.cache_info().misses, "partitions": _partitions.cache_info().misses}
 
 
 def train_size(job: JobSpec) -> int:

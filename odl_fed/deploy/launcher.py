@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -160,6 +161,8 @@ class Launcher:
             if self.threads:
                 torch.set_num_threads(self.threads)
             os.environ[WARM_HINT_FILE_ENV] = str(self.hint_path)
+            from flwr.supercore import log as flower_log
+            flower_log(logging.INFO, "Start `flwr-clientapp` process (forked by odl-fed's warm launcher)")
             modules_before = set(sys.modules)
             builds_before = job_assets.build_counts()
             try:

@@ -209,6 +209,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     devices = [("rpi4", "phone")[i % 2] for i in range(args.clients)]
     steady = slice(1, None)  # round 1: each device plans once, and the launchers build the model and data
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
         tmp = Path(tmp)
         fleet = tmp / "fleet.yaml"
@@ -226,7 +227,8 @@ def main(argv=None) -> dict:
         sim_rounds, dep_rounds = _round_times(sim_log), _round_times(dep_log)
         sim_work, sim_eval = _client_work(sim_log), _eval_times(sim_log)
         result = {
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "load-average-1-5-15-before": load_before, "load-average-1-5-15-after": os.getloadavg()},
             "fleet": {"clients": args.clients, "devices": devices, "rounds": args.rounds, **JOB},
             "simulation": {"wall-s": sim_wall, "round-s": sim_rounds, "client-work-s": sim_work, "eval-s": sim_eval},
             "deployed": {"wall-s": dep_wall, "round-s": dep_rounds, "phases": phases},

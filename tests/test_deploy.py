@@ -5,6 +5,7 @@ Every process a test starts is stopped by its PID at the end, and the test check
 (psutil) that none of them, nor anything they started, is left.
 """
 
+import json
 import subprocess
 import sys
 import time
@@ -58,10 +59,12 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
         server = _start(["odl_fed.server", "--insecure", "--fleet", str(fleet), "--out-dir", str(out), "--listen",
                          f"127.0.0.1:{port}", "--plan-cache", str(tmp_path / "plans")], tmp_path / "server.log")
         started.append(server)
+        # The first two clients run the warm launcher (the default); the phone runs Flower's own
+        # SuperExec (--cold): a fresh flwr-clientapp per message. The round log is the same for both.
         clients = [
-            (["--device", "rpi4", "--hard-limit"], 0),
-            (["--device", "desk-pi", "--devices", str(devices)], 1),
-            (["--device", "phone"], 2),
+            (["--device", "rpi4", "--hard-limit", "--state-dir", str(tmp_path / "state-0")], 0),
+            (["--device", "desk-pi", "--devices", str(devices), "--state-dir", str(tmp_path / "state-1")], 1),
+            (["--device", "phone", "--cold"], 2),
         ]
         for extra, partition in clients:
             # --connect-timeout: under load the server's SuperLink took 37 s to answer here (default 30 s)
@@ -74,10 +77,10 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
         while server.poll() is None and time.monotonic() < deadline:
             for process in started:
                 pids |= tree(process)
-            for pid in tree(started[1]):  # the hard-capped client: read its ClientApp's limit from outside
-                try:
+            for pid in tree(started[1]):  # the hard-capped client: read its launcher's limit (its forked
+                try:                          # ClientApps inherit it) from outside
                     child = psutil.Process(pid)
-                    if "flwr-clientapp" in " ".join(child.cmdline()):
+                    if "odl_fed.deploy.launcher" in " ".join(child.cmdline()):
                         capped = child.rlimit(psutil.RLIMIT_AS)
                 except psutil.NoSuchProcess:
                     continue
@@ -109,7 +112,9 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
             # the user file's profile travelled in the node config, not through a file on the server
             assert clients_seen["desk-pi-1"]["train-memory"] == 384 * 2**20
             assert clients_seen["rpi4-0"]["train-memory"] == 512 * 2**20
-        # RLIMIT_AS = runtime-memory + train-memory + torch's floor, read from the running ClientApp
+        _check_warm_launcher(tmp_path / "state-0")
+        _check_warm_launcher(tmp_path / "state-1")
+        # RLIMIT_AS = runtime-memory + train-memory + torch's floor, read from the running launcher
         from odl_fed.deploy.processes import TORCH_ADDRESS_FLOOR
         assert capped == (912 * 2**20 + TORCH_ADDRESS_FLOOR,) * 2
 
@@ -130,6 +135,27 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
         stop_all(started, pids)
     assert not any(f"127.0.0.1:{port}" in " ".join(p.info["cmdline"] or [])
                    for p in psutil.process_iter(["cmdline"]))
+
+
+def _check_warm_launcher(state_dir: Path) -> None:
+    """The launcher imported torch once; the first train message's child built the model and the data,
+    the launcher then built them once for itself, and no later child (round 2, the end notice) imported
+    torch or built either (odl_fed.schema.LauncherKey)."""
+    from odl_fed.schema import LauncherKey
+
+    lines = [json.loads(line) for line in (state_dir / "launcher.jsonl").read_text().splitlines()]
+    events = [line[LauncherKey.EVENT] for line in lines]
+    assert events.count("start") == 1 and events.count("warm") == 1, events
+    assert lines[0][LauncherKey.IMPORTS_S] > 0 and lines[0][LauncherKey.MODULES] > 1000
+    children = [line for line in lines if line[LauncherKey.EVENT] == "child"]
+    assert len(children) == 3, children  # train (round 1), train (round 2), the end notice
+    assert all(child[LauncherKey.STATUS] == 0 and not child[LauncherKey.TORCH_IMPORTED] for child in children)
+    first, later = children[0], children[1:]
+    assert first[LauncherKey.BUILDS]["model"] == 1 and first[LauncherKey.BUILDS]["data"] == 1, first
+    for child in later:
+        assert set(child[LauncherKey.BUILDS].values()) == {0}, child
+        assert child[LauncherKey.MODULES_IMPORTED] < 50, child
+    assert events.index("warm") < lines.index(later[0])
 
 
 @pytest.mark.parametrize("args, expected", [

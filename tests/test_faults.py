@@ -30,11 +30,15 @@ TIMEOUT = 90
 
 
 def _clientapps(process: subprocess.Popen) -> list[psutil.Process]:
+    """The ClientApp processes under a client entry: Flower's flwr-clientapp (--cold), or a child the
+    warm launcher forked for a message (its command line is the launcher's, and so is its parent's)."""
     found = []
     for pid in tree(process):
         try:
             child = psutil.Process(pid)
-            if "flwr-clientapp" in " ".join(child.cmdline()):
+            command, parent = " ".join(child.cmdline()), child.parent()
+            if "flwr-clientapp" in command or ("odl_fed.deploy.launcher" in command and parent is not None
+                                               and "odl_fed.deploy.launcher" in " ".join(parent.cmdline())):
                 found.append(child)
         except psutil.NoSuchProcess:
             continue

@@ -114,3 +114,39 @@ print(done, unowned, kept, returned)
         pytest.skip("this C library has no mallopt (not glibc): the server keeps its default")
     assert unowned == "False", "a process that has not claimed its allocator had its mmap threshold changed"
     assert int(kept) > 150 * 2**20 and int(returned) < 20 * 2**20
+
+
+def test_in_a_forked_child_the_guard_reads_the_childs_own_allocation_not_the_parents_pages():
+    """The warm launcher (odl_fed.deploy.launcher) forks a ClientApp per message from a process that holds
+    torch, the model and the data: the child's RSS starts with all of the parent's resident pages, and the
+    guard's baseline, read in the child when training starts, leaves them out."""
+    import json
+    import os
+
+    held = torch.ones(300 * MiB // 4)  # the parent's pages (a launcher's model and data), touched
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no torch work (its OpenMP pool is the parent's), plain Python allocations
+        code = 1
+        try:
+            with MemoryGuard(1024 * MiB, client="forked-0") as guard:
+                own = bytearray(b"\x01") * (100 * MiB)  # 100 MiB, written
+                guard.check()
+                del own
+            os.write(write, json.dumps({"peak": guard.peak, "baseline": guard.baseline}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not finish in 60 s")
+        time.sleep(0.05)
+    reading = json.loads(os.read(read, 4096))
+    os.close(read)
+    assert reading["baseline"] >= 300 * MiB  # the child's RSS does hold the parent's pages...
+    assert 90 * MiB <= reading["peak"] <= 160 * MiB  # ...and its guard counts only its own 100 MiB
+    del held

@@ -25,7 +25,13 @@ then ends in one error. ``--insecure`` (plaintext, no authentication) only when 
 warning; one of the two is required.
 
 The node config carries the whole device profile and the client's share of the data
-(:mod:`odl_fed.config.node`); Flower starts a fresh ClientApp process per message, which reads them.
+(:mod:`odl_fed.config.node`). Flower runs a ClientApp process per message, which reads them. By
+default the SuperNode runs with ``--isolation process`` beside a warm launcher
+(:mod:`odl_fed.deploy.launcher`): torch, Flower and odl_fed imported once per board start, the
+job's model and the client's share of the data built once per run, and a forked child per message.
+``--cold`` leaves it to Flower's own SuperExec (a fresh ``flwr-clientapp`` process per message, which
+imports and builds everything again), for comparison. ``--state-dir`` keeps the launcher's record
+(``launcher.jsonl``: its imports, builds and children).
 In a container with a memory limit, each round's ``train-memory`` is cut to what the limit leaves
 once the ClientApp is loaded (:func:`odl_fed.config.machine.fit_to_memory_limit`), so the plan and
 the MemoryGuard stop training before the kernel would kill it. ``--hard-limit`` also caps the address space of the
@@ -214,8 +220,14 @@ def _security(args) -> list[str]:
 
 def _supernode_command(args, node_config: str, io_port: int) -> list[str]:
     return [flower_command("flower-supernode"), *_security(args), "--superlink", args.superlink,
-            "--node-config", node_config, "--port", str(io_port), "--isolation", "subprocess",
-            "--max-wait-time", str(args.reconnect_timeout)]
+            "--node-config", node_config, "--port", str(io_port),
+            "--isolation", "subprocess" if args.cold else "process", "--max-wait-time", str(args.reconnect_timeout)]
+
+
+def _launcher_command(io_port: int, state_dir: Path) -> list[str]:
+    """The warm SuperExec beside a SuperNode in ``process`` isolation (odl_fed.deploy.launcher)."""
+    return [sys.executable, "-m", "odl_fed.deploy.launcher", "--runtime-api-address", f"127.0.0.1:{io_port}",
+            "--state-dir", str(state_dir.absolute()), "--parent-pid", str(os.getpid())]
 
 
 def _check_tls(args, host: str, port: int) -> None:
@@ -292,15 +304,25 @@ def _serve(args, host: str, port: int, deadline: float, extra: dict, node_config
 
     # A Flower home of its own (the app Flower installs per run goes there), removed at exit; the
     # ClientApp writes the server's end notice in it (odl_fed.schema.END_QUERY).
+    io_port = args.port or free_port()  # the same for every SuperNode started: the launcher polls it
     with tempfile.TemporaryDirectory(prefix="odl-fed-client-") as home, Processes() as processes:
         ended = Path(home) / RUN_END_FILE
         extra[RUN_END_FILE_ENV] = str(ended)
         extra[ROUND_NOTES_FILE_ENV] = str(Path(home) / ROUND_NOTES_FILE)
         notes = _RoundNotes(Path(home) / ROUND_NOTES_FILE)
         notes.start()
+        launcher = None
+        if not args.cold:
+            state_dir = args.state_dir or Path(home)
+            launcher = processes.start(_launcher_command(io_port, state_dir),
+                                       env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            _Output(launcher.stdout, sink).start()  # its ClientApps' Flower lines go where the SuperNode's do
+            _say(f"warm launcher {launcher.pid}: a forked ClientApp per message (record: "
+                 f"{state_dir / 'launcher.jsonl'})")
 
         def start() -> subprocess.Popen:
-            supernode = processes.start(_supernode_command(args, node_config, args.port or free_port()),
+            supernode = processes.start(_supernode_command(args, node_config, io_port),
                                         env=flower_env(extra | {"FLWR_HOME": home}), preexec_fn=cap if limit else None,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             share = (f"as board {args.partition_id}, on its own images" if args.data is not None else
@@ -311,7 +333,7 @@ def _serve(args, host: str, port: int, deadline: float, extra: dict, node_config
             return supernode
 
         try:
-            _run_node(start, args, host, port, deadline, ended=ended, sink=sink)
+            _run_node(start, args, host, port, deadline, ended=ended, launcher=launcher, sink=sink)
         except KeyboardInterrupt:
             _say("stopping (interrupted)")
             return 0
@@ -325,7 +347,8 @@ def _serve(args, host: str, port: int, deadline: float, extra: dict, node_config
         return 0
 
 
-def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path, sink=sys.stderr) -> None:
+def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path,
+              launcher: subprocess.Popen | None = None, sink=sys.stderr) -> None:
     """Run SuperNodes (``start()``) until the run is over (the server's notice in ``ended``): return;
     until one ends otherwise: raise why. One the SuperLink refused (its key not registered, or not yet:
     the server registers keys just after its SuperLink starts) is started again until ``deadline``."""
@@ -333,7 +356,7 @@ def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path
         supernode = start()
         output = _Output(supernode.stdout, sink)
         output.start()
-        if _watch(supernode, host, port, args.reconnect_timeout, ended=ended):
+        if _watch(supernode, host, port, args.reconnect_timeout, ended=ended, launcher=launcher):
             return
         output.join(timeout=5)  # its last lines (a SuperExec it left may hold the pipe a while)
         if not output.refused:
@@ -348,14 +371,19 @@ def _run_node(start, args, host: str, port: int, deadline: float, *, ended: Path
         time.sleep(2.0)
 
 
-def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float, *, ended: Path) -> bool:
+def _watch(supernode: subprocess.Popen, host: str, port: int, reconnect_timeout: float, *, ended: Path,
+           launcher: subprocess.Popen | None = None) -> bool:
     """True once the run is over: the server's end notice is in ``ended`` and the SuperLink has gone
     (or :data:`END_GRACE` has passed, its reply sent). False when the SuperNode exits while the SuperLink
-    answers; raise when the link is lost with no notice (a server that died mid-run)."""
+    answers; raise when the link is lost with no notice (a server that died mid-run), or when the warm
+    ``launcher`` (the SuperNode's SuperExec) has exited: no message would be handled any more."""
     last_seen = time.monotonic()
     noticed = None
     while supernode.poll() is None:
         time.sleep(1.0)
+        if launcher is not None and launcher.poll() is not None and not ended.is_file():
+            raise LinkError(f"the warm launcher exited with status {launcher.returncode}; no ClientApp would run "
+                            f"(python -m odl_fed.client --cold uses Flower's own SuperExec)")
         if noticed is None and ended.is_file():
             noticed = time.monotonic()
         if noticed is not None and (time.monotonic() - noticed > END_GRACE or not port_answers(host, port)):
@@ -398,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flower-log", type=Path, metavar="FILE",
                         help="where Flower's own log lines go without --verbose "
                              "(default: runs/clients/DEVICE-PARTITION.flower.log)")
+    parser.add_argument("--cold", action="store_true",
+                        help="Flower's own SuperExec: a fresh flwr-clientapp process per message (imports and builds "
+                             "again each time; default: the warm launcher, odl_fed/deploy/launcher.py)")
+    parser.add_argument("--state-dir", type=Path,
+                        help="where the warm launcher keeps its record, launcher.jsonl (default: a temporary "
+                             "directory removed at exit)")
     parser.add_argument("--fault", metavar="KIND[:ARG][@ROUNDS]",
                         help=f"a fault drill: this client misbehaves on purpose ({', '.join(FAULTS)}; "
                              f"see odl_fed/federation/faults.py), e.g. nan@2 or slow:60")

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,22 +32,32 @@ from odl_fed.config.run import RunSettings
 from odl_fed.federation.backbone import BackboneError, backbone_answer, cache_dir, local_backbone
 from odl_fed.federation.client_round import REFUSED, ClientOutcome, PlanCache, run_client_round
 from odl_fed.federation.faults import drill_hook
-from odl_fed.federation.job_assets import board_data, client_data, client_held_out, split_held_out
+from odl_fed.federation.job_assets import (
+    board_data,
+    client_data,
+    client_held_out,
+    client_model,
+    output_classes,
+    split_held_out,
+)
 from odl_fed.schema import (
     ROUND_NOTES_FILE_ENV,
     RUN_END_FILE_ENV,
+    WARM_HINT_FILE_ENV,
     ClientKey,
     ConfigKey,
     EndNotice,
+    LauncherKey,
     Metric,
     Record,
+    WarmHint,
     names,
 )
 from odl_fed.training.data import ImageData
 from odl_fed.training.local_data import LocalDataError
 
 __all__ = ["app", "handle_train", "handle_end", "handle_join", "node_identity", "instructed_job", "round_data",
-           "BASES_KEY"]
+           "warm_client", "BASES_KEY"]
 
 app = ClientApp()
 BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
@@ -167,6 +178,37 @@ def round_data(job, node_config: Mapping, partition_id: int, num_partitions: int
     return split_held_out(local.data, job, salt=partition_id)
 
 
+def _write_warm_hint(run_config: Mapping, node_config: Mapping, instruction: Mapping) -> None:
+    """The job and node of this message, for a warm launcher (``ODL_FED_WARM_HINT_FILE``), when one asked."""
+    path = os.environ.get(WARM_HINT_FILE_ENV)
+    if not path:
+        return
+    partial = Path(f"{path}.partial")
+    partial.write_text(json.dumps({WarmHint.RUN_CONFIG: dict(run_config), WarmHint.NODE_CONFIG: dict(node_config),
+                                   WarmHint.INSTRUCTION: {k: v for k, v in instruction.items()
+                                                          if k != ConfigKey.SERVER_ROUND}}, sort_keys=True))
+    partial.replace(path)
+
+
+def warm_client(hint: Mapping) -> dict[str, float]:
+    """Build what a node's rounds share, ahead of its next message: the client's share of the data and the
+    job's model (cached in this process, :mod:`odl_fed.federation.job_assets`). A long-lived launcher calls
+    this with what :func:`handle_train` noted (:data:`~odl_fed.schema.WARM_HINT_FILE_ENV`); its forked
+    ClientApps then find both built. Returns the seconds each took."""
+    settings = RunSettings.from_config(hint[WarmHint.RUN_CONFIG])
+    instruction = hint.get(WarmHint.INSTRUCTION, {})
+    num_clients = instruction.get(ConfigKey.NUM_CLIENTS)
+    _, _, partition_id, num_partitions = node_identity(settings, hint[WarmHint.NODE_CONFIG],
+                                                       num_clients=None if num_clients is None else int(num_clients))
+    job = instructed_job(settings, instruction)
+    started = time.perf_counter()
+    round_data(job, hint[WarmHint.NODE_CONFIG], partition_id, num_partitions, data_dirs=settings.data_dirs)
+    loaded = time.perf_counter()
+    client_model(job, num_classes=output_classes(job))
+    _plan_cache(None if settings.plan_cache is None else str(settings.plan_cache))
+    return {LauncherKey.DATA_S: loaded - started, LauncherKey.MODEL_S: time.perf_counter() - loaded}
+
+
 def handle_end(msg: Message, context: Context) -> Message:
     """The server's end notice: written to the file the client entry named (``ODL_FED_RUN_END_FILE``), so
     it exits 0 once the SuperLink goes; in simulation, where no entry waits, nothing is written."""
@@ -190,6 +232,7 @@ def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message
     client, profile, partition_id, num_partitions = node_identity(
         settings, context.node_config, num_clients=None if num_clients is None else int(num_clients))
     job = instructed_job(settings, config)
+    _write_warm_hint(run_config, context.node_config, config)
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))
     drills = drill_hook(context.node_config)  # fault drills (python -m odl_fed.client --fault); none on a real node
     kept = context.state.array_records.get(BASES_KEY)

@@ -26,7 +26,8 @@ from odl_fed.training.local_data import LocalData, LocalDataError, load_local
 from odl_fed.training.models import build_model, prepare_finetune
 
 __all__ = ["global_model", "client_model", "trained_state", "client_data", "client_held_out", "split_held_out",
-           "held_out_positions", "board_data", "prepare_partitions", "held_out_data", "train_size", "output_classes"]
+           "held_out_positions", "board_data", "prepare_partitions", "held_out_data", "train_size", "output_classes",
+           "build_counts"]
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -209,6 +210,13 @@ def held_out_data(job: JobSpec) -> ImageData | None:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(job.seed))
         data = data.subset(order[:job.eval_examples])
     return data
+
+
+def build_counts() -> dict[str, int]:
+    """How many times this process built a model, copied one to work on, loaded a dataset and split one
+    (the caches' misses). A forked child starts with its parent's counts: what it built is the difference."""
+    return {"model": _model_template.cache_info().misses, "model-copy": _working_model.cache_info().misses,
+            "data": _dataset.cache_info().misses, "partitions": _partitions.cache_info().misses}
 
 
 def train_size(job: JobSpec) -> int | None:

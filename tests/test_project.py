@@ -75,7 +75,7 @@ def test_ci_runs_every_stage_in_order_and_stops_at_the_first_failure(tmp_path):
     done = subprocess.run([str(ci)], env=_fake_make(tmp_path), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     made = (tmp_path / "made").read_text().split()
-    assert made == ["test-stages", "lint", "test", "test-slow", "test-compose"]
+    assert made == ["test-stages", "lint", "test", "test-slow", "test-compose", "test-board"]
     assert made == ci_targets() == ["test-stages", *stages.ci_targets()]  # what test-stages checks is what runs
     (tmp_path / "made").unlink()
     done = subprocess.run([str(ci)], env=_fake_make(tmp_path, failing="test"), capture_output=True, text=True,

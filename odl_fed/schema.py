@@ -25,8 +25,8 @@ __all__ = ["ROUND_LOG", "CHECKPOINT_FILE", "TRAINED_LAYERS_FILE", "REPORT_FILE",
            "METHOD_NAMES", "RunLine", "RoundLine", "GlobalMetrics", "ClientEvalMetrics", "ResumeLine", "EndLine",
            "ClientEntry", "ClientInfo", "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value",
            "END_QUERY", "RUN_END_FILE_ENV", "EndNotice", "ROUND_NOTES_FILE_ENV", "JOIN_QUERY", "WEIGHTS_RECORD",
-           "WEIGHTS_ARRAY", "WEIGHTS_HAVE", "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV", "WARM_HINT_FILE_ENV", "WarmHint",
-           "LauncherKey"]
+           "WEIGHTS_ARRAY", "WEIGHTS_HAVE", "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV", "WARM_HINT_FILE_ENV",
+           "IN_HAND_FILE_ENV", "WarmHint", "LauncherKey"]
 
 # -- files of a run directory, and the SuperLink's port --------------------------------------
 ROUND_LOG: Final = "rounds.jsonl"  # the round log (odl_fed.federation.recorder)
@@ -276,6 +276,11 @@ ROUND_NOTES_FILE_ENV: Final = "ODL_FED_ROUND_NOTES_FILE"
 # the file the warm launcher named here, so the launcher builds that job's model and data once, for the
 # node's later messages (odl_fed.deploy.launcher).
 WARM_HINT_FILE_ENV: Final = "ODL_FED_WARM_HINT_FILE"
+# A ClientApp forked by the warm launcher notes the message in its hands (a pickle: the message without its
+# content, the context, and once known the client and device) in the file named here; when the process
+# dies by a signal (an illegal instruction, the kernel's OOM kill), the launcher answers that message with
+# an error naming the client, its device and the signal, so the round log says what happened.
+IN_HAND_FILE_ENV: Final = "ODL_FED_IN_HAND_FILE"
 
 
 class WarmHint:

@@ -109,10 +109,11 @@ class Launcher:
 
     def launch(self, token: str, task) -> None:
         forked = _now()
+        in_hand = self.state_dir / f"in-hand-{task.task_id}.pkl"
         pid = os.fork()
         if pid == 0:  # the child: one message, then os._exit (never back into this loop)
-            os._exit(self._child(token, task, forked))
-        self.children[pid] = {"task-id": task.task_id, "forked": forked}
+            os._exit(self._child(token, task, forked, in_hand))
+        self.children[pid] = {"task-id": task.task_id, "forked": forked, "token": token, "in-hand": in_hand}
 
     def reap(self) -> None:
         """Note each child that ended; once the first train message named its job, build it here (while
@@ -122,9 +123,54 @@ class Launcher:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done == 0:
                 continue
-            del self.children[pid]
+            child = self.children.pop(pid)
             self.record("exit", child=pid, **{LauncherKey.STATUS: os.waitstatus_to_exitcode(status)})
+            if os.WIFSIGNALED(status):
+                self.answer_for(child, os.WTERMSIG(status))
+            child["in-hand"].unlink(missing_ok=True)
         self.warm()
+
+    def answer_for(self, child: dict, signum: int) -> None:
+        """A child killed by a signal (an illegal instruction, the kernel's OOM kill) never replied: answer its
+        message with an error that names the client, its device and the signal, through the same SuperNode
+        Runtime API and token, so the server records why instead of Flower's "stopped responding"."""
+        import pickle
+
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
+        meaning = signal.strsignal(signum) or name
+        try:
+            noted = pickle.loads(child["in-hand"].read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError):
+            self.record("died", child=child["task-id"], signal=name, answered=False,
+                        reason="it died before it noted its message")
+            return
+        who = (f"{noted['client']} (device {noted['device']})" if "client" in noted else "its node")
+        reason = (f"the ClientApp of {who} died by {name} ({meaning})"
+                  + (": an instruction this CPU lacks (a build of torch for a newer core?)" if name == "SIGILL" else
+                     ": killed, the kernel's OOM killer does so when memory runs out" if name == "SIGKILL" else ""))
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=self.insecure, root_certificates=self.certificates,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(child["token"])],
+            retry_invoker=make_simple_http_retry_invoker())
+        try:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=noted["message"])
+            push_message(client, reply, noted["context"])
+            push_task_output(client=client, context=noted["context"], sub_status=SubStatus.FAILED, details=reason)
+            answered = True
+        except Exception as error:  # noqa: BLE001 - the token expired, say: Flower's own error reply stands
+            answered, reason = False, f"{reason} (not answered: {type(error).__name__}: {error})"
+        finally:
+            client.close()
+        print(f"odl-fed launcher: {reason}", file=sys.stderr, flush=True)
+        self.record("died", child=child["task-id"], signal=name, answered=answered, reason=reason)
 
     def warm(self) -> None:
         """Build the job's model and the client's share of the data, once the hint names them."""
@@ -148,11 +194,13 @@ class Launcher:
         self.record("warm", **timings, **{LauncherKey.RSS: psutil.Process().memory_info().rss})
 
     # -- a child -------------------------------------------------------------------------------
-    def _child(self, token: str, task, forked: float) -> int:
+    def _child(self, token: str, task, forked: float, in_hand: Path) -> int:
         code = 1
         try:
             started = _now()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            from odl_fed.schema import IN_HAND_FILE_ENV
+            os.environ[IN_HAND_FILE_ENV] = str(in_hand)
             import torch
             from flwr.supernode.runtime.run_clientapp import run_clientapp
 

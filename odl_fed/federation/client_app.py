@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +42,7 @@ from odl_fed.federation.job_assets import (
     split_held_out,
 )
 from odl_fed.schema import (
+    IN_HAND_FILE_ENV,
     ROUND_NOTES_FILE_ENV,
     RUN_END_FILE_ENV,
     WARM_HINT_FILE_ENV,
@@ -221,16 +223,34 @@ def handle_end(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict(), reply_to=msg)
 
 
+def note_in_hand(msg: Message, context: Context, **who: str) -> None:
+    """The message this process handles, for a warm launcher to answer for it should the process die by a
+    signal (``ODL_FED_IN_HAND_FILE``; :mod:`odl_fed.deploy.launcher`): the message without its content, the
+    context without its state, and ``who`` (the client and device, once known)."""
+    path = os.environ.get(IN_HAND_FILE_ENV)
+    if not path:
+        return
+    light = Message(metadata=msg.metadata, content=RecordDict())
+    bare = Context(run_id=context.run_id, node_id=context.node_id, node_config=dict(context.node_config),
+                   state=RecordDict(), run_config=dict(context.run_config))
+    partial = Path(f"{path}.partial")
+    partial.write_bytes(pickle.dumps({"message": light, "context": bare, **who}))
+    partial.replace(path)
+
+
 def handle_train(msg: Message, context: Context, run_config: Mapping) -> Message:
     """Train on this node's data and reply with the trained layers, or with why it could not.
 
     The node keeps its ASI bases in ``context.state`` (``asi-bases``), so its next round starts warm.
     """
+    note_in_hand(msg, context)
     settings = RunSettings.from_config(run_config)
     config = msg.content.config_records.get(Record.CONFIG, ConfigRecord())
     num_clients = config.get(ConfigKey.NUM_CLIENTS)
     client, profile, partition_id, num_partitions = node_identity(
         settings, context.node_config, num_clients=None if num_clients is None else int(num_clients))
+    note_in_hand(msg, context, client=client, device=profile.name)
+    drill_hook(context.node_config).before_round(int(config.get(ConfigKey.SERVER_ROUND, 0)))  # `signal` drills
     job = instructed_job(settings, config)
     _write_warm_hint(run_config, context.node_config, config)
     server_round = int(config.get(ConfigKey.SERVER_ROUND, 0))

@@ -11,7 +11,9 @@ ClientApp applies each to the rounds it names (all rounds without ``@``):
 - ``slow:SECONDS``: the reply waits SECONDS first (a straggler past the round's timeout);
 - ``crash``: the ClientApp raises (an error reply);
 - ``squeeze:FRACTION``: after planning, the memory guard gets only FRACTION of the device's
-  train-memory (another app took the rest mid-round): a real breach, read with psutil.
+  train-memory (another app took the rest mid-round): a real breach, read with psutil;
+- ``signal:N``: the ClientApp's process dies by signal N before it trains (4: the illegal instruction a
+  Raspberry Pi 4 meets in a torch built for a newer core; 9: the kernel's OOM kill), with no core file.
 
 The server must reject every bad reply before aggregation and close every round on time; these
 are the drills the fault tests and the fault table of docs/operations.md run. Pure Python and torch: the
@@ -21,7 +23,10 @@ ClientApp turns records into tensors and back.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import resource
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,8 +40,8 @@ log = logging.getLogger("flwr.odl_fed")
 __all__ = ["FAULTS", "FaultDrill", "FaultDrills", "FaultError", "parse_fault", "node_fault", "drill_hook", "NoDrills",
            "FAULT_KEY", "ABSURD_EXAMPLES"]
 
-FAULTS = ("nan", "inf", "wrong-shape", "wrong-name", "absurd-examples", "slow", "crash", "squeeze")
-NEEDS_ARGUMENT = {"slow": "seconds", "squeeze": "a fraction in (0, 1]"}
+FAULTS = ("nan", "inf", "wrong-shape", "wrong-name", "absurd-examples", "slow", "crash", "squeeze", "signal")
+NEEDS_ARGUMENT = {"slow": "seconds", "squeeze": "a fraction in (0, 1]", "signal": "a signal number, e.g. 4"}
 ABSURD_EXAMPLES = 10**12
 _SYNTAX = re.compile(r"^(?P<kind>[a-z-]+)(:(?P<arg>[0-9.]+))?(@(?P<rounds>\d+(,\d+)*))?$")
 
@@ -68,6 +73,14 @@ class FaultDrill:
 
     def delay(self, server_round: int) -> float:
         return self.argument if self.kind == "slow" and self.active(server_round) else 0.0
+
+    def before_round(self, server_round: int) -> None:
+        """``signal``: this process dies by the signal now (no core file left behind)."""
+        if self.kind == "signal" and self.active(server_round):
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            log.warning("fault drill %s: this ClientApp dies by signal %d in round %d", self, int(self.argument),
+                        server_round)
+            os.kill(os.getpid(), int(self.argument))
 
     def damage(self, arrays: dict[str, Tensor], metrics: dict, server_round: int) -> None:
         """Apply a reply drill to the trained layers and metrics about to be sent (in place)."""
@@ -107,6 +120,10 @@ class FaultDrills:
     def delay(self, server_round: int) -> float:
         return sum(d.delay(server_round) for d in self.drills)
 
+    def before_round(self, server_round: int) -> None:
+        for drill in self.drills:
+            drill.before_round(server_round)
+
     def damage(self, arrays: dict[str, Tensor], metrics: dict, server_round: int) -> None:
         for drill in self.drills:
             drill.damage(arrays, metrics, server_round)
@@ -126,6 +143,9 @@ class NoDrills:
 
     def budget_scale(self, server_round: int) -> float:
         return 1.0
+
+    def before_round(self, server_round: int) -> None:
+        return None
 
     def after_round(self, client: str, arrays: dict[str, Tensor] | None, metrics: dict, server_round: int) -> None:
         return None
@@ -149,6 +169,8 @@ def _parse_one(text: str, what: str) -> FaultDrill:
     argument = None if arg is None else float(arg)
     if kind == "squeeze" and not 0 < argument <= 1:
         raise FaultError(f"{what} {text!r}: squeeze needs a fraction in (0, 1]")
+    if kind == "signal" and (argument != int(argument) or int(argument) not in signal.valid_signals()):
+        raise FaultError(f"{what} {text!r}: signal needs a signal number (4 for SIGILL, 9 for SIGKILL)")
     rounds = None if match["rounds"] is None else frozenset(int(r) for r in match["rounds"].split(","))
     return FaultDrill(kind, argument, rounds)
 

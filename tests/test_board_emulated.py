@@ -254,7 +254,10 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path, monkeyp
             for pid in client_tree:
                 try:
                     process = psutil.Process(pid)
-                    if "flwr-clientapp" in " ".join(process.cmdline()):
+                    command, parent = " ".join(process.cmdline()), process.parent()
+                    # a ClientApp: Flower's flwr-clientapp (--cold), or a child the warm launcher forked
+                    if "flwr-clientapp" in command or ("odl_fed.deploy.launcher" in command and parent is not None
+                                                       and "odl_fed.deploy.launcher" in " ".join(parent.cmdline())):
                         apps.append(pid)
                         clientapp_exes.add(process.exe())
                 except psutil.Error:
@@ -263,7 +266,7 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path, monkeyp
             if apps and total > peak:
                 peak, peak_each = total, each
             elif not apps and len(client_tree) >= 3 and "SuperNode" in client_log.read_text():
-                idle.append(total)  # the entry, its SuperNode and SuperExec, waiting for a message
+                idle.append(total)  # the entry, its SuperNode and its launcher (the SuperExec), waiting
             time.sleep(0.5)
         server_text = server_log.read_text()
         assert server.returncode == 0, f"server:\n{server_text[-4000:]}\nclient:\n{client_log.read_text()[-4000:]}"

@@ -173,12 +173,15 @@ def test_docker_compose_up_runs_the_committed_fleet_to_the_end(engine, tmp_path)
             assert "INFO" in flower_log.read_text()  # Flower's own lines: in the file, not on the console
         server_lines = _lines(output, "server")
         assert not any("\x1b[" in line for line in server_lines)
-        assert [m.group(1) for m in map(re.compile(r"\| round (\d+/\d+) \|").search, server_lines) if m] == \
+        assert [m.group(1) for m in map(re.compile(r"^round (\d+/\d+) \|").match, server_lines) if m] == \
             ["0/3", "1/3", "2/3", "3/3"], "\n".join(server_lines[-40:])
         # limits read back inside the containers: each profile's ram, tiny's floor
         for service in ("rpi4-0", "phone-2", "tiny-3"):
             assert limits[service] == int(compose["services"][service]["mem_limit"].rstrip("m")) * 2**20
         print(f"\nfirst docker compose up (images built, certificates and backbone made, 3 rounds): {first_s:.0f} s")
+        for image in (SERVER_IMAGE, CLIENT_IMAGE):  # what docs/deployment.md reports
+            print(f"{image}: {engine.docker('image', 'inspect', image, '--format', '{{.Size}}').stdout.strip()} bytes")
+        print(engine.docker("system", "df").stdout)
 
         # A second `docker compose up`: nothing built, the certificates and the backbone kept, the run again.
         images = {image: engine.docker("image", "inspect", image, "--format", "{{.Id}}").stdout.strip()

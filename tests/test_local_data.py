@@ -346,22 +346,31 @@ def test_a_deployed_fleet_on_its_boards_images_sends_no_image_bytes(tmp_path):
                                   "--connect-timeout", "300"], tmp_path / f"client-{i}.log"))
         import time
 
-        deadline = time.monotonic() + 900
+        deadline, moved = time.monotonic() + 900, False
         while server.poll() is None and time.monotonic() < deadline:
             for process in started:
                 pids |= tree(process)
+            if not moved and "round 0/2" in (tmp_path / "server.log").read_text():
+                fleet.rename(tmp_path / "fleet-away.yaml")  # read by the server; no board may need it
+                moved = True
             time.sleep(0.5)
         watch.stop()
+        assert moved
         text = (tmp_path / "server.log").read_text()
         assert server.returncode == 0, text[-4000:]
         for i, process in enumerate(started[1:]):
             process.wait(timeout=90)
             said = (tmp_path / f"client-{i}.log").read_text()
             assert process.returncode == 0 and "Traceback" not in said, said[-3000:]
-            assert "the run is over: 2 rounds, no global accuracy (the server holds no held-out images)" in said
+            assert "the run is over: 2 rounds, no global accuracy (the server did not evaluate" in said
+        for i in (0, 1):  # each board scores the global model on its own held-out images, before and after
+            said = (tmp_path / f"client-{i}.log").read_text()
+            assert len(re.findall(r"round \d: ok, .*held-out top-1 [0-9.]+ -> [0-9.]+ on \d+", said)) == 2, said
         client0, client2 = ((tmp_path / f"client-{i}.log").read_text() for i in (0, 2))
         assert f"warning: {folders[0]}: 1 file(s) skipped, not .jpg/.jpeg/.png images" in client0
-        assert "class folder(s) ['bird'] are not among the job's classes" in client0  # said by its ClientApp
+        # said by its ClientApp, in Flower's log of the client (--flower-log, beside its own log here)
+        assert "class folder(s) ['bird'] are not among the job's classes" in \
+            (tmp_path / "client-0.log.flower").read_text()
         assert "round 1: refused (its images cannot train: " in client2 and "round 2: refused" in client2
 
         rounds = read_rounds(out / ROUND_LOG)
@@ -369,6 +378,8 @@ def test_a_deployed_fleet_on_its_boards_images_sends_no_image_bytes(tmp_path):
             clients = {c[ClientKey.CLIENT]: c for c in line[RoundKey.CLIENTS]}
             assert {n: c[ClientKey.STATUS] for n, c in clients.items()} == {
                 "rpi4-0": Status.OK, "rpi4-1": Status.OK, "rpi4-2": Status.REFUSED}, clients
+            assert all(0 <= clients[n][k] <= 1 and clients[n][Metric.EVAL_EXAMPLES] > 0 for n in ("rpi4-0", "rpi4-1")
+                       for k in (Metric.EVAL_ACC_BEFORE, Metric.EVAL_ACC_AFTER))
             assert "no image in any of the job's classes" in clients["rpi4-2"][ClientKey.REASON]
             for name in ("rpi4-0", "rpi4-1"):  # a reply: the trained layers, plus a few KB of metrics and names
                 assert clients[name][ClientKey.RECORD_BYTES_UP] - clients[name][ClientKey.BYTES_UP] < 16 * 1024

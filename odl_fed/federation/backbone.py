@@ -106,7 +106,8 @@ class NodeGreeter:
     """The server's side of a node joining: greets each node once (its name and device come back), and sends
     the job's backbone file (read once) to each node that lacks it."""
 
-    def __init__(self, weights: str | None):
+    def __init__(self, weights: str | None, *, num_clients: int | None = None):
+        self.num_clients = num_clients  # a node config without num-partitions needs it to name itself
         self.path = None if weights is None else Path(weights)
         self.data = None if self.path is None else self.path.read_bytes()
         self.sha256 = None if self.data is None else hashlib.sha256(self.data).hexdigest()
@@ -118,8 +119,9 @@ class NodeGreeter:
         return {} if self.sha256 is None else {ConfigKey.WEIGHTS_SHA256: self.sha256}
 
     def _send(self, grid: Grid, nodes: Iterable[int], *, with_file: bool, timeout: float) -> dict[int, ConfigRecord]:
-        config = ConfigRecord({} if self.sha256 is None else {ConfigKey.WEIGHTS_SHA256: self.sha256,
-                                                              ConfigKey.WEIGHTS_PATH: str(self.path)})
+        config = ConfigRecord(({} if self.num_clients is None else {ConfigKey.NUM_CLIENTS: self.num_clients}) |
+                              ({} if self.sha256 is None else {ConfigKey.WEIGHTS_SHA256: self.sha256,
+                                                               ConfigKey.WEIGHTS_PATH: str(self.path)}))
         messages = []
         for node in nodes:
             content = RecordDict({Record.CONFIG: config})

@@ -91,7 +91,7 @@ def _run(grid: Grid, settings: RunSettings, given: dict, *, listeners: Sequence[
     resumed = check_run_dir(settings.out_dir, fleet, resume=settings.resume, writer_lock=False)
     test = held_out_data(job)  # None when only the clients evaluate (always for dataset: local)
     model, convs = global_model(job, num_classes=output_classes(job))
-    greeter = NodeGreeter(job.weights)  # the backbone read once: sent to the nodes that lack it
+    greeter = NodeGreeter(job.weights, num_clients=fleet.num_clients)  # the backbone read once
     initial = ArrayRecord(torch_state_dict=trained_state(model))
     expected = expected_layout({name: array.numpy() for name, array in initial.items()})  # what clients send
     if resumed is not None:

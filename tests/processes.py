@@ -68,3 +68,11 @@ def stop_all(started: list[subprocess.Popen], pids: set[int], *, grace: float = 
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert alive(pids) == []
+
+
+def is_clientapp(process: psutil.Process) -> bool:
+    """A ClientApp process under a client entry: Flower's ``flwr-clientapp`` (``--cold``), or a child the warm
+    launcher forked for a message (its command line is the launcher's, and so is its parent's)."""
+    command, parent = " ".join(process.cmdline()), process.parent()
+    return "flwr-clientapp" in command or ("odl_fed.deploy.launcher" in command and parent is not None
+                                           and "odl_fed.deploy.launcher" in " ".join(parent.cmdline()))

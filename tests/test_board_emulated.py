@@ -59,7 +59,7 @@ import yaml
 
 from odl_fed.deploy.processes import OFFLINE_ENV, free_port, stop_tree
 from odl_fed.federation.recorder import read_rounds
-from processes import ROOT, alive, env, tree
+from processes import ROOT, alive, env, is_clientapp, tree
 from tools.board_root import CACHE, BoardUnavailable, make_board
 
 pytestmark = pytest.mark.board
@@ -254,10 +254,7 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path, monkeyp
             for pid in client_tree:
                 try:
                     process = psutil.Process(pid)
-                    command, parent = " ".join(process.cmdline()), process.parent()
-                    # a ClientApp: Flower's flwr-clientapp (--cold), or a child the warm launcher forked
-                    if "flwr-clientapp" in command or ("odl_fed.deploy.launcher" in command and parent is not None
-                                                       and "odl_fed.deploy.launcher" in " ".join(parent.cmdline())):
+                    if is_clientapp(process):  # Flower's flwr-clientapp (--cold), or a launcher's child
                         apps.append(pid)
                         clientapp_exes.add(process.exe())
                 except psutil.Error:

@@ -21,7 +21,7 @@ import yaml
 from odl_fed.deploy.processes import free_port
 from odl_fed.federation.faults import FaultError, parse_fault
 from odl_fed.federation.recorder import read_rounds
-from processes import stop_all, tree
+from processes import is_clientapp, stop_all, tree
 from test_deploy import JOB, _start
 
 # The round timeout, also how long a round waits for its clients to connect. A deployed client's
@@ -31,15 +31,12 @@ TIMEOUT = 90
 
 
 def _clientapps(process: subprocess.Popen) -> list[psutil.Process]:
-    """The ClientApp processes under a client entry: Flower's flwr-clientapp (--cold), or a child the
-    warm launcher forked for a message (its command line is the launcher's, and so is its parent's)."""
+    """The ClientApp processes under a client entry (see :func:`processes.is_clientapp`)."""
     found = []
     for pid in tree(process):
         try:
             child = psutil.Process(pid)
-            command, parent = " ".join(child.cmdline()), child.parent()
-            if "flwr-clientapp" in command or ("odl_fed.deploy.launcher" in command and parent is not None
-                                               and "odl_fed.deploy.launcher" in " ".join(parent.cmdline())):
+            if is_clientapp(child):
                 found.append(child)
         except psutil.NoSuchProcess:
             continue

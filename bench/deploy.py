@@ -44,7 +44,7 @@ from bench.deploy_floor import polling_floor
 from odl_fed.deploy.launcher import LAUNCHER_LOG
 from odl_fed.deploy.processes import free_port, stop_tree
 from odl_fed.federation.recorder import read_rounds
-from odl_fed.schema import ROUND_LOG, GlobalKey, LauncherKey, Metric, RoundKey
+from odl_fed.schema import JOIN_QUERY, ROUND_LOG, TRAIN_MESSAGE, GlobalKey, LauncherKey, Metric, RoundKey
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "local-epochs": 1, "batch-size": 16, "lr": 0.001,
@@ -123,10 +123,14 @@ def launcher_records(out: Path, clients: int) -> list[list[dict]]:
 
 def warm_phases(records: list[list[dict]], log: Path, rounds: int) -> dict:
     """Where each warm deployed round's time goes (lists: one value per round; ``once``: per client start)."""
-    children = [[e for e in events if e[LauncherKey.EVENT] == "child"] for events in records]
+    children = [[e for e in events
+                 if e[LauncherKey.EVENT] == "child" and e.get(LauncherKey.MESSAGE_TYPE) == TRAIN_MESSAGE]
+                for events in records]
+    greetings = [e for events in records for e in events
+                 if e[LauncherKey.EVENT] == "child" and e.get(LauncherKey.MESSAGE_TYPE) == JOIN_QUERY]
     starts = [next(e for e in events if e[LauncherKey.EVENT] == "start") for events in records]
     warms = [next((e for e in events if e[LauncherKey.EVENT] == "warm"), {}) for events in records]
-    # a client's children in order: one train message per round, then the end notice
+    # a client's train messages in order, one per round (its greeting and the end notice are apart)
     per_round = [[kids[r] for kids in children if len(kids) > r] for r in range(rounds)]
     launch = [max(c[LauncherKey.LAUNCH_S] for c in kids) for kids in per_round]
     clientapp = [max(c[LauncherKey.LAUNCH_S] + c[LauncherKey.RUN_S] for c in kids) for kids in per_round]
@@ -141,7 +145,10 @@ def warm_phases(records: list[list[dict]], log: Path, rounds: int) -> dict:
                  "imports-s": max(e[LauncherKey.IMPORTS_S] for e in starts),
                  "model-s": max(w.get(LauncherKey.MODEL_S, 0.0) for w in warms),
                  "data-s": max(w.get(LauncherKey.DATA_S, 0.0) for w in warms),
-                 "launcher-rss-mib": max(w.get(LauncherKey.RSS, 0) for w in warms) / 2**20},
+                 "launcher-rss-mib": max(w.get(LauncherKey.RSS, 0) for w in warms) / 2**20,
+                 # the server's greeting before round 1 (who the node is; the backbone, were it lacking)
+                 "greeting-clientapp-s": max((c[LauncherKey.LAUNCH_S] + c[LauncherKey.RUN_S] for c in greetings),
+                                             default=0.0)},
         "launch-s": launch,
         "modules-imported-per-message": [max(c[LauncherKey.MODULES_IMPORTED] for c in kids) for kids in per_round],
         "model-builds-per-round": [sum(c[LauncherKey.BUILDS].get("model", 0) for c in kids) for kids in per_round],

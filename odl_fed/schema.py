@@ -25,7 +25,7 @@ __all__ = ["ROUND_LOG", "CHECKPOINT_FILE", "TRAINED_LAYERS_FILE", "REPORT_FILE",
            "METHOD_NAMES", "RunLine", "RoundLine", "GlobalMetrics", "ClientEvalMetrics", "ResumeLine", "EndLine",
            "ClientEntry", "ClientInfo", "ClientMetrics", "AttemptEntry", "LINE_TYPES", "names", "to_json_value",
            "END_QUERY", "RUN_END_FILE_ENV", "EndNotice", "ROUND_NOTES_FILE_ENV", "JOIN_QUERY", "WEIGHTS_RECORD",
-           "WEIGHTS_ARRAY", "WEIGHTS_HAVE", "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV", "WARM_HINT_FILE_ENV",
+           "TRAIN_MESSAGE", "WEIGHTS_ARRAY", "WEIGHTS_HAVE", "WEIGHTS_ERROR", "WEIGHTS_CACHE_ENV", "WARM_HINT_FILE_ENV",
            "IN_HAND_FILE_ENV", "WarmHint", "LauncherKey"]
 
 # -- files of a run directory, and the SuperLink's port --------------------------------------
@@ -255,6 +255,7 @@ class ConfigKey:
 # ArrayRecord ``weights``; it checks their hash and keeps them in its cache (odl_fed.federation.backbone),
 # answering WEIGHTS_HAVE again, or WEIGHTS_ERROR.
 JOIN_QUERY: Final = "query.join"
+TRAIN_MESSAGE: Final = "train"  # Flower's message type of a round's training (flwr.common.MessageType.TRAIN)
 WEIGHTS_RECORD: Final = "weights"
 WEIGHTS_ARRAY: Final = "file"
 WEIGHTS_HAVE: Final = "have"
@@ -303,6 +304,7 @@ class LauncherKey:
     DATA_S: Final = "data-s"  # warm: seconds loading and decoding the client's share
     RSS: Final = "rss"  # start / warm: the launcher's resident bytes
     TASK_ID: Final = "task-id"  # child: Flower's task
+    MESSAGE_TYPE: Final = "message-type"  # child: the message it handled ("train", "query.join", "query.end")
     LAUNCH_S: Final = "launch-s"  # child: seconds from the fork to the ClientApp's start
     RUN_S: Final = "run-s"  # child: seconds of Flower's ClientApp process body (pull, handle, reply)
     MODULES_IMPORTED: Final = "modules-imported"  # child: modules it imported itself

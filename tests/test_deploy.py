@@ -140,17 +140,20 @@ def test_a_deployed_fleet_runs_to_the_end_on_loopback(tmp_path):
 def _check_warm_launcher(state_dir: Path) -> None:
     """The launcher imported torch once; the first train message's child built the model and the data,
     the launcher then built them once for itself, and no later child (round 2, the end notice) imported
-    torch or built either (odl_fed.schema.LauncherKey)."""
-    from odl_fed.schema import LauncherKey
+    torch or built either (odl_fed.schema.LauncherKey). Each child names the message it handled: the
+    server's greeting, round 1, round 2, the end notice, in that order."""
+    from odl_fed.schema import END_QUERY, JOIN_QUERY, TRAIN_MESSAGE, LauncherKey
 
     lines = [json.loads(line) for line in (state_dir / "launcher.jsonl").read_text().splitlines()]
     events = [line[LauncherKey.EVENT] for line in lines]
     assert events.count("start") == 1 and events.count("warm") == 1, events
     assert lines[0][LauncherKey.IMPORTS_S] > 0 and lines[0][LauncherKey.MODULES] > 1000
     children = [line for line in lines if line[LauncherKey.EVENT] == "child"]
-    assert len(children) == 3, children  # train (round 1), train (round 2), the end notice
+    assert [child[LauncherKey.MESSAGE_TYPE] for child in children] == \
+        [JOIN_QUERY, TRAIN_MESSAGE, TRAIN_MESSAGE, END_QUERY], children
     assert all(child[LauncherKey.STATUS] == 0 and not child[LauncherKey.TORCH_IMPORTED] for child in children)
-    first, later = children[0], children[1:]
+    greeting, first, later = children[0], children[1], children[2:]
+    assert set(greeting[LauncherKey.BUILDS].values()) <= {0}, greeting  # a greeting builds nothing
     assert first[LauncherKey.BUILDS]["model"] == 1 and first[LauncherKey.BUILDS]["data"] == 1, first
     for child in later:
         assert set(child[LauncherKey.BUILDS].values()) == {0}, child

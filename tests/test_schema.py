@@ -35,6 +35,7 @@ from odl_fed.schema import (
     JOIN_QUERY,
     ROUND_LOG,
     RUN_END_FILE_ENV,
+    TRAIN_MESSAGE,
     AttemptKey,
     ClientEvalKey,
     ClientKey,
@@ -305,11 +306,15 @@ def test_what_the_writer_emits_is_what_the_schema_declares(run, tmp_path):
 
 def test_every_node_that_answers_is_told_the_run_is_over_and_its_entry_reads_it(run, tmp_path, monkeypatch):
     """The end notice goes to every node after the last round (the lost one is asked too, and never
-    answers); a ClientApp whose entry named a file writes the notice there, whole."""
+    answers); a ClientApp whose entry named a file writes the notice there, whole. The notice goes
+    through the ClientApp's own dispatch, whose mod notes each message's type (a warm launcher's record
+    names the message each child handled from it)."""
     assert run["ended"] == [node for node in run["contexts"] if node != LOST_NODE]
-    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from odl_fed.federation.client_app import handle_end
+    from odl_fed.federation import client_app
+
+    assert TRAIN_MESSAGE == MessageType.TRAIN
 
     path = tmp_path / "run-ended.json"
     monkeypatch.setenv(RUN_END_FILE_ENV, str(path))
@@ -318,11 +323,12 @@ def test_every_node_that_answers_is_told_the_run_is_over_and_its_entry_reads_it(
     try:
         notice = Message(RecordDict({Record.CONFIG: ConfigRecord({EndNotice.ROUNDS: 1, EndNotice.ACCURACY: 0.5})}),
                          dst_node_id=FIRST_NODE, message_type=END_QUERY)
-        handle_end(notice, run["contexts"][FIRST_NODE])
+        reply = client_app.app(notice, run["contexts"][FIRST_NODE])
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
     assert json.loads(path.read_text()) == {EndNotice.ROUNDS: 1, EndNotice.ACCURACY: 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["run-ended.json"]  # no partial file left behind
+    assert client_app.handled[-1] == END_QUERY and not reply.has_error()
 
 
 def test_each_key_namespace_names_exactly_its_declared_fields():

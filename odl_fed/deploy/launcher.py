@@ -220,8 +220,11 @@ class Launcher:
             except SystemExit as done:  # Flower's flwr_exit ends the process body with sys.exit
                 code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
             imported = sorted(set(sys.modules) - modules_before)
+            app_module = sys.modules.get("odl_fed.federation.client_app")
+            handled = list(getattr(app_module, "handled", []))
             builds = {what: count - builds_before.get(what, 0) for what, count in job_assets.build_counts().items()}
-            self.record("child", **{LauncherKey.TASK_ID: task.task_id, LauncherKey.LAUNCH_S: started - forked,
+            self.record("child", **{LauncherKey.TASK_ID: task.task_id, LauncherKey.MESSAGE_TYPE: ",".join(handled),
+                                    LauncherKey.LAUNCH_S: started - forked,
                                     LauncherKey.RUN_S: _now() - started,
                                     LauncherKey.MODULES_IMPORTED: len(imported),
                                     LauncherKey.TORCH_IMPORTED: any(m == "torch" or m.startswith("torch.")

@@ -61,7 +61,16 @@ from odl_fed.training.local_data import LocalDataError
 __all__ = ["app", "handle_train", "handle_end", "handle_join", "node_identity", "instructed_job", "round_data",
            "warm_client", "BASES_KEY"]
 
-app = ClientApp()
+handled: list[str] = []  # the message types this process handled, in order (a warm launcher's record reads it)
+
+
+def _note_message_type(msg: Message, context: Context, call_next):
+    """A mod around every handler: notes the message's type in ``handled`` before handling it."""
+    handled.append(msg.metadata.message_type)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_note_message_type])
 BASES_KEY = "asi-bases"  # where a node keeps its ASI bases between rounds (context.state)
 log = logging.getLogger("flwr.odl_fed")
 

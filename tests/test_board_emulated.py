@@ -13,9 +13,12 @@ It checks:
   the installed venv holds none of them either;
 - the emulated core is a Pi 4's (no LSE atomics in the hardware capabilities qemu gives) and the
   board reads a Pi 4's /proc/cpuinfo;
-- the aarch64 client trains both rounds of a 2-round job on real pictures (MNIST digits written as PNG
-  files in class folders: the ``imagefolder`` dataset), the round log says so, its ClientApps ran
-  under qemu, and it exits 0 at the end of the run;
+- the aarch64 client trains both rounds of a 2-round job on its own real pictures (``--data``: digits
+  written as PNG files in class folders, a ``dataset: local`` job), scores the global model on the part
+  it holds out before and after each round, the round log says so, its ClientApps ran under qemu, and
+  it exits 0 at the end of the run;
+- the same venv on a Pi 5's core (``QEMU_CPU=cortex-a76``, which has the atomics, and a Pi 5's
+  cpuinfo) trains an ASI conv and a head for eight steps, its loss falling at each;
 - everything it started is stopped by PID, and no mount is left on the host.
 
 It measures, and prints: the root's and the venv's making, the venv's size, and the client's resident
@@ -60,7 +63,7 @@ import yaml
 from odl_fed.deploy.processes import OFFLINE_ENV, free_port, stop_tree
 from odl_fed.federation.recorder import read_rounds
 from processes import ROOT, alive, env, is_clientapp, tree
-from tools.board_root import CACHE, BoardUnavailable, make_board
+from tools.board_root import CACHE, PI5_CPUINFO, Board, BoardUnavailable, make_board
 
 pytestmark = pytest.mark.board
 
@@ -74,6 +77,29 @@ TRAIN_PER_CLASS, TEST_PER_CLASS = 24, 10
 JOB = {"model": "mobilenet_v2", "layers": 1, "method": "asi", "rounds": 2, "clients-per-round": 1,
        "local-epochs": 1, "batch-size": 16, "lr": 0.001, "image-size": 32, "partition": "iid", "seed": 0,
        "examples-per-client": 64, "eval-examples": 30}
+# A Pi 5's core trains with the same venv: an ASI conv (MobileNetV2's last) and the head, eight SGD steps
+# on one fixed batch; prints the swapped layer's type and the losses.
+PI5_STEP = """
+import torch, torchvision
+from odl_fed.asi.surgery import inject_asi
+torch.manual_seed(0)
+model = torchvision.models.mobilenet_v2(num_classes=3).eval()
+inject_asi(model, {"features.18.0": (4, 8, 1, 1)})
+model.requires_grad_(False)
+trained = [*model.features[18][0].parameters(), *model.classifier.parameters()]
+for p in trained:
+    p.requires_grad_(True)
+optimizer = torch.optim.SGD(trained, lr=0.5)
+x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+losses = []
+for _ in range(8):
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+print(type(model.features[18][0]).__name__, *losses)
+"""
 HWCAP_CHECK = ("import ctypes; libc = ctypes.CDLL(None); libc.getauxval.restype = ctypes.c_ulong; "
                "print(libc.getauxval(16) & (1 << 8))")  # AT_HWCAP, HWCAP_ATOMICS (ARMv8.1 LSE)
 
@@ -289,6 +315,21 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path, monkeyp
         # Each round's ClientApp ran as an aarch64 program under qemu (binfmt_misc's interpreter).
         assert clientapp_exes and all("qemu" in exe or "binfmt" in exe for exe in clientapp_exes), clientapp_exes
         assert idle and peak > 0
+
+        # The same venv on a Pi 5's core (Cortex-A76, which has the atomics a Pi 4's lacks): it trains too.
+        pi5 = Board(root, cpu="cortex-a76", cpuinfo=PI5_CPUINFO)
+        probe = pi5.run(["/usr/bin/python3", "-c", HWCAP_CHECK], timeout=120)
+        assert probe.returncode == 0 and probe.stdout.strip() == str(1 << 8), probe.stdout + probe.stderr
+        assert "Raspberry Pi 5" in pi5.run(["/bin/cat", "/proc/cpuinfo"], timeout=60).stdout
+        step_began = time.monotonic()
+        step = pi5.run([f"{VENV}/bin/python", "-c", PI5_STEP], env=OFFLINE_ENV | {"OMP_NUM_THREADS": "1"},
+                       timeout=900)
+        assert step.returncode == 0, step.stderr[-3000:]
+        kind, *losses = step.stdout.split()
+        losses = [float(v) for v in losses]
+        assert kind == "ASIConv2d" and len(losses) == 8 and all(b < a for a, b in zip(losses, losses[1:])), step.stdout
+        _say(f"Pi 5 core (cortex-a76): an ASI conv and the head trained 8 steps in "
+             f"{time.monotonic() - step_began:.0f} s, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
         mib = 2**20
         _say(f"2 rounds in {run_seconds:.0f} s; round times " +

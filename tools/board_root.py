@@ -34,7 +34,8 @@ from pathlib import Path
 
 from tools.docker_engine import EngineUnavailable, _debian_mirror
 
-__all__ = ["BoardUnavailable", "Board", "host_ready", "make_board", "PI4_CPUINFO", "CACHE", "ROOT_TARBALL"]
+__all__ = ["BoardUnavailable", "Board", "host_ready", "make_board", "PI4_CPUINFO", "PI5_CPUINFO", "CACHE",
+           "ROOT_TARBALL"]
 
 CACHE = Path(os.environ.get("ODL_FED_CACHE", "/var/cache/odl-fed"))
 ROOT_TARBALL = "board-root-arm64-bookworm.tar"
@@ -56,7 +57,17 @@ def _pi4_cpuinfo(cores: int = 4) -> str:
         "Model\t\t: Raspberry Pi 4 Model B Rev 1.1\n")
 
 
+def _pi5_cpuinfo(cores: int = 4) -> str:
+    """/proc/cpuinfo of a Raspberry Pi 5 Model B: four Cortex-A76 (part 0xd0b), with the ARMv8.1 atomics."""
+    core = ("processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics "
+            "fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+            "CPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n")
+    return "".join(core.format(i=i) for i in range(cores)) + (
+        "Revision\t: d04170\nSerial\t\t: 100000000badc0de\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n")
+
+
 PI4_CPUINFO = _pi4_cpuinfo()
+PI5_CPUINFO = _pi5_cpuinfo()
 
 
 class BoardUnavailable(RuntimeError):

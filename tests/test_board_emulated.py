@@ -33,11 +33,6 @@ With it, a run installs only the project itself (``pip install --no-deps .``).
 
 It skips, with the reason, only where binfmt_misc or qemu cannot be set up (not root, no apt-get, no
 binfmt_misc in the kernel).
-
-Follow-up, switched on by itself: when the client has ``--data DIR`` (a board's own image folder,
-issue 21 item 2), the board trains on its folder through ``--data`` and a ``dataset: local`` job
-instead of the ``imagefolder`` partition it trains on today; and when the round log's client entries
-carry the board's own evaluation (item 3), the test checks it too.
 """
 
 from __future__ import annotations
@@ -174,12 +169,6 @@ def _write_pictures(data: Path) -> None:
                 Image.fromarray(images[i].reshape(28, 28).astype(np.uint8), mode="L").save(folder / f"{i}.png")
 
 
-def _client_has(flag: str) -> bool:
-    done = subprocess.run([sys.executable, "-m", "odl_fed.client", "--help"], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=120)
-    return re.search(rf"{re.escape(flag)}\s", done.stdout) is not None  # --data, not --data-root
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -198,7 +187,7 @@ def _rss(pids) -> tuple[int, dict[str, int]]:
     return total, each
 
 
-def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path, monkeypatch):
+def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path):
     began = time.monotonic()
     try:
         # Not under pytest's temporary directory, which other pytest sessions prune by age.
@@ -241,19 +230,9 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path, monkeyp
         work = root / WORK.lstrip("/")
         data = work / "data"
         _write_pictures(data)
-        own_folder = _client_has("--data")  # follow-up: a board's own image folder (issue 21, item 2)
-        job = ({k: v for k, v in JOB.items() if k != "partition"} | {"dataset": "local", "classes": list(CLASSES)}
-               if own_folder else JOB | {"dataset": "imagefolder"})  # a board's own images are not partitioned
+        # a board's own images are not partitioned: the job names the classes, the board its folder
+        job = {k: v for k, v in JOB.items() if k != "partition"} | {"dataset": "local", "classes": list(CLASSES)}
         (work / "fleet.yaml").write_text(yaml.safe_dump({"devices": [{"device": "rpi4", "count": 1}], "job": job}))
-        if not own_folder:
-            # Today a board trains on a share of a named dataset; its split is made once where flwr-datasets
-            # is (the board install has no HuggingFace stack) and read from the board's partition cache.
-            from odl_fed.config.fleet import load_fleet
-            from odl_fed.federation.job_assets import prepare_partitions
-
-            monkeypatch.setenv("ODL_FED_DATA", str(data))
-            prepare_partitions(load_fleet(work / "fleet.yaml").job, 1)
-            assert list((data / ".partitions").glob("*.npz"))
 
         port = free_port()
         server_log, client_log = tmp_path / "server.log", tmp_path / "client.log"
@@ -262,8 +241,7 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path, monkeyp
              "--listen", f"127.0.0.1:{port}", "--plan-cache", "plans", "--round-timeout", "1500"],
             cwd=work, env=env() | {"ODL_FED_DATA": str(data)}, stdout=server_log.open("w"), stderr=subprocess.STDOUT)
         started.append(server)
-        share = ["--data", f"{WORK}/data/imagefolder/train"] if own_folder else \
-            ["--partition-id", "0", "--num-partitions", "1", "--data-root", f"{WORK}/data"]
+        share = ["--data", f"{WORK}/data/imagefolder/train"]
         client = board.start([f"{VENV}/bin/python", "-m", "odl_fed.client", "--insecure", "--device", "rpi4",
                               "--superlink", f"127.0.0.1:{port}", *share, "--connect-timeout", "600",
                               "--reconnect-timeout", "120"], client_log, cwd=WORK,

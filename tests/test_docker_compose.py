@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -51,12 +52,22 @@ def engine(tmp_path_factory):
     except EngineUnavailable as error:
         print(f"\nskipped: no Docker engine can start here: {error}")
         pytest.skip(f"no Docker engine can start here: {error}")
-    yield engine
-    pid, directory = engine.pid, engine.directory
-    engine.stop()
+    # A stopped CI job (SIGTERM) still takes the fleet down and stops the engine: the test's own finally
+    # runs `docker compose down`, and this fixture's stops the engine by PID.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield engine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pid, directory = engine.pid, engine.directory
+        engine.stop()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
     assert left == [], f"processes of the test's engine still running: {left}"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _clean_copy(target: Path) -> Path:

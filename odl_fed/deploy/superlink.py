@@ -102,6 +102,9 @@ def _superlink_security(certs: ServerCerts | None) -> list[str]:
             "--ssl-keyfile", str(certs.key.absolute()), "--enable-supernode-auth"]
 
 
+SUPERLINK_DB = "superlink.db"  # the SuperLink's state in the run directory (kept for --resume)
+
+
 def _register_nodes(certs: ServerCerts, env: dict) -> None:
     """``flwr supernode register`` for each node public key; a key the SuperLink's database already
     holds (a restart with the same ``--out-dir``) counts as registered."""
@@ -162,6 +165,11 @@ def _serve(spec, out_dir: Path, run_config: dict, resumed: Checkpoint | None, *,
     log = out_dir / ROUND_LOG
     if resumed is None:
         log.unlink(missing_ok=True)
+        # A new run starts on a new SuperLink state: a previous run's nodes may still count as online
+        # there (a SuperNode stopped without signing off is online until its heartbeat lapses), so the
+        # ServerApp would wait on them and their SuperNodes, back with the same key, could not activate.
+        for stale in (SUPERLINK_DB, f"{SUPERLINK_DB}-wal", f"{SUPERLINK_DB}-shm"):
+            (out_dir / stale).unlink(missing_ok=True)
     else:  # as the ServerApp will: the console then shows the rounds done, once
         cut_back(log, resumed.run, resumed.records)
     home = _flower_home(out_dir, port, checked)
@@ -178,7 +186,7 @@ def _serve(spec, out_dir: Path, run_config: dict, resumed: Checkpoint | None, *,
 
         files.callback(console.close)
         superlink = processes.start([flower_command("flower-superlink"), *_superlink_security(checked), "--database",
-                                     str(out_dir / "superlink.db"), "--host", host, "--port", str(port),
+                                     str(out_dir / SUPERLINK_DB), "--host", host, "--port", str(port),
                                      "--disable-runtime-dependency-installation"], env=env,
                                     **output("superlink.log"))
         if not wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, timeout=start_timeout,

@@ -161,6 +161,32 @@ def _check_warm_launcher(state_dir: Path) -> None:
     assert events.index("warm") < lines.index(later[0])
 
 
+def test_a_forked_clientapp_that_never_starts_is_killed_and_forked_again():
+    """The warm launcher's fork (odl_fed.deploy.launcher.fork_child): a child that has not said it runs
+    within the timeout (here made to hang before it does) is killed by PID and another is forked; when
+    none starts in the allowed tries, none is left running and the launcher is told (None)."""
+    import os
+
+    from odl_fed.deploy.launcher import fork_child
+
+    hung: list[tuple[int, int]] = []
+
+    def hang_first(attempt: int) -> None:
+        if attempt == 1:
+            time.sleep(120)
+
+    pid = fork_child(lambda: 7, start_timeout=2.0, on_hung=lambda p, a: hung.append((p, a)), before_ready=hang_first)
+    assert pid is not None and [attempt for _, attempt in hung] == [1]
+    assert not psutil.pid_exists(hung[0][0])  # killed and reaped
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 7  # the second child ran its body
+
+    hung.clear()
+    pid = fork_child(lambda: 0, start_timeout=1.0, attempts=2, on_hung=lambda p, a: hung.append((p, a)),
+                     before_ready=lambda attempt: time.sleep(120))
+    assert pid is None and [attempt for _, attempt in hung] == [1, 2]
+    assert not any(psutil.pid_exists(p) for p, _ in hung)
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--device", "rpi9", "--superlink", "127.0.0.1:9092"], "unknown device 'rpi9' (did you mean"),
     (["--device", "rpi4", "--superlink", "localhost"], "--superlink must be HOST:PORT"),

@@ -25,7 +25,8 @@ What it did goes to ``launcher.jsonl`` in ``--state-dir`` (one JSON line per eve
 :class:`odl_fed.schema.LauncherKey`): its start (the seconds its imports took, what
 ``sys.modules`` held), each build (model, data: seconds), and each child (its task, seconds,
 how many modules it imported itself and whether torch was among them, how many models and data
-shares it built, its exit status).
+shares it built, its exit status), and each child that never started (``hung``: killed and forked
+again; see :func:`fork_child`).
 
 Run by ``python -m odl_fed.client`` (:mod:`odl_fed.deploy.supernode`) beside its SuperNode::
 
@@ -40,16 +41,20 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _STARTED = time.perf_counter()
 
-__all__ = ["main", "Launcher", "LAUNCHER_LOG"]
+__all__ = ["main", "Launcher", "LAUNCHER_LOG", "fork_child"]
 
 LAUNCHER_LOG = "launcher.jsonl"
+CHILD_START_S = 30.0  # a forked child says it runs within this, or it is killed and forked again
+FORK_ATTEMPTS = 3
 
 
 def _now() -> float:
@@ -108,11 +113,19 @@ class Launcher:
             time.sleep(self.poll_interval)
 
     def launch(self, token: str, task) -> None:
+        from odl_fed.schema import LauncherKey
         forked = _now()
         in_hand = self.state_dir / f"in-hand-{task.task_id}.pkl"
-        pid = os.fork()
-        if pid == 0:  # the child: one message, then os._exit (never back into this loop)
-            os._exit(self._child(token, task, forked, in_hand))
+
+        def hung(pid: int, attempt: int) -> None:
+            self.record("hung", child=pid, attempt=attempt, **{LauncherKey.TASK_ID: task.task_id})
+
+        # the child: one message, then os._exit (never back into this loop)
+        pid = fork_child(lambda: self._child(token, task, forked, in_hand), on_hung=hung)
+        if pid is None:  # no ClientApp for this task: the SuperNode reports it as Flower does for a dead one
+            print(f"odl-fed launcher: no forked ClientApp started for task {task.task_id} in {FORK_ATTEMPTS} tries",
+                  file=sys.stderr, flush=True)
+            return
         self.children[pid] = {"task-id": task.task_id, "forked": forked, "token": token, "in-hand": in_hand}
 
     def reap(self) -> None:
@@ -262,6 +275,42 @@ class Launcher:
             except ProcessLookupError:
                 pass
         self._client.close()
+
+
+def fork_child(body: Callable[[], int], *, start_timeout: float = CHILD_START_S, attempts: int = FORK_ATTEMPTS,
+               on_hung: Callable[[int, int], None] = lambda pid, attempt: None,
+               before_ready: Callable[[int], None] | None = None) -> int | None:
+    """Fork a child that runs ``body`` and ``os._exit``s with what it returns; return its PID once the child
+    has said, through a pipe, that it runs. A child that has not said so within ``start_timeout`` seconds
+    (a fork that deadlocked before any of its code ran: seen under qemu-user, where such a child sat in a
+    futex with no CPU time) is killed by PID, ``on_hung(pid, attempt)`` is told, and another is forked, at
+    most ``attempts`` times in all; None when none started. ``before_ready(attempt)`` runs in the child
+    before it says so (tests make a child hang with it)."""
+    for attempt in range(1, attempts + 1):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(read_end)
+                if before_ready is not None:
+                    before_ready(attempt)
+                os.write(write_end, b"+")
+                os.close(write_end)
+                code = body()
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        try:
+            ready, _, _ = select.select([read_end], [], [], start_timeout)  # a byte, or EOF if it died first
+        finally:
+            os.close(read_end)
+        if ready:
+            return pid
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        on_hung(pid, attempt)
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -310,6 +310,7 @@ class LauncherKey:
     MODULES_IMPORTED: Final = "modules-imported"  # child: modules it imported itself
     TORCH_IMPORTED: Final = "torch-imported"  # child: whether torch was among them
     BUILDS: Final = "builds"  # child: {"model": n, "data": n, ...} it built itself
+    SPAWNED: Final = "spawned"  # child: the processes it started itself ("subprocess.Popen uname", ...)
     STATUS: Final = "status"  # child / exit: its exit status
 
 

@@ -152,6 +152,9 @@ def _check_warm_launcher(state_dir: Path) -> None:
     assert [child[LauncherKey.MESSAGE_TYPE] for child in children] == \
         [JOIN_QUERY, TRAIN_MESSAGE, TRAIN_MESSAGE, END_QUERY], children
     assert all(child[LauncherKey.STATUS] == 0 and not child[LauncherKey.TORCH_IMPORTED] for child in children)
+    # no child starts a process of its own (Flower's telemetry ran `uname -p` and `file -b` in each; a
+    # fork from its thread outlived the child under qemu): odl_fed.deploy.launcher._answer_disabled_telemetry
+    assert all(child[LauncherKey.SPAWNED] == [] for child in children), children
     greeting, first, later = children[0], children[1], children[2:]
     assert set(greeting[LauncherKey.BUILDS].values()) <= {0}, greeting  # a greeting builds nothing
     assert first[LauncherKey.BUILDS]["model"] == 1 and first[LauncherKey.BUILDS]["data"] == 1, first

@@ -226,6 +226,13 @@ class Launcher:
             flower_log(logging.INFO, "Start `flwr-clientapp` process (forked by odl-fed's warm launcher)")
             modules_before = set(sys.modules)
             builds_before = job_assets.build_counts()
+            spawned: list[str] = []  # processes this child started (none expected: see _answer_disabled_telemetry)
+
+            def note_spawn(event: str, args: tuple) -> None:
+                if event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.system"):
+                    spawned.append(f"{event} {args[0]}")
+
+            sys.addaudithook(note_spawn)  # for this child's life only: it never returns to the loop
             try:
                 run_clientapp(runtime_api_address=self.address, token=token, insecure=self.insecure,
                               certificates=self.certificates, parent_pid=os.getppid())
@@ -242,7 +249,8 @@ class Launcher:
                                     LauncherKey.MODULES_IMPORTED: len(imported),
                                     LauncherKey.TORCH_IMPORTED: any(m == "torch" or m.startswith("torch.")
                                                                     for m in imported),
-                                    LauncherKey.BUILDS: builds, LauncherKey.STATUS: code})
+                                    LauncherKey.BUILDS: builds, LauncherKey.SPAWNED: spawned,
+                                    LauncherKey.STATUS: code})
         except BaseException as error:  # noqa: BLE001 - whatever happens, the child must not return
             try:
                 print(f"odl-fed launcher: child {os.getpid()}: {type(error).__name__}: {error}", file=sys.stderr)
@@ -277,15 +285,34 @@ class Launcher:
         self._client.close()
 
 
+def _answer_disabled_telemetry() -> None:
+    """Flower builds its telemetry event even when telemetry is off (``FLWR_TELEMETRY_ENABLED=0``, as
+    every odl-fed process runs): on a daemon thread, from every ``event(...)`` call, and building it runs
+    ``uname -p`` and ``file -b`` in subprocesses. In a forked ClientApp that thread's fork and exec race
+    the child's ``os._exit``; under qemu-user such a fork deadlocked before its exec and outlived the
+    child, holding the launcher's memory. With telemetry off, the event is answered here without being
+    built, with what Flower's own returns then ("disabled"); with it on, Flower's stays."""
+    from flwr.supercore import telemetry
+
+    if telemetry.FLWR_TELEMETRY_ENABLED == "1":
+        return
+
+    def create_event(event_type, event_details) -> str:
+        return "disabled"
+
+    telemetry.create_event = create_event  # what every module's `event` calls, through the module
+
+
 def fork_child(body: Callable[[], int], *, start_timeout: float = CHILD_START_S, attempts: int = FORK_ATTEMPTS,
                on_hung: Callable[[int, int], None] = lambda pid, attempt: None,
                before_ready: Callable[[int], None] | None = None) -> int | None:
     """Fork a child that runs ``body`` and ``os._exit``s with what it returns; return its PID once the child
     has said, through a pipe, that it runs. A child that has not said so within ``start_timeout`` seconds
-    (a fork that deadlocked before any of its code ran: seen under qemu-user, where such a child sat in a
-    futex with no CPU time) is killed by PID, ``on_hung(pid, attempt)`` is told, and another is forked, at
-    most ``attempts`` times in all; None when none started. ``before_ready(attempt)`` runs in the child
-    before it says so (tests make a child hang with it)."""
+    (a fork that deadlocked before any of its code ran, as a fork made beside other threads can: under
+    qemu-user one such, a ClientApp's telemetry subprocess, sat in a futex with no CPU time) is killed by
+    PID, ``on_hung(pid, attempt)`` is told, and another is forked, at most ``attempts`` times in all; None
+    when none started. ``before_ready(attempt)`` runs in the child before it says so (tests make a child
+    hang with it)."""
     for attempt in range(1, attempts + 1):
         read_end, write_end = os.pipe()
         pid = os.fork()
@@ -345,6 +372,7 @@ def _ready(args) -> Launcher:
     # not survive a fork; each child sets the thread count it was given (OMP_NUM_THREADS).
     torch.set_num_threads(1)
     import flwr.supernode.runtime.run_clientapp  # noqa: F401 - imported once, for every child
+    _answer_disabled_telemetry()
     import psutil
 
     import odl_fed.federation.client_app  # noqa: F401

@@ -73,10 +73,11 @@ lint: setup
 wheelhouse: setup
 	$(PY) -c "from tools.docker_engine import wheelhouse; print(wheelhouse())"
 
-# A real `docker compose up` of a generated fleet: starts its own dockerd, builds the image, runs
-# the fleet, tears everything down (skipped, with the reason, where no engine can start).
+# The committed docker-compose.yml as a user runs it: a clean copy, `docker compose up` twice, with a dockerd
+# of its own; it tears everything down (skipped, with the reason, where no engine can start). -s: its
+# timings and the images' sizes.
 test-compose: setup
-	$(PY) -m pytest -q -m compose tests/test_docker_compose.py
+	$(PY) -m pytest -q -s -m compose tests/test_docker_compose.py
 
 # An emulated Raspberry Pi 4 (an arm64 Debian root under qemu-user, a Cortex-A72 with a Pi 4's /proc/cpuinfo):
 # `pip install .` of this checkout in it from the registries, then its client trains 2 rounds against a server

@@ -40,6 +40,7 @@ from odl_fed.federation.checkpoint import (
     save_checkpoint,
 )
 from odl_fed.federation.job_assets import global_model, held_out_data, output_classes, train_size, trained_state
+from odl_fed.federation.prompt_grid import PromptGrid
 from odl_fed.federation.recorder import RoundRecorder
 from odl_fed.federation.strategy import load_strategy_state, log, make_strategy, parameter_bytes, strategy_state
 from odl_fed.federation.validation import expected_layout
@@ -69,7 +70,7 @@ END_TIMEOUT = 120.0
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     own_process()  # Flower's ServerApp process is the server's own: its allocator may be set (training.allocator)
-    run_server(grid, context.run_config)
+    run_server(PromptGrid(grid), context.run_config)  # replies pulled every 0.1 s, not 3 (federation.prompt_grid)
 
 
 def run_server(grid: Grid, run_config: Mapping, *, listeners: Sequence[Callable[[dict], None]] = ()) -> dict:

@@ -31,10 +31,35 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
+# pid -> when that process started, for every process a test saw: PIDs are reused (this machine's
+# pid_max is 32768, and a test of real processes starts hundreds), so a PID names the process the test
+# saw only while its start time matches.
+_BORN: dict[int, float] = {}
+
+
+def _note(process: psutil.Process) -> int:
+    try:
+        _BORN.setdefault(process.pid, process.create_time())
+    except psutil.NoSuchProcess:
+        pass
+    return process.pid
+
+
+def _same(pid: int) -> psutil.Process | None:
+    """The process ``pid`` if it is still the one the test saw (not a later one given the same PID)."""
+    try:
+        process = psutil.Process(pid)
+        born = _BORN.get(pid)
+        return process if born is None or abs(process.create_time() - born) < 0.05 else None
+    except psutil.NoSuchProcess:
+        return None
+
+
 def tree(process: subprocess.Popen) -> set[int]:
     """The process and all its descendants now (empty when it has ended)."""
     try:
-        return {process.pid, *(c.pid for c in psutil.Process(process.pid).children(recursive=True))}
+        root = psutil.Process(process.pid)
+        return {_note(root), *(_note(c) for c in root.children(recursive=True))}
     except psutil.NoSuchProcess:
         return set()
 
@@ -44,11 +69,26 @@ def alive(pids: set[int]) -> list[int]:
     running = []
     for pid in pids:
         try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            process = _same(pid)
+            if process is not None and process.status() != psutil.STATUS_ZOMBIE:
                 running.append(pid)
         except psutil.NoSuchProcess:
             pass
     return running
+
+
+def describe(pids) -> list[str]:
+    """Each of ``pids`` still running: its PID, parent, start time and command (for a failure's message)."""
+    said = []
+    for pid in pids:
+        process = _same(pid)
+        try:
+            if process is not None:
+                born = time.strftime("%H:%M:%S", time.localtime(process.create_time()))
+                said.append(f"{pid} (parent {process.ppid()}, started {born}): {' '.join(process.cmdline())[:200]}")
+        except psutil.NoSuchProcess:
+            pass
+    return said
 
 
 def stop_all(started: list[subprocess.Popen], pids: set[int], *, grace: float = 15) -> None:
@@ -67,7 +107,11 @@ def stop_all(started: list[subprocess.Popen], pids: set[int], *, grace: float = 
     deadline = time.monotonic() + grace
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert alive(pids) == []
+    left = alive(pids)
+    said = describe(left)
+    for pid in left:  # said, then stopped: a failed check leaves nothing running either
+        stop_tree(pid, timeout=5)
+    assert left == [], f"processes still running: {said}"
 
 
 def is_clientapp(process: psutil.Process) -> bool:

@@ -329,6 +329,8 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path):
         while alive(pids) and time.monotonic() < deadline:
             time.sleep(0.5)
         left, mounts = alive(pids), board.host_mounts()
+        for pid in left:  # reported below, and stopped: a failed check leaves nothing running either
+            stop_tree(pid, timeout=5)
         for kept in [*root.glob("tmp/odl-fed-client-*/launcher.jsonl"), *root.glob("srv/board/runs/clients/*.log")]:
             shutil.copy(kept, tmp_path / kept.name)  # the launcher's record and Flower's log, for a post-mortem
         board.remove()

@@ -57,7 +57,7 @@ import yaml
 
 from odl_fed.deploy.processes import OFFLINE_ENV, free_port, stop_tree
 from odl_fed.federation.recorder import read_rounds
-from processes import ROOT, alive, env, is_clientapp, tree
+from processes import ROOT, alive, describe, env, is_clientapp, tree
 from tools.board_root import CACHE, PI5_CPUINFO, Board, BoardUnavailable, make_board
 
 pytestmark = pytest.mark.board
@@ -198,7 +198,6 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path):
     root = board.root
     started: list[subprocess.Popen] = []
     pids: set[int] = set()
-    seen: dict[int, str] = {}  # pid -> its parent, start and command: a report of anything left running
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a stopped CI job still stops the board and unmounts
     try:
         _say(f"arm64 root ready in {root_seconds:.0f} s")
@@ -259,8 +258,6 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path):
             for pid in client_tree:
                 try:
                     process = psutil.Process(pid)
-                    born = time.strftime("%H:%M:%S", time.localtime(process.create_time()))
-                    seen.setdefault(pid, f"parent {process.ppid()}, started {born}, {' '.join(process.cmdline()[1:8])}")
                     if is_clientapp(process):  # Flower's flwr-clientapp (--cold), or a launcher's child
                         apps.append(pid)
                         clientapp_exes.add(process.exe())
@@ -329,12 +326,13 @@ def test_an_emulated_pi4_installs_and_trains_in_a_deployed_run(tmp_path):
         while alive(pids) and time.monotonic() < deadline:
             time.sleep(0.5)
         left, mounts = alive(pids), board.host_mounts()
+        leftovers = describe(left)  # parent, start and command of anything left running
         for pid in left:  # reported below, and stopped: a failed check leaves nothing running either
             stop_tree(pid, timeout=5)
         for kept in [*root.glob("tmp/odl-fed-client-*/launcher.jsonl"), *root.glob("srv/board/runs/clients/*.log")]:
             shutil.copy(kept, tmp_path / kept.name)  # the launcher's record and Flower's log, for a post-mortem
         board.remove()
         shutil.rmtree(root.parent, ignore_errors=True)
-    assert left == [], f"processes still running: {[(pid, seen.get(pid)) for pid in left]} (records in {tmp_path})"
+    assert left == [], f"processes still running: {leftovers} (records in {tmp_path})"
     assert mounts == [], f"mounts left on the host: {mounts}"
     assert not root.parent.exists()
